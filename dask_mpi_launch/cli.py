@@ -1,0 +1,150 @@
+"""``dask-mpi-launch``: options -> one Settings object -> every rank runs its roles."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__, config
+from .errors import LaunchError, UsageError
+from .layout import LAYOUTS
+
+
+def _default(key: str) -> str:
+    value = config.get(key)
+    return "derived from the batch job" if value is None and key == "nthreads" else repr(value)
+
+
+def _help(text: str, key: str) -> str:
+    return f"{text} [default: {_default(key)}, config mpi-launch.{key}]"
+
+
+CONTEXT = {
+    "help_option_names": ["-h", "--help"],
+    "ignore_unknown_options": False,
+    "allow_interspersed_args": False,
+    "max_content_width": 100,
+}
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("script", required=False, metavar="[SCRIPT]")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
+@click.option("-m", "module", metavar="MODULE",
+              help="Run a module as the client script, like python -m (ARGS go to it).")
+@click.option("--layout", type=click.Choice(LAYOUTS), default=None,
+              help=_help("Which rank plays which role: dedicated (0 scheduler, 1 script, rest "
+                         "workers), compact (0 scheduler+script), full (0 also a worker).", "layout"))
+@click.option("--interface", default=None, metavar="NAME",
+              help=_help("Network interface of scheduler and workers, e.g. ib0 or lo.", "interface"))
+@click.option("--protocol", default=None, metavar="NAME",
+              help=_help("Comm protocol: tcp, tls, ucx...", "protocol"))
+@click.option("--scheduler-port", type=int, default=None,
+              help=_help("Scheduler port; 0 picks a free one.", "scheduler-port"))
+@click.option("--dashboard/--no-dashboard", default=None,
+              help=_help("Serve the scheduler's dashboard (needs bokeh).", "dashboard"))
+@click.option("--dashboard-address", default=None, metavar="[HOST]:PORT",
+              help=_help("Where the dashboard listens.", "dashboard-address"))
+@click.option("--nthreads", default=None, metavar="N",
+              help=_help("Threads per worker.", "nthreads"))
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help=_help("Memory per worker: 4GiB, 0.5 (of the node), or auto.", "memory-limit"))
+@click.option("--local-directory", default=None, metavar="PATH",
+              help=_help("Directory for the workers' spill files.", "local-directory"))
+@click.option("--worker-class", default=None, metavar="CLASS",
+              help=_help("Worker class to start, e.g. distributed.Nanny.", "worker-class"))
+@click.option("--worker-options", default=None, metavar="JSON",
+              help=_help("Extra keyword arguments for the worker class, as a JSON object.",
+                         "worker-options"))
+@click.option("--name", default=None, metavar="PREFIX",
+              help=_help("Prefix of the worker names (names are PREFIX-RANK; the rank alone "
+                         "without it).", "name"))
+@click.option("--scheduler-file", default=None, metavar="PATH",
+              help=_help("Write the scheduler's address here (atomically, once all workers "
+                         "are connected; removed at the end).", "scheduler-file"))
+@click.option("--wait-for-workers/--no-wait-for-workers", default=None,
+              help=_help("Start the script only once every worker is connected.",
+                         "wait-for-workers"))
+@click.option("--wait-timeout", default=None, metavar="SECONDS",
+              help=_help("Bound on that wait; a missing worker is an error after it.",
+                         "wait-timeout"))
+@click.option("--log-level", default=None,
+              type=click.Choice(["debug", "info", "warning", "error", "critical"],
+                                case_sensitive=False),
+              help=_help("Level of Dask's loggers on every rank.", "log-level"))
+@click.version_option(__version__, "--version", prog_name="dask-mpi-launch")
+def command(script, args, module, **options):
+    """Run a Dask cluster on the ranks of an MPI job, and SCRIPT as its client.
+
+    \b
+        mpiexec -n 8 dask-mpi-launch [OPTIONS] script.py [ARGS]...
+        mpiexec -n 8 dask-mpi-launch [OPTIONS] -m package.module [ARGS]...
+        mpiexec -n 8 dask-mpi-launch --scheduler-file sched.json   (cluster only)
+
+    Rank 0 runs the scheduler, rank 1 runs SCRIPT as __main__ (distributed.Client()
+    connects with no arguments), every other rank runs a worker. The job's exit status is
+    the script's. Without SCRIPT the cluster runs until a client calls shutdown() or the
+    job is signalled. Options after SCRIPT are passed to it.
+    """
+    if module and script:
+        args = (script, *args)
+        script = None
+    from .settings import resolve
+
+    settings = resolve(script=script, module=module, args=args, **options)
+    return run(settings)
+
+
+def run(settings) -> int:
+    """Run this rank's part of the job described by ``settings``; return the exit status."""
+    from . import mpi
+
+    MPI = mpi.load()
+    comm = MPI.COMM_WORLD
+    _check_one_rank_trap(comm, mpi)
+    import distributed  # noqa: F401  (after MPI_Init; forked roles reuse the import)
+
+    from .lifecycle import Supervisor
+
+    return Supervisor(settings, comm).run()
+
+
+def _check_one_rank_trap(comm, mpi) -> None:
+    expected = mpi.size_from_environment()
+    if comm.Get_size() == 1 and expected and expected > 1:
+        comm_error = UsageError(
+            f"this process is alone in its MPI world, but the launcher started {expected} "
+            "processes: mpi4py's MPI library is not the launcher's, or srun runs without PMI "
+            "(use srun --mpi=pmi2, or mpiexec from the same MPI as mpi4py)"
+        )
+        raise comm_error
+
+
+def main(argv=None) -> None:
+    """Console entry point: one clear line per error, printed by one rank only."""
+    from . import mpi
+
+    try:
+        status = command.main(args=argv, prog_name="dask-mpi-launch", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        status = e.exit_code
+    except click.ClickException as e:
+        if mpi.rank_from_environment() == 0:
+            e.show()
+        status = e.exit_code
+    except click.Abort:
+        status = 130
+    except LaunchError as e:
+        if mpi.rank_from_environment() == 0:
+            print(f"dask-mpi-launch: error: {e.message}", file=sys.stderr, flush=True)
+        status = e.status
+        _finalize_if_alone()
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _finalize_if_alone() -> None:
+    """Finalize a one-rank MPI world, so the launcher keeps our exit status."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        if MPI.COMM_WORLD.Get_size() == 1:
+            MPI.Finalize()

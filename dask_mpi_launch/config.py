@@ -1,0 +1,21 @@
+"""Defaults under the ``mpi-launch`` key of dask.config, loaded from the package's YAML."""
+from __future__ import annotations
+
+import os
+
+import dask.config
+import yaml
+
+_FILE = os.path.join(os.path.dirname(__file__), "dask-mpi-launch.yaml")
+
+with open(_FILE) as f:
+    _DEFAULTS = yaml.safe_load(f)
+
+dask.config.update_defaults(_DEFAULTS)
+
+
+def get(key: str, value=None):
+    """``value`` if given, else the configured ``mpi-launch.<key>``."""
+    if value is not None:
+        return value
+    return dask.config.get(f"mpi-launch.{key}")

@@ -1,0 +1,123 @@
+"""The control plane between ranks: small pickled messages over MPI, never a blocking wait.
+
+Every wait here polls (``improbe`` / ``Test``) against a deadline, so a rank that died or
+hangs turns into a bounded error instead of a job that sits in a collective until walltime.
+
+Messages are tuples ``(kind, *fields)``:
+
+===========  ==================================  ====================================
+kind         fields                              from -> to
+===========  ==================================  ====================================
+address      identity dict of the scheduler      scheduler rank -> all
+ready        rank, host, worker names            worker rank -> rank 0
+all-ready    number of workers                   rank 0 -> client rank
+fail         rank, host, role, message, status   any -> rank 0 (which tells everyone)
+stop         status, priority                    any -> all
+closed       rank                                worker rank -> rank 0
+===========  ==================================  ====================================
+"""
+from __future__ import annotations
+
+import time
+from array import array
+
+TAG = 0x6D6C  # "ml"
+
+# Exit-status priorities when ranks disagree: a failure beats the script's own status,
+# which beats a status derived from a signal, which beats a normal end.
+NORMAL, SIGNALLED, SCRIPT, FAILED = 0, 1, 2, 3
+
+
+class Control:
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self._sends = []
+        self._loopback = []
+
+    # -- point to point ---------------------------------------------------
+    def send(self, dest: int, *message) -> None:
+        if dest == self.rank:
+            self._loopback.append(message)
+            return
+        self._sends.append(self.comm.isend(message, dest=dest, tag=TAG))
+        self._reap_sends()
+
+    def broadcast(self, *message) -> None:
+        for dest in range(self.size):
+            if dest != self.rank:
+                self.send(dest, *message)
+
+    def poll(self) -> list[tuple]:
+        """All messages that have arrived, without waiting."""
+        received, self._loopback = self._loopback, []
+        while True:
+            msg = self.comm.improbe(source=self.MPI.ANY_SOURCE, tag=TAG)
+            if msg is None:
+                break
+            received.append(msg.recv())
+        self._reap_sends()
+        return received
+
+    def _reap_sends(self) -> None:
+        self._sends = [r for r in self._sends if not r.Test()]
+
+    # -- collectives with a bound ----------------------------------------
+    def allreduce_max(self, value: int, timeout: float, poll=None) -> int | None:
+        """Max of ``value`` over all ranks, or None if not every rank joined in time.
+
+        ``poll`` is called while waiting (to keep reaping children, reading pipes...).
+        """
+        send = array("l", [value])
+        recv = array("l", [0])
+        req = self.comm.Iallreduce(send, recv, op=self.MPI.MAX)
+        if not self._wait(req, timeout, poll):
+            return None
+        return recv[0]
+
+    def allreduce_sum(self, value: int, timeout: float, poll=None) -> int | None:
+        send = array("l", [value])
+        recv = array("l", [0])
+        req = self.comm.Iallreduce(send, recv, op=self.MPI.SUM)
+        if not self._wait(req, timeout, poll):
+            return None
+        return recv[0]
+
+    def _wait(self, req, timeout, poll) -> bool:
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while not req.Test():
+            if time.monotonic() > deadline:
+                return False
+            if poll is not None:
+                poll()
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+        return True
+
+    def finish(self) -> None:
+        """Drop unread messages and finished sends; call before MPI_Finalize."""
+        self._loopback = []
+        while True:
+            msg = self.comm.improbe(source=self.MPI.ANY_SOURCE, tag=TAG)
+            if msg is None:
+                break
+            msg.recv()
+        deadline = time.monotonic() + 1.0
+        while self._sends and time.monotonic() < deadline:
+            self._reap_sends()
+            time.sleep(0.001)
+        for req in self._sends:
+            try:
+                req.Cancel()
+                req.Free()
+            except Exception:
+                pass
+        self._sends = []
+
+    def abort(self, status: int) -> None:
+        self.comm.Abort(status)

@@ -1,0 +1,441 @@
+"""The life of a rank: check, start its roles, watch them, stop in order, agree on the status.
+
+Every rank runs one :class:`Supervisor`. It forks a process per role (``process.py``) and
+then only polls: its children's pipes and exit statuses, MPI control messages
+(``control.py``) and signals. Nothing waits without a bound:
+
+* a failure anywhere (a role that cannot start, a rank's child that dies, a timeout) is sent
+  to rank 0, which prints it once and tells every rank to stop;
+* stopping is ordered (client, then workers, then the scheduler) so a normal end prints no
+  connection noise, and every step has a grace period after which the child is killed;
+* the job's exit status is agreed by all ranks in a bounded ``Iallreduce`` (failure >
+  script's own status > signal > normal), then MPI is finalized so the launcher reports it
+  unchanged; a rank that does not join in time gets the whole job aborted instead.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+from . import process, roles
+from .control import FAILED, NORMAL, SCRIPT, SIGNALLED, Control
+from .errors import LaunchError
+from .layout import CLIENT, SCHEDULER, WORKER
+from .settings import (
+    Settings,
+    check_interface,
+    check_scheduler_file,
+    check_script,
+    check_worker_class,
+)
+
+PREFIX = "dask-mpi-launch"
+
+
+class BecomeClient(BaseException):
+    """Raised in the forked client process of ``initialize()`` to unwind into the script."""
+
+    def __init__(self, address: str):
+        super().__init__(address)
+        self.address = address
+
+
+class _Stop(Exception):
+    pass
+
+
+def say(message: str) -> None:
+    print(f"{PREFIX}: {message}", file=sys.stderr, flush=True)
+
+
+def local_ranks(env=os.environ) -> int:
+    """How many ranks of this job share this host, as the launchers tell it."""
+    for key in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE",
+                "SLURM_NTASKS_PER_NODE"):
+        try:
+            return max(1, int(env[key]))
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, comm, *, finalize: bool = True):
+        self.settings = settings
+        self.control = Control(comm)
+        self.rank = self.control.rank
+        self.size = self.control.size
+        self.host = socket.gethostname()
+        self.finalize = finalize
+        self.layout = settings.layout_for(self.size)
+        self.roles = self.layout.roles(self.rank)
+        self.children: list[process.Child] = []
+        self.outcome: tuple[int, int] | None = None  # (priority, status) once stopping
+        self.signalled: int | None = None
+        self.address: str | None = None
+        self.identity: dict | None = None
+        self.dashboard: str | None = None
+        self.ready: dict[int, tuple] = {}  # on rank 0: worker rank -> (host, names)
+        self.ready_children = 0
+        self.all_ready = False
+        self.closed: set[int] = set()
+        self.reported = False  # rank 0 printed a failure already
+        self.workers_started = False
+        self.client_started = False
+        self.scheduler_file_written = False
+        self.in_process_client = False  # initialize(exit=False): the client is this process
+
+    # ------------------------------------------------------------------
+    # the whole life
+
+    def run(self) -> int:
+        """Run this rank until the job ends; return the job's status, agreed by all ranks."""
+        self._install_signal_handlers()
+        try:
+            self._check()
+            if self.outcome is None:
+                self._serve()
+        except _Stop:
+            pass
+        self._shutdown()
+        return self._agree()
+
+    # ------------------------------------------------------------------
+    # checks: every rank checks what it will use; the first error is said once
+
+    def _check(self) -> None:
+        error = None
+        try:
+            self.layout.check()
+            s = self.settings
+            check_interface(s.interface)
+            if SCHEDULER in self.roles:
+                check_scheduler_file(s.scheduler_file)
+            if CLIENT in self.roles and not s.in_process:
+                check_script(s)
+            if WORKER in self.roles:
+                check_worker_class(s.worker_class)
+        except LaunchError as e:
+            error = e
+        if error is not None:
+            self._fail(self._role_name(), error.message, error.status)
+        failed = self.control.allreduce_sum(
+            int(error is not None), self.settings.startup_timeout, self._poll_quietly
+        )
+        if failed is None:
+            self._abort(f"not every rank started within {self.settings.startup_timeout:g} s "
+                        "(raise mpi-launch.startup-timeout if imports are slow here)", 1)
+        if failed:
+            # rank 0 prints one of the errors: wait (briefly) until one has arrived
+            deadline = time.monotonic() + 5.0
+            while self.rank == 0 and not self.reported and time.monotonic() < deadline:
+                self._poll_quietly()
+            if self.outcome is None:
+                self._decide(2, FAILED)
+
+    # ------------------------------------------------------------------
+    # the event loop
+
+    def _serve(self) -> None:
+        s = self.settings
+        start = time.monotonic()
+        address_deadline = start + s.wait_timeout
+        ready_deadline = None
+        if SCHEDULER in self.roles:
+            self._start_scheduler()
+        while True:
+            self._step()
+            now = time.monotonic()
+            if self.address is None:
+                if now > address_deadline:
+                    who = "the scheduler" if SCHEDULER in self.roles else "rank 0"
+                    self._fail(self._role_name(),
+                               f"no scheduler address from {who} within {s.wait_timeout:g} s")
+                continue
+            if ready_deadline is None:
+                ready_deadline = now + s.wait_timeout
+            if WORKER in self.roles and not self.workers_started:
+                self._start_workers()
+            if self.rank == 0 and not self.all_ready:
+                if len(self.ready) == len(self.layout.worker_ranks):
+                    self._on_all_ready()
+                elif now > ready_deadline:
+                    self._fail("scheduler", self._missing_workers_message())
+            if CLIENT in self.roles and not self.client_started:
+                if self.all_ready or not s.wait_for_workers:
+                    self._start_client()
+
+    def _step(self, timeout: float = 0.005, stop: bool = True) -> None:
+        """Handle whatever happened: pipes, child exits, MPI messages, signals."""
+        fds = [c.fd for c in self.children if c.fd >= 0]
+        if fds:
+            readable = select.select(fds, [], [], timeout)[0]
+        else:
+            readable = ()
+            time.sleep(timeout)
+        for child in list(self.children):
+            if child.fd in readable:
+                for event in child.read_events():
+                    self._on_event(child, event)
+        for child in list(self.children):
+            if child.reap():
+                self._on_exit(child)
+        for message in self.control.poll():
+            self._on_message(message)
+        if self.signalled and self.outcome is None:
+            status = 0 if not self.settings.has_client else 128 + self.signalled
+            self._stop(status, SIGNALLED)
+        if stop and self.outcome is not None:
+            raise _Stop
+
+    def _poll_quietly(self) -> None:
+        self._step(timeout=0.001, stop=False)
+
+    # ------------------------------------------------------------------
+    # starting roles
+
+    def _start_scheduler(self) -> None:
+        s = self.settings
+        if s.scheduler_file and os.path.exists(s.scheduler_file):
+            os.unlink(s.scheduler_file)  # never leave an earlier job's file to be read
+        self._fork(SCHEDULER, "scheduler", lambda ch: roles.run_scheduler(s, ch))
+
+    def _start_workers(self) -> None:
+        s = self.settings
+        self.workers_started = True
+        nthreads, memory_limit = self._worker_resources()
+        for i in range(s.worker_processes):
+            name = s.worker_name(self.rank, i)
+            self._fork(WORKER, f"worker {name}",
+                       lambda ch, name=name: roles.run_worker(
+                           s, ch, self.address, name, nthreads, memory_limit))
+
+    def _worker_resources(self):
+        s = self.settings
+        nthreads = s.nthreads
+        if nthreads is None:
+            share = max(1, (os.cpu_count() or 1) // local_ranks())
+            nthreads = max(1, share // s.worker_processes)
+        return nthreads, s.memory_limit
+
+    def _start_client(self) -> None:
+        s = self.settings
+        self.client_started = True
+        if self.in_process_client:
+            raise BecomeClient(self.address)
+        if s.in_process:
+            child = process.fork(CLIENT, "script", None, returns=True)
+            if child is None:  # in the new process: go back to the calling script
+                raise BecomeClient(self.address)
+            self.children.append(child)
+            return
+        self._fork(CLIENT, "script", lambda ch: roles.run_script(s, ch, self.address))
+
+    def _fork(self, role: str, label: str, body) -> None:
+        self.children.append(process.fork(role, label, body))
+
+    def monitor(self, close) -> None:
+        """initialize(exit=False) on the client rank: serve MPI messages in a thread until
+        ``close`` is set (send_close_signal()) or the job stops; then stop everyone."""
+        import _thread
+
+        while not close.is_set() and self.outcome is None:
+            self._step(timeout=0.02, stop=False)
+        if self.outcome is None:
+            self._stop(0, NORMAL)
+        elif self.outcome[0] == FAILED:
+            _thread.interrupt_main(signal.SIGTERM)
+        deadline = time.monotonic() + 1.0
+        while self.control._sends and time.monotonic() < deadline:
+            self._step(timeout=0.005, stop=False)
+
+    # ------------------------------------------------------------------
+    # what children say
+
+    def _on_event(self, child: process.Child, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "error":
+            self._fail(child.role, event.get("message", "unknown error"))
+        elif kind == "address" and child.role == SCHEDULER:
+            self.address = event["address"]
+            self.identity = event.get("identity")
+            self.dashboard = event.get("dashboard")
+            self.control.broadcast("address", self.address, self.identity, self.dashboard)
+        elif kind == "ready" and child.role == WORKER:
+            self.ready_children += 1
+            if self.ready_children == self.settings.worker_processes:
+                names = [c.label.split(" ", 1)[1] for c in self.children if c.role == WORKER]
+                self.control.send(0, "ready", self.rank, self.host, names)
+
+    def _on_exit(self, child: process.Child) -> None:
+        child.close_pipe()
+        if self.outcome is not None:
+            return
+        status = child.status
+        if child.role == CLIENT:
+            if status > 128 and status - 128 in (signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS,
+                                                 signal.SIGABRT):
+                self._fail(CLIENT, f"the script {process.describe_status(status)}",
+                           status, SCRIPT)
+            else:
+                self._stop(status, SCRIPT)
+        elif status == 0 and not (child.role == SCHEDULER and not self.settings.has_client):
+            pass  # closed by Dask itself (client.shutdown(), retire_workers): fine
+        elif status == 0:
+            self._stop(0, NORMAL)  # cluster-only mode: a client shut the scheduler down
+        else:
+            self._fail(child.role, f"the {child.label} process {process.describe_status(status)}")
+
+    # ------------------------------------------------------------------
+    # what other ranks say
+
+    def _on_message(self, message: tuple) -> None:
+        kind, *fields = message
+        if kind == "address":
+            self.address, self.identity, self.dashboard = fields
+        elif kind == "ready":
+            rank, host, names = fields
+            self.ready[rank] = (host, names)
+        elif kind == "all-ready":
+            self.all_ready = True
+        elif kind == "fail":
+            rank, host, role, text, status, priority = fields
+            self._report(rank, host, role, text)
+            self._stop(status, priority)
+        elif kind == "stop":
+            self._decide(*fields)
+        elif kind == "closed":
+            self.closed.add(fields[0])
+
+    def _on_all_ready(self) -> None:
+        self.all_ready = True
+        client = self.layout.client_rank
+        if client is not None and client != self.rank:
+            self.control.send(client, "all-ready", len(self.ready))
+        if self.settings.scheduler_file:
+            self._write_scheduler_file()
+        if not self.settings.has_client:
+            n = sum(len(names) for _, names in self.ready.values())
+            where = f"; scheduler file {self.settings.scheduler_file}" if self.settings.scheduler_file else ""
+            dash = f"; dashboard {self.dashboard}" if self.dashboard else ""
+            print(f"{PREFIX}: cluster ready: scheduler {self.address}, {n} workers{dash}{where}",
+                  flush=True)
+
+    def _write_scheduler_file(self) -> None:
+        import json
+
+        path = self.settings.scheduler_file
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.identity or {"address": self.address}, f, indent=2)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        self.scheduler_file_written = True
+
+    def _missing_workers_message(self) -> str:
+        missing = [r for r in self.layout.worker_ranks if r not in self.ready]
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        return (f"{len(missing)} of {len(self.layout.worker_ranks)} worker ranks did not connect "
+                f"to the scheduler at {self.address} within {self.settings.wait_timeout:g} s "
+                f"(ranks {shown}); check --interface, or raise --wait-timeout")
+
+    # ------------------------------------------------------------------
+    # deciding to stop
+
+    def _decide(self, status: int, priority: int) -> None:
+        if self.outcome is None or priority > self.outcome[0]:
+            self.outcome = (priority, status)
+
+    def _stop(self, status: int, priority: int) -> None:
+        first = self.outcome is None
+        self._decide(status, priority)
+        if first:
+            self.control.broadcast("stop", status, priority)
+
+    def _fail(self, role: str, text: str, status: int = 1, priority: int = FAILED) -> None:
+        """Report a failure of this rank: rank 0 says it once and stops everyone."""
+        if self.rank == 0:
+            self._report(0, self.host, role, text)
+            self._stop(status, priority)
+        else:
+            self._decide(status, priority)
+            self.control.send(0, "fail", self.rank, self.host, role, text, status, priority)
+
+    def _report(self, rank: int, host: str, role: str, text: str) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        say(f"error on rank {rank} ({role}, host {host}): {text}")
+
+    def _role_name(self) -> str:
+        return "+".join(self.roles)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self.signalled is None:
+                self.signalled = signum
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, handler)
+
+    # ------------------------------------------------------------------
+    # stopping, in order: client, workers, then the scheduler
+
+    def _shutdown(self) -> None:
+        grace = self.settings.shutdown_timeout
+        self._terminate([c for c in self.children if c.role == CLIENT], grace)
+        workers = [c for c in self.children if c.role == WORKER]
+        if workers:
+            self._terminate(workers, grace)
+        if WORKER in self.roles and self.rank != 0:
+            self.control.send(0, "closed", self.rank)
+        scheduler = [c for c in self.children if c.role == SCHEDULER]
+        if scheduler:
+            others = set(self.layout.worker_ranks) - {0}
+            deadline = time.monotonic() + grace
+            while not others <= self.closed and time.monotonic() < deadline:
+                if not scheduler[0].alive:
+                    break
+                self._poll_quietly()
+            self._terminate(scheduler, grace)
+        if self.scheduler_file_written:
+            try:
+                os.unlink(self.settings.scheduler_file)
+            except OSError:
+                pass
+
+    def _terminate(self, children, grace: float) -> None:
+        for child in children:
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(c.alive for c in children):
+            if time.monotonic() > deadline:
+                for child in children:
+                    child.signal(signal.SIGKILL)
+                deadline = float("inf")
+            self._poll_quietly()
+
+    # ------------------------------------------------------------------
+    # the job's status
+
+    def _agree(self) -> int:
+        priority, status = self.outcome or (NORMAL, 0)
+        if not self.finalize:
+            return status
+        timeout = 2 * self.settings.shutdown_timeout + 5
+        agreed = self.control.allreduce_max(priority * 256 + status, timeout, self._poll_quietly)
+        if agreed is None:
+            self._abort(f"other ranks did not end within {timeout:g} s", status or 1)
+        status = agreed % 256
+        self.control.finish()
+        self.control.MPI.Finalize()
+        return status
+
+    def _abort(self, text: str, status: int) -> None:
+        say(f"rank {self.rank} (host {self.host}): {text}: aborting the job")
+        for child in self.children:
+            child.signal(signal.SIGKILL)
+        self.control.abort(status)

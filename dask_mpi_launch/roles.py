@@ -1,0 +1,211 @@
+"""What each role process runs: the scheduler, a worker, the client script.
+
+One implementation for the CLI and for ``initialize()``. Each role has the same shape:
+start, report through the channel, wait for "finished" or "signal" (whichever comes
+first), stop. Roles run in processes forked by the rank (see ``process.py``).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import sys
+
+from .process import Channel, exit_status
+from .settings import Settings
+
+
+def _quiet(level: str) -> None:
+    numeric = getattr(logging, level.upper())
+    for name in ("distributed", "tornado", "bokeh", "asyncio"):
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING) if name != "distributed" else numeric)
+
+
+async def _until_finished_or_signal(server) -> str:
+    """Wait until the server finishes by itself or SIGTERM/SIGINT arrives."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    finished = asyncio.ensure_future(server.finished())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal changes nothing
+        loop.add_signal_handler(signum, lambda: None)
+    stopped.cancel()
+    return "finished" if finished.done() else "signal"
+
+
+# ---------------------------------------------------------------------------
+# scheduler
+
+
+def scheduler_start_error(settings: Settings, e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return (
+            f"the scheduler cannot listen on port {settings.scheduler_port}: it is already in use "
+            "(choose another --scheduler-port, or 0 for a free one)"
+        )
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"the scheduler cannot listen on the address asked for: {e.strerror or e}"
+    return f"the scheduler could not start: {e}"
+
+
+def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
+    from distributed import Scheduler
+
+    _quiet(settings.log_level)
+
+    async def main() -> int:
+        scheduler = Scheduler(
+            port=settings.scheduler_port,
+            interface=settings.interface,
+            protocol=settings.protocol,
+            dashboard=settings.dashboard,
+            dashboard_address=settings.dashboard_address,
+            security=security,
+        )
+        try:
+            await scheduler
+        except OSError as e:
+            channel.error(scheduler_start_error(settings, e))
+            return 1
+        except Exception as e:
+            cause = e.__cause__ if isinstance(e.__cause__, OSError) else None
+            if cause is not None:
+                channel.error(scheduler_start_error(settings, cause))
+            else:
+                channel.error(f"the scheduler could not start: {type(e).__name__}: {e}")
+            return 1
+        identity = scheduler.identity()
+        channel.send(
+            "address",
+            address=scheduler.address,
+            identity=identity,
+            dashboard=scheduler.dashboard_link if settings.dashboard else None,
+        )
+        how = await _until_finished_or_signal(scheduler)
+        if how == "signal":
+            await scheduler.close(reason="dask-mpi-launch: job ending")
+        return 0
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------
+# worker
+
+
+def run_worker(
+    settings: Settings,
+    channel: Channel,
+    address: str,
+    name,
+    nthreads: int,
+    memory_limit,
+    security=None,
+) -> int:
+    from distributed.utils import import_term
+
+    _quiet(settings.log_level)
+    worker_class = import_term(settings.worker_class)
+    options = {
+        "nthreads": nthreads,
+        "memory_limit": memory_limit,
+        "local_directory": settings.local_directory,
+        "interface": settings.interface,
+        "protocol": settings.protocol,
+        "name": name,
+        "security": security,
+        **settings.worker_options,
+    }
+    if options.get("security") is None:
+        options.pop("security")
+
+    async def main() -> int:
+        try:
+            worker = worker_class(address, **options)
+        except TypeError as e:
+            channel.error(f"cannot create {settings.worker_class} with these options: {e}")
+            return 1
+        try:
+            await worker
+        except Exception as e:
+            channel.error(f"the worker could not start: {type(e).__name__}: {e}")
+            return 1
+        channel.send("ready", name=str(name), address=worker.address)
+        how = await _until_finished_or_signal(worker)
+        if how == "signal":
+            await worker.close(reason="dask-mpi-launch: job ending")
+        return 0
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------
+# client
+
+
+def set_client_environment(address: str) -> None:
+    """Make ``distributed.Client()`` with no arguments connect to this cluster."""
+    import dask
+
+    os.environ["DASK_SCHEDULER_ADDRESS"] = address
+    dask.config.set({"scheduler-address": address})
+
+
+def _terminate_on_sigterm() -> None:
+    """SIGTERM raises SystemExit(143) once, so the script's finally blocks run."""
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_script(settings: Settings, channel: Channel, address: str) -> int:
+    """Run the script or module as ``__main__``; return the status Python would exit with."""
+    import atexit
+    import runpy
+
+    set_client_environment(address)
+    _terminate_on_sigterm()
+    if settings.module:
+        sys.argv = [settings.module, *settings.args]
+        sys.path.insert(0, os.getcwd())
+    else:
+        sys.argv = [settings.script, *settings.args]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(settings.script)))
+    status = 0
+    try:
+        if settings.module:
+            runpy.run_module(settings.module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(settings.script, run_name="__main__")
+    except SystemExit as e:
+        status = exit_status(e)
+    except BaseException as e:
+        _print_user_traceback(e)
+        status = 130 if isinstance(e, KeyboardInterrupt) else 1
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    return status
+
+
+def _print_user_traceback(e: BaseException) -> None:
+    """The traceback as ``python script.py`` prints it: without the launcher's frames."""
+    import traceback
+
+    tb = e.__traceback__
+    here = os.path.dirname(os.path.abspath(__file__))
+    while tb is not None and (
+        tb.tb_frame.f_code.co_filename.startswith(here) or "runpy" in tb.tb_frame.f_code.co_filename
+    ):
+        tb = tb.tb_next
+    traceback.print_exception(type(e), e, tb)
+    sys.stderr.flush()

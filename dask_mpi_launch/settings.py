@@ -1,0 +1,305 @@
+"""One settings object from CLI options or initialize() keywords, and its checks.
+
+Every option defaults to ``None`` and falls back to ``dask.config`` (``mpi-launch.*``).
+Checks raise :class:`UsageError` with one line saying what is wrong and how to fix it.
+They import nothing heavy: no mpi4py, no distributed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from . import config
+from .errors import UsageError
+from .layout import LAYOUTS, Layout
+
+
+@dataclass(frozen=True)
+class Settings:
+    # what runs on the client rank: a script file, a module (-m), or the
+    # caller of initialize() (script is None and module is None)
+    script: str | None = None
+    module: str | None = None
+    args: tuple[str, ...] = ()
+    in_process: bool = False  # True for initialize(): the client is the calling script
+    layout: str = "dedicated"
+    interface: str | None = None
+    protocol: str | None = None
+    scheduler_port: int = 0
+    dashboard: bool = True
+    dashboard_address: str = ":8787"
+    nthreads: int | None = None
+    memory_limit: Any = "auto"
+    local_directory: str | None = None
+    worker_class: str = "distributed.Worker"
+    worker_options: dict = field(default_factory=dict)
+    worker_processes: int = 1
+    name: str | None = None
+    scheduler_file: str | None = None
+    wait_for_workers: bool = True
+    wait_timeout: float = 120.0
+    startup_timeout: float = 600.0
+    shutdown_timeout: float = 10.0
+    log_level: str = "warning"
+
+    @property
+    def has_client(self) -> bool:
+        return self.in_process or self.script is not None or self.module is not None
+
+    def layout_for(self, size: int) -> Layout:
+        return Layout(self.layout, size, self.has_client)
+
+    def worker_name(self, rank: int, index: int = 0) -> str | int:
+        base = f"{self.name}-{rank}" if self.name else rank
+        if self.worker_processes > 1:
+            return f"{base}-{index}"
+        return base
+
+
+_CONFIG_KEYS = {
+    "layout": "layout",
+    "interface": "interface",
+    "protocol": "protocol",
+    "scheduler_port": "scheduler-port",
+    "dashboard": "dashboard",
+    "dashboard_address": "dashboard-address",
+    "nthreads": "nthreads",
+    "memory_limit": "memory-limit",
+    "local_directory": "local-directory",
+    "worker_class": "worker-class",
+    "worker_options": "worker-options",
+    "name": "name",
+    "scheduler_file": "scheduler-file",
+    "wait_for_workers": "wait-for-workers",
+    "wait_timeout": "wait-timeout",
+    "startup_timeout": "startup-timeout",
+    "shutdown_timeout": "shutdown-timeout",
+    "log_level": "log-level",
+}
+
+
+def resolve(**options) -> Settings:
+    """Settings from explicit options (None = use the config), checked for consistency.
+
+    Raises UsageError for values that are wrong wherever they are read (bad sizes,
+    bad JSON, ...). Host-dependent checks are in :func:`check_on_host`.
+    """
+    known = {f.name for f in fields(Settings)}
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
+    values = {}
+    for name in known:
+        value = options.get(name)
+        if name in _CONFIG_KEYS:
+            value = config.get(_CONFIG_KEYS[name], value)
+        if value is not None:
+            values[name] = value
+    s = Settings(**values)
+    return replace(
+        s,
+        layout=_layout(s.layout),
+        scheduler_port=_port(s.scheduler_port),
+        nthreads=_nthreads(s.nthreads),
+        memory_limit=parse_memory_limit(s.memory_limit),
+        worker_options=parse_worker_options(s.worker_options),
+        worker_processes=_positive_int(s.worker_processes, "--worker-processes"),
+        wait_timeout=parse_timeout(s.wait_timeout, "--wait-timeout"),
+        startup_timeout=parse_timeout(s.startup_timeout, "startup-timeout"),
+        shutdown_timeout=parse_timeout(s.shutdown_timeout, "shutdown-timeout"),
+        log_level=_log_level(s.log_level),
+        scheduler_file=os.path.abspath(s.scheduler_file) if s.scheduler_file else None,
+        args=tuple(s.args),
+    )
+
+
+def _layout(value):
+    if value not in LAYOUTS:
+        raise UsageError(f"invalid --layout {value!r}: choose one of {', '.join(LAYOUTS)}")
+    return value
+
+
+def _positive_int(value, option):
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(n) != str(value).strip():
+        raise UsageError(f"invalid {option} {value!r}: give a whole number of 1 or more")
+    return n
+
+
+def _nthreads(value):
+    return None if value is None else _positive_int(value, "--nthreads")
+
+
+def _port(value):
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = -1
+    if not 0 <= port <= 65535:
+        raise UsageError(
+            f"invalid --scheduler-port {value!r}: give a port number, or 0 for a free one"
+        )
+    return port
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value):
+    level = str(value).lower()
+    if level not in _LOG_LEVELS:
+        raise UsageError(f"invalid --log-level {value!r}: choose one of {', '.join(_LOG_LEVELS)}")
+    return level
+
+
+def parse_memory_limit(value):
+    """'auto', None, a byte count, a size string ('4GB', '4 GiB') or a fraction (0.5)."""
+    hint = "use a size such as 4GB or 4GiB, a fraction of the node's memory such as 0.5, or auto"
+    if value is None or value == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        raise UsageError(f"invalid --memory-limit {value!r}: {hint}")
+    if isinstance(value, (int, float)):
+        number = value
+    else:
+        text = str(value).strip()
+        if text.lower() == "auto":
+            return "auto"
+        try:
+            number = float(text)
+        except ValueError:
+            from dask.utils import parse_bytes
+
+            try:
+                return int(parse_bytes(text))
+            except (ValueError, TypeError):
+                raise UsageError(f"invalid --memory-limit {value!r}: {hint}") from None
+    if number < 0 or number != number:
+        raise UsageError(f"invalid --memory-limit {value!r}: {hint}")
+    if 0 < number <= 1 and not float(number).is_integer():
+        return float(number)
+    if not float(number).is_integer():
+        raise UsageError(f"invalid --memory-limit {value!r}: {hint}")
+    return int(number)
+
+
+def parse_worker_options(value) -> dict:
+    """A dict, or a JSON object given as text."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise UsageError(
+            f"invalid --worker-options JSON ({e}): give a JSON object such as "
+            """'{"resources": {"GPU": 1}}'"""
+        ) from None
+    if not isinstance(parsed, dict):
+        raise UsageError(
+            f"invalid --worker-options {value!r}: give a JSON object such as "
+            """'{"resources": {"GPU": 1}}', not a JSON """ + type(parsed).__name__
+        )
+    return parsed
+
+
+def parse_timeout(value, option) -> float:
+    """Seconds from a number or a duration string ('90s', '2 minutes')."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        from dask.utils import parse_timedelta
+
+        try:
+            seconds = float(parse_timedelta(value, default="seconds"))
+        except (TypeError, ValueError, KeyError):
+            seconds = -1.0
+    if not seconds > 0:
+        raise UsageError(
+            f"invalid {option} {value!r}: give a duration such as 60, 60s or 5 minutes"
+        )
+    return seconds
+
+
+# ---------------------------------------------------------------------------
+# Checks that depend on the rank's host and role (run on every rank before the
+# cluster starts; the first failure is reported once for the whole job).
+
+
+def check_interface(interface: str | None) -> None:
+    if not interface:
+        return
+    import psutil
+
+    names = sorted(psutil.net_if_addrs())
+    if interface not in names:
+        raise UsageError(
+            f"no network interface named {interface!r} on host {socket.gethostname()}: "
+            f"this host has {', '.join(names)} (choose one with --interface)"
+        )
+
+
+def check_scheduler_file(path: str | None) -> None:
+    if not path:
+        return
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise UsageError(
+            f"cannot write the scheduler file {path}: directory {directory} does not exist "
+            "(create it or choose another --scheduler-file)"
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"cannot write the scheduler file {path}: directory {directory} is not writable "
+            "(choose another --scheduler-file)"
+        )
+
+
+def check_script(settings: Settings) -> None:
+    """The script exists and compiles, or the module can be found."""
+    if settings.module:
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec(settings.module) is not None
+        except (ImportError, ValueError) as e:
+            raise UsageError(f"cannot run module {settings.module!r}: {e}") from None
+        if not found:
+            raise UsageError(
+                f"no module named {settings.module!r} (check -m and the PYTHONPATH)"
+            )
+        return
+    path = settings.script
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise UsageError(f"script not found: {path} (give the path of a Python file)")
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+        compile(source, path, "exec")
+    except SyntaxError as e:
+        where = f"{e.filename}, line {e.lineno}" if e.lineno else path
+        raise UsageError(f"syntax error in the script ({where}): {e.msg}") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the script {path}: {e}") from None
+
+
+def check_worker_class(name: str) -> None:
+    """The worker class can be imported (imports it: do this after MPI init)."""
+    from distributed.utils import import_term
+
+    try:
+        import_term(name)
+    except Exception as e:  # ImportError, AttributeError, ValueError...
+        raise UsageError(
+            f"cannot use --worker-class {name!r}: {type(e).__name__}: {e} "
+            "(give an importable class such as distributed.Worker or distributed.Nanny)"
+        ) from None
