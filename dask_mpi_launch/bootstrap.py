@@ -88,11 +88,10 @@ def initialize(
         return False
     sys.stdout.flush()
     sys.stderr.flush()
-    if CLIENT in supervisor.roles:
-        # the client's parent: the script already ran (and ran its finally blocks and
-        # atexit handlers) in the forked process; do not run them a second time here
-        os._exit(status)
-    sys.exit(status)
+    # The client's parent: the script ran (with its finally blocks and atexit handlers) in
+    # the forked process; do not run them a second time here. The serving ranks: MPI is
+    # finalized, and the interpreter's teardown could make MPI kill the process.
+    os._exit(status)
 
 
 def _exit_on_error(e) -> None:

@@ -1,6 +1,7 @@
 """``dask-mpi-launch``: options -> one Settings object -> every rank runs its roles."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -139,7 +140,15 @@ def main(argv=None) -> None:
             print(f"dask-mpi-launch: error: {e.message}", file=sys.stderr, flush=True)
         status = e.status
         _finalize_if_alone()
-    sys.exit(status if isinstance(status, int) else 0)
+    status = status if isinstance(status, int) else 0
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_finalized():
+        # after MPI_Finalize, skip the interpreter's teardown: MPI objects freed after
+        # finalization can make the MPI library kill the process and lose our status
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def _finalize_if_alone() -> None:

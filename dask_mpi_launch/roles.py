@@ -18,6 +18,7 @@ from .settings import Settings
 
 
 def _quiet(level: str) -> None:
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = level  # for processes a Nanny spawns
     numeric = getattr(logging, level.upper())
     for name in ("distributed", "tornado", "bokeh", "asyncio"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING) if name != "distributed" else numeric)
