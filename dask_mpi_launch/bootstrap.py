@@ -91,7 +91,9 @@ def initialize(
     # The client's parent: the script ran (with its finally blocks and atexit handlers) in
     # the forked process; do not run them a second time here. The serving ranks: MPI is
     # finalized, and the interpreter's teardown could make MPI kill the process.
-    os._exit(status)
+    from .process import exit_rank
+
+    exit_rank(status)
 
 
 def _exit_on_error(e) -> None:

@@ -143,11 +143,9 @@ def main(argv=None) -> None:
     status = status if isinstance(status, int) else 0
     MPI = sys.modules.get("mpi4py.MPI")
     if MPI is not None and MPI.Is_finalized():
-        # after MPI_Finalize, skip the interpreter's teardown: MPI objects freed after
-        # finalization can make the MPI library kill the process and lose our status
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(status)
+        from .process import exit_rank
+
+        exit_rank(status)
     sys.exit(status)
 
 

@@ -53,14 +53,14 @@ def say(message: str) -> None:
 
 
 def local_ranks(env=os.environ) -> int:
-    """How many ranks of this job share this host, as the launchers tell it."""
-    for key in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE",
-                "SLURM_NTASKS_PER_NODE"):
+    """How many ranks of this job share this host, as the MPI launcher tells it (0: unknown,
+    left to the batch system's variables)."""
+    for key in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE"):
         try:
             return max(1, int(env[key]))
         except (KeyError, ValueError):
             continue
-    return 1
+    return 0
 
 
 class Supervisor:
@@ -221,12 +221,21 @@ class Supervisor:
                            s, ch, self.address, name, nthreads, memory_limit))
 
     def _worker_resources(self):
+        """Threads and memory per worker process: the options, else the batch job's share."""
+        import psutil
+
+        from .environment import detect_resources
+
         s = self.settings
-        nthreads = s.nthreads
-        if nthreads is None:
-            share = max(1, (os.cpu_count() or 1) // local_ranks())
-            nthreads = max(1, share // s.worker_processes)
-        return nthreads, s.memory_limit
+        found = detect_resources(os.environ, local_ranks=local_ranks(),
+                                 cpu_count=os.cpu_count() or 1,
+                                 total_memory=psutil.virtual_memory().total,
+                                 worker_processes=s.worker_processes)
+        nthreads = s.nthreads or found.nthreads
+        memory_limit = s.memory_limit
+        if memory_limit == "auto" and found.memory_limit:
+            memory_limit = found.memory_limit
+        return nthreads, memory_limit
 
     def _start_client(self) -> None:
         s = self.settings

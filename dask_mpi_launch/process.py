@@ -175,3 +175,19 @@ def _flush() -> None:
             stream.flush()
         except Exception:
             pass
+
+
+def exit_rank(status: int) -> None:
+    """End a rank whose MPI is finalized: C ``exit()`` without the interpreter's teardown.
+
+    ``os._exit`` skips the MPI library's own exit handlers and MPICH's launcher then takes
+    the rank for dead and kills the others (status 9); the interpreter's teardown can free
+    MPI objects after finalization. C ``exit()`` runs the library's handlers only.
+    """
+    _flush()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).exit(status)
+    finally:
+        os._exit(status)

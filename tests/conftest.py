@@ -1,0 +1,47 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from launch import IMPLEMENTATIONS, Venv  # noqa: E402
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def unavailable(reason: str):
+    """Skip with the reason, but fail in CI, where everything must run."""
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(params=IMPLEMENTATIONS, scope="session")
+def venv(request) -> Venv:
+    v = Venv(request.param)
+    if not v.exists():
+        unavailable(f"no {request.param} venv at {v.path}: run ./bin/test (it creates it)")
+    return v
+
+
+@pytest.fixture(scope="session")
+def mpich() -> Venv:
+    v = Venv("mpich")
+    if not v.exists():
+        unavailable(f"no mpich venv at {v.path}: run ./bin/test (it creates it)")
+    return v
+
+
+@pytest.fixture
+def script(tmp_path):
+    """Write a script file from text: ``script("print(1)")`` -> path."""
+    counter = iter(range(1000))
+
+    def make(text: str, name: str | None = None) -> Path:
+        path = tmp_path / (name or f"script{next(counter)}.py")
+        path.write_text(text)
+        return path
+
+    return make
