@@ -76,7 +76,7 @@ def initialize(
     from .lifecycle import BecomeClient, Supervisor
     from .layout import CLIENT
 
-    supervisor = Supervisor(settings, comm, finalize=exit and mpi.we_finalize())
+    supervisor = Supervisor(settings, comm, finalize=exit)
     if not exit and CLIENT in supervisor.roles:
         return _client_in_process(supervisor)
     try:

@@ -99,6 +99,15 @@ def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
 # worker
 
 
+def _forget_main_script() -> None:
+    """Processes a Nanny spawns must not run the calling script again (initialize())."""
+    main = sys.modules.get("__main__")
+    if main is not None:
+        for attribute in ("__file__", "__spec__"):
+            if getattr(main, attribute, None) is not None:
+                setattr(main, attribute, None) if attribute == "__spec__" else delattr(main, attribute)
+
+
 def run_worker(
     settings: Settings,
     channel: Channel,
@@ -111,6 +120,7 @@ def run_worker(
     from distributed.utils import import_term
 
     _quiet(settings.log_level)
+    _forget_main_script()
     worker_class = import_term(settings.worker_class)
     options = {
         "nthreads": nthreads,

@@ -267,6 +267,10 @@ def check_script(settings: Settings) -> None:
     if settings.module:
         import importlib.util
 
+        import sys
+
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as python -m does
         try:
             found = importlib.util.find_spec(settings.module) is not None
         except (ImportError, ValueError) as e:

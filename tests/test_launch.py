@@ -115,7 +115,7 @@ def test_nanny_worker_class(mpich, script):
 
 
 def test_worker_options_and_name_prefix(mpich, script):
-    path = script(CLIENT + "\nprint('res', sorted(w['resources'] for w in workers.values()))\n")
+    path = script(CLIENT + "\nprint('res', [w['resources'] for w in workers.values()])\n")
     out = mpich.launch(4, "--name", "job", "--nthreads", "2", "--worker-options",
                        '{"resources": {"GPU": 1}}', path, timeout=HANG)
     assert out.status == 0, out
