@@ -362,3 +362,11 @@ def test_nothing_left_running_after_a_failure(mpich, script):
     out = mpich.launch(4, path, timeout=HANG)
     assert out.status == 5, out
     assert wait_no_leftovers("leftover_check.py") == []
+
+
+def test_demo_example(mpich):
+    from launch import ROOT
+
+    out = mpich.launch(4, ROOT / "examples" / "array_sum.py", "400", timeout=60)
+    assert out.status == 0, out
+    assert "with 2 workers" in out.out and "= 320000 (expected 320000)" in out.out, out
