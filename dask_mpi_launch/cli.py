@@ -1,13 +1,12 @@
 """``dask-mpi-launch``: options -> one Settings object -> every rank runs its roles."""
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
 from . import __version__, config
-from .errors import LaunchError, UsageError
+from .errors import LaunchError
 from .layout import LAYOUTS
 
 
@@ -102,23 +101,12 @@ def run(settings) -> int:
 
     MPI = mpi.load()
     comm = MPI.COMM_WORLD
-    _check_one_rank_trap(comm, mpi)
+    mpi.check_world(comm)
     import distributed  # noqa: F401  (after MPI_Init; forked roles reuse the import)
 
     from .lifecycle import Supervisor
 
     return Supervisor(settings, comm).run()
-
-
-def _check_one_rank_trap(comm, mpi) -> None:
-    expected = mpi.size_from_environment()
-    if comm.Get_size() == 1 and expected and expected > 1:
-        comm_error = UsageError(
-            f"this process is alone in its MPI world, but the launcher started {expected} "
-            "processes: mpi4py's MPI library is not the launcher's, or srun runs without PMI "
-            "(use srun --mpi=pmi2, or mpiexec from the same MPI as mpi4py)"
-        )
-        raise comm_error
 
 
 def main(argv=None) -> None:

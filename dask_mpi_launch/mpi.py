@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import LaunchError
+from .errors import LaunchError, UsageError
 
 # Variables in which launchers give each process its rank before MPI_Init.
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK",
@@ -64,3 +64,14 @@ def we_finalize() -> bool:
     import mpi4py
 
     return mpi4py.rc.finalize is False
+
+
+def check_world(comm) -> None:
+    """Fail when the launcher started N processes but each got a world of its own."""
+    expected = size_from_environment()
+    if comm.Get_size() == 1 and expected and expected > 1:
+        raise UsageError(
+            f"this process is alone in its MPI world, but the launcher started {expected} "
+            "processes: mpi4py's MPI library is not the launcher's, or srun runs without PMI "
+            "(use srun --mpi=pmi2, or mpiexec from the same MPI as mpi4py)"
+        )
