@@ -83,7 +83,7 @@ def initialize(
     try:
         status = supervisor.run()
     except BecomeClient as become:
-        _become_client(become.address, exit_hooks=not mpi.we_finalize())
+        _become_client(become.address, settings.shutdown_timeout, exit_hooks=not mpi.we_finalize())
         return True
     if not exit:
         return False
@@ -108,12 +108,12 @@ def _exit_on_error(e) -> None:
     sys.exit(e.status)
 
 
-def _become_client(address: str, exit_hooks: bool) -> None:
+def _become_client(address: str, grace: float, exit_hooks: bool) -> None:
     """In the forked client process: connect Client() to the cluster, end like a script."""
-    from .roles import _terminate_on_sigterm, set_client_environment
+    from .roles import set_client_environment, terminate_on_signal
 
     set_client_environment(address)
-    _terminate_on_sigterm()
+    terminate_on_signal(grace)
     if exit_hooks:
         _exit_without_mpi_finalize()
 

@@ -87,6 +87,7 @@ class Supervisor:
         self.workers_started = False
         self.client_started = False
         self.scheduler_file_written = False
+        self.check_failures: list[tuple] = []  # on rank 0, while checking
         self.in_process_client = False  # initialize(exit=False): the client is this process
 
     # ------------------------------------------------------------------
@@ -128,7 +129,8 @@ class Supervisor:
         except LaunchError as e:
             error = e
         if error is not None:
-            self._fail(self._role_name(), error.message, error.status)
+            self.control.send(0, "check-failed", self.rank, self.host, self._role_name(),
+                              error.message, error.status)
         failed = self.control.allreduce_sum(
             int(error is not None), self.settings.startup_timeout, self._poll_quietly
         )
@@ -136,12 +138,19 @@ class Supervisor:
             self._abort(f"not every rank started within {self.settings.startup_timeout:g} s "
                         "(raise mpi-launch.startup-timeout if imports are slow here)", 1)
         if failed:
-            # rank 0 prints one of the errors: wait (briefly) until one has arrived
+            # the same error is often found on many ranks: rank 0 says the first one, once
             deadline = time.monotonic() + 5.0
-            while self.rank == 0 and not self.reported and time.monotonic() < deadline:
+            while self.rank == 0 and len(self.check_failures) < failed:
+                if time.monotonic() > deadline:
+                    break
                 self._poll_quietly()
-            if self.outcome is None:
-                self._decide(2, FAILED)
+            if self.check_failures:
+                rank, host, role, text, _ = min(self.check_failures)
+                more = len(self.check_failures) - 1
+                if more:
+                    text += f" (and {more} more rank{'s' if more > 1 else ''} failed too)"
+                self._report(rank, host, role, text)
+            self._decide(error.status if error else 2, FAILED)
 
     # ------------------------------------------------------------------
     # the event loop
@@ -325,6 +334,8 @@ class Supervisor:
             self._decide(*fields)
         elif kind == "closed":
             self.closed.add(fields[0])
+        elif kind == "check-failed":
+            self.check_failures.append(tuple(fields))
 
     def _on_all_ready(self) -> None:
         self.all_ready = True
@@ -423,8 +434,9 @@ class Supervisor:
                 pass
 
     def _terminate(self, children, grace: float) -> None:
+        signum = signal.SIGINT if self.signalled == signal.SIGINT else signal.SIGTERM
         for child in children:
-            child.signal(signal.SIGTERM)
+            child.signal(signum)
         deadline = time.monotonic() + grace
         while any(c.alive for c in children):
             if time.monotonic() > deadline:

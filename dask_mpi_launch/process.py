@@ -139,6 +139,10 @@ def fork(role: str, label: str, body, *, returns: bool = False) -> Child | None:
         return Child(role, pid, read_fd, label)
     # --- in the child -----------------------------------------------------
     os.close(read_fd)
+    # Our own process group: launchers clean up by killing the rank's group with SIGKILL,
+    # which would skip the script's finally blocks; the rank forwards signals itself, and
+    # PR_SET_PDEATHSIG sends SIGTERM if the rank dies first.
+    os.setpgid(0, 0)
     _die_with_parent(parent)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)

@@ -24,12 +24,23 @@ def _quiet(level: str) -> None:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING) if name != "distributed" else numeric)
 
 
-async def _until_finished_or_signal(server) -> str:
+def stop_within(seconds: float) -> None:
+    """Once asked to stop, a role process ends within ``seconds`` even if its rank is gone
+    (SIGALRM's default action ends the process)."""
+    signal.alarm(max(1, int(seconds + 0.999)))
+
+
+async def _until_finished_or_signal(server, grace: float) -> str:
     """Wait until the server finishes by itself or SIGTERM/SIGINT arrives."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal():
+        stop_within(grace)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     finished = asyncio.ensure_future(server.finished())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({finished, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -87,7 +98,7 @@ def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
             identity=identity,
             dashboard=scheduler.dashboard_link if settings.dashboard else None,
         )
-        how = await _until_finished_or_signal(scheduler)
+        how = await _until_finished_or_signal(scheduler, settings.shutdown_timeout)
         if how == "signal":
             await scheduler.close(reason="dask-mpi-launch: job ending")
         return 0
@@ -147,7 +158,7 @@ def run_worker(
             channel.error(f"the worker could not start: {type(e).__name__}: {e}")
             return 1
         channel.send("ready", name=str(name), address=worker.address)
-        how = await _until_finished_or_signal(worker)
+        how = await _until_finished_or_signal(worker, settings.shutdown_timeout)
         if how == "signal":
             await worker.close(reason="dask-mpi-launch: job ending")
         return 0
@@ -167,14 +178,21 @@ def set_client_environment(address: str) -> None:
     dask.config.set({"scheduler-address": address})
 
 
-def _terminate_on_sigterm() -> None:
-    """SIGTERM raises SystemExit(143) once, so the script's finally blocks run."""
+def terminate_on_signal(grace: float) -> None:
+    """The first SIGTERM raises SystemExit(143), the first SIGINT KeyboardInterrupt, so the
+    script's finally blocks run; later signals are ignored (they would interrupt those
+    blocks), and the process ends within ``grace`` seconds in any case."""
 
     def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for other in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(other, signal.SIG_IGN)
+        stop_within(grace)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
 
 
 def run_script(settings: Settings, channel: Channel, address: str) -> int:
@@ -183,7 +201,7 @@ def run_script(settings: Settings, channel: Channel, address: str) -> int:
     import runpy
 
     set_client_environment(address)
-    _terminate_on_sigterm()
+    terminate_on_signal(settings.shutdown_timeout)
     if settings.module:
         sys.argv = [settings.module, *settings.args]
         sys.path.insert(0, os.getcwd())
