@@ -147,18 +147,24 @@ def _exit_without_mpi_finalize() -> None:
 
 def _client_in_process(supervisor) -> bool:
     """``exit=False`` on the client rank: return at once, keep serving MPI in a thread."""
+    import signal
+
+    from .errors import LaunchError
     from .lifecycle import BecomeClient
 
-    supervisor.settings = supervisor.settings.__class__(
-        **{**supervisor.settings.__dict__, "in_process": True}
-    )
     supervisor.in_process_client = True
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        supervisor.run()
+        status = supervisor.run()
     except BecomeClient as become:
         from .roles import set_client_environment
 
         set_client_environment(become.address)
+    else:
+        raise LaunchError("the cluster could not start (see the message above)", status or 1)
+    finally:
+        for signum, handler in handlers.items():  # the script keeps its own signals
+            signal.signal(signum, handler)
     stop = threading.Event()
     thread = threading.Thread(target=supervisor.monitor, args=(stop,), daemon=True,
                               name="dask-mpi-launch-monitor")

@@ -163,7 +163,9 @@ class Supervisor:
         if SCHEDULER in self.roles:
             self._start_scheduler()
         while True:
-            self._step()
+            # poll often while starting, less once everything runs (pipes and child exits
+            # wake select at once; only MPI messages wait for the next poll)
+            self._step(timeout=0.02 if self._running() else 0.005)
             now = time.monotonic()
             if self.address is None:
                 if now > address_deadline:
@@ -183,6 +185,12 @@ class Supervisor:
             if CLIENT in self.roles and not self.client_started:
                 if self.all_ready or not s.wait_for_workers:
                     self._start_client()
+
+    def _running(self) -> bool:
+        return (self.address is not None
+                and (self.workers_started or WORKER not in self.roles)
+                and (self.client_started or CLIENT not in self.roles)
+                and (self.all_ready or self.rank != 0))
 
     def _step(self, timeout: float = 0.005, stop: bool = True) -> None:
         """Handle whatever happened: pipes, child exits, MPI messages, signals."""
@@ -272,7 +280,7 @@ class Supervisor:
         if self.outcome is None:
             self._stop(0, NORMAL)
         elif self.outcome[0] == FAILED:
-            _thread.interrupt_main(signal.SIGTERM)
+            _thread.interrupt_main()  # KeyboardInterrupt in the script: the job failed
         deadline = time.monotonic() + 1.0
         while self.control._sends and time.monotonic() < deadline:
             self._step(timeout=0.005, stop=False)
