@@ -65,7 +65,7 @@ def initialize(
             wait_timeout=wait_timeout, log_level=log_level,
         )
         MPI = mpi.load()
-        mpi.check_world(comm or MPI.COMM_WORLD)
+        mpi.check_world(MPI.COMM_WORLD)
     except LaunchError as e:
         if not exit:
             raise

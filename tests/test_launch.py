@@ -370,3 +370,13 @@ def test_demo_example(mpich):
     out = mpich.launch(4, ROOT / "examples" / "array_sum.py", "400", timeout=60)
     assert out.status == 0, out
     assert "with 2 workers" in out.out and "= 320000 (expected 320000)" in out.out, out
+
+
+def test_defaults_from_a_dask_config_yaml_file(mpich, script, tmp_path):
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "site.yaml").write_text("mpi-launch:\n  name: fromyaml\n  nthreads: 3\n")
+    path = script(CLIENT + "\nprint('threads', sorted(w['nthreads'] for w in workers.values()))\n")
+    out = mpich.launch(4, path, timeout=HANG, env={"DASK_CONFIG": str(config)})
+    assert out.status == 0, out
+    assert "names=fromyaml-2,fromyaml-3" in out.out and "threads [3, 3]" in out.out, out
