@@ -119,11 +119,5 @@ class Control:
                 pass
         self._sends = []
 
-    @property
-    def hydra_launcher(self) -> bool:
-        """MPICH and its derivatives (Intel MPI, MVAPICH), launched by Hydra."""
-        vendor = self.MPI.get_vendor()[0]
-        return any(name in vendor for name in ("MPICH", "Intel", "MVAPICH"))
-
     def abort(self, status: int) -> None:
         self.comm.Abort(status)

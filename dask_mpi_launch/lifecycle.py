@@ -466,14 +466,6 @@ class Supervisor:
             self._abort(f"other ranks did not end within {timeout:g} s", status or 1)
         status = agreed % 256
         self.control.finish()
-        if status and self.rank == 0 and self.control.hydra_launcher:
-            # MPICH's launcher kills the ranks still finalizing when one exits non-zero and
-            # then reports 9; MPI_Abort from one rank makes it report exactly ``status``.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            time.sleep(0.05)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # MPICH's "Abort(3) on node 0" line
-            self.control.abort(status)
         self.control.MPI.Finalize()
         return status
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import re
 import shutil
 import signal
@@ -281,6 +282,7 @@ SelectTypeParameters=CR_Core
 MpiDefault=pmi2
 ReturnToService=2
 MinJobAge=600
+FirstJobId={first_job_id}
 SchedulerParameters=batch_sched_delay=0
 SlurmdParameters=config_overrides
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
@@ -337,6 +339,8 @@ class SlurmCluster:
             cluster="dml" + uuid.uuid4().hex[:8], d=self.tmpdir,
             ctld_port=_free_port(), slurmd_port=_free_port(),
             cpus=self.cpus, memory=self.memory_mb,
+            # job ids name MPICH's shared-memory segments under srun: never reuse them
+            first_job_id=random.randint(100_000, 60_000_000),
         ))
         self.env = {"SLURM_CONF": str(self.conf_path)}
         daemon_env = {**os.environ, **self.env}
