@@ -56,6 +56,15 @@ CONTEXT = {
 @click.option("--worker-options", default=None, metavar="JSON",
               help=_help("Extra keyword arguments for the worker class, as a JSON object.",
                          "worker-options"))
+@click.option("--worker-processes", default=None, metavar="K",
+              help=_help("Worker processes per rank, forked after the imports (threads and "
+                         "memory split among them; names RANK-I).", "worker-processes"))
+@click.option("--worker-restarts", default=None, metavar="N",
+              help=_help("Times a worker process that dies is restarted before its death "
+                         "ends the job.", "worker-restarts"))
+@click.option("--scheduler/--no-scheduler", default=None,
+              help="Run a scheduler on rank 0 [default: yes]; --no-scheduler makes every rank "
+                   "add workers to the running cluster of --scheduler-file (join mode).")
 @click.option("--name", default=None, metavar="PREFIX",
               help=_help("Prefix of the worker names (names are PREFIX-RANK; the rank alone "
                          "without it).", "name"))
@@ -80,6 +89,7 @@ def command(script, args, module, **options):
         mpiexec -n 8 dask-mpi-launch [OPTIONS] script.py [ARGS]...
         mpiexec -n 8 dask-mpi-launch [OPTIONS] -m package.module [ARGS]...
         mpiexec -n 8 dask-mpi-launch --scheduler-file sched.json   (cluster only)
+        mpiexec -n 4 dask-mpi-launch --no-scheduler --scheduler-file sched.json  (join)
 
     Rank 0 runs the scheduler, rank 1 runs SCRIPT as __main__ (distributed.Client()
     connects with no arguments), every other rank runs a worker. The job's exit status is

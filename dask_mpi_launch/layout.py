@@ -10,7 +10,8 @@ full       scheduler + client + worker      worker                        worker
 
 Without a client (cluster-only mode, no script), the client role simply disappears:
 ``dedicated`` and ``compact`` then both put the scheduler on rank 0 and workers on the
-others.
+others. Without a scheduler (join mode, ``--no-scheduler``), every rank runs workers that
+join a running cluster.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Layout:
     name: str
     size: int
     has_client: bool = True
+    has_scheduler: bool = True  # False: join mode, every rank adds workers to a cluster
 
     def __post_init__(self):
         if self.name not in LAYOUTS:
@@ -39,12 +41,14 @@ class Layout:
 
     @property
     def client_rank(self) -> int | None:
-        if not self.has_client:
+        if not self.has_client or not self.has_scheduler:
             return None
         return 1 if self.name == "dedicated" else 0
 
     def roles(self, rank: int) -> tuple[str, ...]:
         """The roles of ``rank``, in start order."""
+        if not self.has_scheduler:
+            return (WORKER,)
         if rank == 0:
             roles = [SCHEDULER]
             if self.client_rank == 0:
@@ -62,7 +66,7 @@ class Layout:
 
     @property
     def min_size(self) -> int:
-        return min_size(self.name, self.has_client)
+        return min_size(self.name, self.has_client) if self.has_scheduler else 1
 
     def check(self) -> None:
         """Raise WorldTooSmallError with the fix when the world cannot hold the layout."""

@@ -63,6 +63,13 @@ def local_ranks(env=os.environ) -> int:
     return 0
 
 
+def _job_id(env=os.environ) -> str | None:
+    for key in ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID"):
+        if env.get(key):
+            return env[key].split(".")[0]
+    return None
+
+
 class Supervisor:
     def __init__(self, settings: Settings, comm, *, finalize: bool = True):
         self.settings = settings
@@ -88,6 +95,9 @@ class Supervisor:
         self.client_started = False
         self.scheduler_file_written = False
         self.check_failures: list[tuple] = []  # on rank 0, while checking
+        self._worker_bodies: dict = {}  # label -> body, to restart a worker process
+        self.restarts: dict[str, int] = {}  # label -> restarts so far
+        self.name_prefix = settings.name
         self.in_process_client = False  # initialize(exit=False): the client is this process
 
     # ------------------------------------------------------------------
@@ -162,13 +172,21 @@ class Supervisor:
         ready_deadline = None
         if SCHEDULER in self.roles:
             self._start_scheduler()
+        joining = not self.settings.scheduler and self.rank == 0
         while True:
+            if joining and self.address is None:
+                self._read_scheduler_file()
             # poll often while starting, less once everything runs (pipes and child exits
             # wake select at once; only MPI messages wait for the next poll)
             self._step(timeout=0.02 if self._running() else 0.005)
             now = time.monotonic()
             if self.address is None:
-                if now > address_deadline:
+                if now > address_deadline and joining:
+                    self._fail(self._role_name(),
+                               f"the scheduler file {s.scheduler_file} did not appear within "
+                               f"{s.wait_timeout:g} s (is the cluster's job running? raise "
+                               "--wait-timeout to wait longer)")
+                elif now > address_deadline:
                     who = "the scheduler" if SCHEDULER in self.roles else "rank 0"
                     self._fail(self._role_name(),
                                f"no scheduler address from {who} within {s.wait_timeout:g} s")
@@ -227,15 +245,31 @@ class Supervisor:
             os.unlink(s.scheduler_file)  # never leave an earlier job's file to be read
         self._fork(SCHEDULER, "scheduler", lambda ch: roles.run_scheduler(s, ch))
 
+    def _read_scheduler_file(self) -> None:
+        """Join mode: take the address from the scheduler file once it is there."""
+        import json
+
+        try:
+            with open(self.settings.scheduler_file) as f:
+                identity = json.load(f)
+            address = identity["address"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not there yet (the wait is bounded by wait-timeout)
+        self.address, self.identity = address, identity
+        # names must not clash with the cluster's own workers (named by their ranks)
+        self.name_prefix = self.settings.name or f"join{_job_id() or os.getpid()}"
+        self.control.broadcast("address", self.address, self.identity, None, self.name_prefix)
+
     def _start_workers(self) -> None:
         s = self.settings
         self.workers_started = True
         nthreads, memory_limit = self._worker_resources()
         for i in range(s.worker_processes):
-            name = s.worker_name(self.rank, i)
-            self._fork(WORKER, f"worker {name}",
-                       lambda ch, name=name: roles.run_worker(
-                           s, ch, self.address, name, nthreads, memory_limit))
+            name = s.worker_name(self.rank, i, self.name_prefix)
+            self._worker_bodies[f"worker {name}"] = (
+                lambda ch, name=name: roles.run_worker(
+                    s, ch, self.address, name, nthreads, memory_limit))
+            self._fork(WORKER, f"worker {name}", self._worker_bodies[f"worker {name}"])
 
     def _worker_resources(self):
         """Threads and memory per worker process: the options, else the batch job's share."""
@@ -298,7 +332,7 @@ class Supervisor:
             self.dashboard = event.get("dashboard")
             self.control.broadcast("address", self.address, self.identity, self.dashboard)
         elif kind == "ready" and child.role == WORKER:
-            self.ready_children += 1
+            self.ready_children += 1  # restarted workers count again: == fires once
             if self.ready_children == self.settings.worker_processes:
                 names = [c.label.split(" ", 1)[1] for c in self.children if c.role == WORKER]
                 self.control.send(0, "ready", self.rank, self.host, names)
@@ -315,12 +349,26 @@ class Supervisor:
                            status, SCRIPT)
             else:
                 self._stop(status, SCRIPT)
-        elif status == 0 and not (child.role == SCHEDULER and not self.settings.has_client):
-            pass  # closed by Dask itself (client.shutdown(), retire_workers): fine
-        elif status == 0:
+        elif status == 0 and child.role == SCHEDULER and not self.settings.has_client:
             self._stop(0, NORMAL)  # cluster-only mode: a client shut the scheduler down
+        elif status == 0:
+            # closed by Dask itself (client.shutdown(), retire_workers): fine; in join mode
+            # the rank is done once all its workers are
+            if not self.settings.scheduler and not any(c.alive for c in self.children):
+                self._stop(0, NORMAL)
+        elif child.role == WORKER and self.restarts.get(child.label, 0) < self.settings.worker_restarts:
+            self._restart(child)
         else:
             self._fail(child.role, f"the {child.label} process {process.describe_status(status)}")
+
+    def _restart(self, child: process.Child) -> None:
+        """A worker process died (OOM killer, SIGKILL...): start it again, same name."""
+        n = self.restarts[child.label] = self.restarts.get(child.label, 0) + 1
+        say(f"{child.label} (rank {self.rank}, host {self.host}) "
+            f"{process.describe_status(child.status)}: restarting it "
+            f"({n} of {self.settings.worker_restarts})")
+        self.children.remove(child)
+        self._fork(WORKER, child.label, self._worker_bodies[child.label])
 
     # ------------------------------------------------------------------
     # what other ranks say
@@ -328,7 +376,9 @@ class Supervisor:
     def _on_message(self, message: tuple) -> None:
         kind, *fields = message
         if kind == "address":
-            self.address, self.identity, self.dashboard = fields
+            self.address, self.identity, self.dashboard, *prefix = fields
+            if prefix:
+                self.name_prefix = prefix[0]
         elif kind == "ready":
             rank, host, names = fields
             self.ready[rank] = (host, names)
@@ -350,9 +400,12 @@ class Supervisor:
         client = self.layout.client_rank
         if client is not None and client != self.rank:
             self.control.send(client, "all-ready", len(self.ready))
-        if self.settings.scheduler_file:
+        if self.settings.scheduler_file and self.settings.scheduler:
             self._write_scheduler_file()
-        if not self.settings.has_client:
+        if not self.settings.scheduler:
+            n = sum(len(names) for _, names in self.ready.values())
+            print(f"{PREFIX}: joined the cluster at {self.address} with {n} workers", flush=True)
+        elif not self.settings.has_client:
             n = sum(len(names) for _, names in self.ready.values())
             where = f"; scheduler file {self.settings.scheduler_file}" if self.settings.scheduler_file else ""
             dash = f"; dashboard {self.dashboard}" if self.dashboard else ""

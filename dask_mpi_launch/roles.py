@@ -145,18 +145,28 @@ def run_worker(
     }
     if options.get("security") is None:
         options.pop("security")
+    if not settings.scheduler:  # join mode: leave if the cluster goes away
+        options.setdefault("death_timeout", settings.wait_timeout)
 
     async def main() -> int:
-        try:
-            worker = worker_class(address, **options)
-        except TypeError as e:
-            channel.error(f"cannot create {settings.worker_class} with these options: {e}")
-            return 1
-        try:
-            await worker
-        except Exception as e:
-            channel.error(f"the worker could not start: {type(e).__name__}: {e}")
-            return 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.wait_timeout
+        while True:
+            try:
+                worker = worker_class(address, **options)
+            except TypeError as e:
+                channel.error(f"cannot create {settings.worker_class} with these options: {e}")
+                return 1
+            try:
+                await worker
+                break
+            except Exception as e:
+                # a restarted worker may register before the scheduler dropped its old self
+                if "name taken" in str(e) and loop.time() < deadline:
+                    await asyncio.sleep(0.2)
+                    continue
+                channel.error(f"the worker could not start: {type(e).__name__}: {e}")
+                return 1
         channel.send("ready", name=str(name), address=worker.address)
         how = await _until_finished_or_signal(worker, settings.shutdown_timeout)
         if how == "signal":

@@ -37,6 +37,8 @@ class Settings:
     worker_class: str = "distributed.Worker"
     worker_options: dict = field(default_factory=dict)
     worker_processes: int = 1
+    worker_restarts: int = 3  # per worker process, before its death ends the job
+    scheduler: bool = True  # False: join the cluster of scheduler_file (join mode)
     name: str | None = None
     scheduler_file: str | None = None
     wait_for_workers: bool = True
@@ -50,10 +52,11 @@ class Settings:
         return self.in_process or self.script is not None or self.module is not None
 
     def layout_for(self, size: int) -> Layout:
-        return Layout(self.layout, size, self.has_client)
+        return Layout(self.layout, size, self.has_client, self.scheduler)
 
-    def worker_name(self, rank: int, index: int = 0) -> str | int:
-        base = f"{self.name}-{rank}" if self.name else rank
+    def worker_name(self, rank: int, index: int = 0, prefix: str | None = None) -> str | int:
+        prefix = prefix or self.name
+        base = f"{prefix}-{rank}" if prefix else rank
         if self.worker_processes > 1:
             return f"{base}-{index}"
         return base
@@ -78,6 +81,8 @@ _CONFIG_KEYS = {
     "startup_timeout": "startup-timeout",
     "shutdown_timeout": "shutdown-timeout",
     "log_level": "log-level",
+    "worker_processes": "worker-processes",
+    "worker_restarts": "worker-restarts",
 }
 
 
@@ -99,7 +104,7 @@ def resolve(**options) -> Settings:
         if value is not None:
             values[name] = value
     s = Settings(**values)
-    return replace(
+    s = replace(
         s,
         layout=_layout(s.layout),
         scheduler_port=_port(s.scheduler_port),
@@ -107,6 +112,7 @@ def resolve(**options) -> Settings:
         memory_limit=parse_memory_limit(s.memory_limit),
         worker_options=parse_worker_options(s.worker_options),
         worker_processes=_positive_int(s.worker_processes, "--worker-processes"),
+        worker_restarts=_count(s.worker_restarts, "--worker-restarts"),
         wait_timeout=parse_timeout(s.wait_timeout, "--wait-timeout"),
         startup_timeout=parse_timeout(s.startup_timeout, "startup-timeout"),
         shutdown_timeout=parse_timeout(s.shutdown_timeout, "shutdown-timeout"),
@@ -114,6 +120,14 @@ def resolve(**options) -> Settings:
         scheduler_file=os.path.abspath(s.scheduler_file) if s.scheduler_file else None,
         args=tuple(s.args),
     )
+    if not s.scheduler:
+        if not s.scheduler_file:
+            raise UsageError("--no-scheduler joins the cluster of a scheduler file: "
+                             "give --scheduler-file PATH")
+        if s.has_client:
+            raise UsageError("--no-scheduler only adds workers: drop the script, "
+                             "or drop --no-scheduler")
+    return s
 
 
 def _layout(value):
@@ -129,6 +143,16 @@ def _positive_int(value, option):
         n = 0
     if n < 1 or str(n) != str(value).strip():
         raise UsageError(f"invalid {option} {value!r}: give a whole number of 1 or more")
+    return n
+
+
+def _count(value, option):
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or str(n) != str(value).strip():
+        raise UsageError(f"invalid {option} {value!r}: give a whole number of 0 or more")
     return n
 
 

@@ -142,7 +142,7 @@ def test_worker_failing_at_start(mpich, script):
     assert "rank 2" in line and "no_such_keyword" in line, out
 
 
-def test_worker_killed_mid_computation_ends_the_job(venv, script):
+def test_worker_killed_mid_computation_ends_the_job_without_restarts(venv, script):
     path = script(CLIENT + """
 import signal
 pids = client.run(os.getpid)
@@ -152,7 +152,7 @@ os.kill(min(pids.values()), signal.SIGKILL)
 print(sum(client.gather(futures)))
 time.sleep(60)
 """)
-    out = venv.launch(4, path, timeout=HANG)
+    out = venv.launch(4, "--worker-restarts", "0", path, timeout=HANG)
     assert out.status != 0, out
     line = one_error_line(out)
     assert "killed by signal 9 (SIGKILL)" in line and "worker" in line, out

@@ -278,6 +278,57 @@ def test_cluster_only_template_ends_on_scancel(slurm, venv, workdir, tmp_path):
         job.cleanup()
 
 
+ADD_CONNECT = """\
+import sys
+from distributed import Client
+
+client = Client(scheduler_file=sys.argv[1], timeout=20)
+client.wait_for_workers(int(sys.argv[2]), timeout=30)
+names = sorted(str(w["name"]) for w in client.scheduler_info()["workers"].values())
+print("names=" + ",".join(names))
+print("sum=%d" % sum(client.gather(client.map(lambda x: x * 2, range(100)))))
+client.shutdown()
+"""
+
+
+def test_add_workers_template_joins_a_running_cluster(slurm, venv, workdir, tmp_path):
+    """cluster-only job + add-workers job: 3 + 2 workers compute; shutdown ends both jobs."""
+    cluster = ClusterOnlyJob(slurm, venv, workdir, tmp_path, ntasks=4)
+    add_out = tmp_path / "add.out"
+    add_id = None
+    try:
+        cluster.wait_ready()
+        proc = slurm.run(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={add_out}",
+                          str(workdir / "add-workers.sbatch"), str(cluster.scheduler_file)],
+                         timeout=30, env=venv.env())
+        add_id = proc.stdout.strip().split(";")[0]
+        assert proc.returncode == 0 and add_id, proc.stderr
+        connect = tmp_path / "connect.py"
+        connect.write_text(ADD_CONNECT)
+        client = run([venv.python, connect, cluster.scheduler_file, "5"], timeout=45,
+                     env=venv.env())
+        assert client.status == 0, f"{client}\n--- add job\n{_read(add_out)}"
+        names = values(client.out)["names"].split(",")
+        assert sorted(n for n in names if not n.startswith("join")) == ["1", "2", "3"], client
+        assert sorted(names)[-2:] == [f"join{add_id}-0", f"join{add_id}-1"], client
+        assert values(client.out)["sum"] == "9900", client
+        assert cluster.wait_end()[:2] == ("COMPLETED", "0:0"), cluster.output
+        deadline = time.monotonic() + 15
+        info = {}
+        while time.monotonic() < deadline:
+            info = slurm.job_info(add_id)
+            if info.get("JobState") not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+                break
+            time.sleep(0.1)
+        assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), (
+            _read(add_out))
+        assert "joined the cluster" in _read(add_out)
+    finally:
+        if add_id:
+            slurm.run(["scancel", add_id], timeout=10)
+        cluster.cleanup()
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
