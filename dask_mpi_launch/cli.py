@@ -77,12 +77,20 @@ CONTEXT = {
 @click.option("--wait-timeout", default=None, metavar="SECONDS",
               help=_help("Bound on that wait; a missing worker is an error after it.",
                          "wait-timeout"))
+@click.option("--connect-timeout", default=None, metavar="SECONDS",
+              help=_help("Bound on a worker reaching the scheduler's address; after it, one "
+                         "message says which host cannot reach which address.",
+                         "connect-timeout"))
+@click.option("--check", is_flag=True, default=False,
+              help="Start no cluster: every rank reports its host and interfaces, ranks try "
+                   "to reach each other, and rank 0 prints which --interface connects all "
+                   "hosts (exit 0 if one does).")
 @click.option("--log-level", default=None,
               type=click.Choice(["debug", "info", "warning", "error", "critical"],
                                 case_sensitive=False),
               help=_help("Level of Dask's loggers on every rank.", "log-level"))
 @click.version_option(__version__, "--version", prog_name="dask-mpi-launch")
-def command(script, args, module, **options):
+def command(script, args, module, check, **options):
     """Run a Dask cluster on the ranks of an MPI job, and SCRIPT as its client.
 
     \b
@@ -102,16 +110,22 @@ def command(script, args, module, **options):
     from .settings import resolve
 
     settings = resolve(script=script, module=module, args=args, **options)
+    if check:
+        return run(settings, check=True)
     return run(settings)
 
 
-def run(settings) -> int:
+def run(settings, check: bool = False) -> int:
     """Run this rank's part of the job described by ``settings``; return the exit status."""
     from . import mpi
 
     MPI = mpi.load()
     comm = MPI.COMM_WORLD
     mpi.check_world(comm)
+    if check:
+        from . import diagnose
+
+        return diagnose.run_check(comm, settings)
     import distributed  # noqa: F401  (after MPI_Init; forked roles reuse the import)
 
     from .lifecycle import Supervisor

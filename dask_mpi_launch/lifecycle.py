@@ -98,6 +98,7 @@ class Supervisor:
         self._worker_bodies: dict = {}  # label -> body, to restart a worker process
         self.restarts: dict[str, int] = {}  # label -> restarts so far
         self.name_prefix = settings.name
+        self.scheduler_info: dict = {}  # address, host, interfaces of the scheduler's host
         self.in_process_client = False  # initialize(exit=False): the client is this process
 
     # ------------------------------------------------------------------
@@ -169,6 +170,8 @@ class Supervisor:
         s = self.settings
         start = time.monotonic()
         address_deadline = start + s.wait_timeout
+        if self.rank != 0:  # rank 0 owns that deadline and says what went wrong
+            address_deadline += 5 + s.shutdown_timeout
         ready_deadline = None
         if SCHEDULER in self.roles:
             self._start_scheduler()
@@ -255,10 +258,25 @@ class Supervisor:
             address = identity["address"]
         except (OSError, ValueError, KeyError, TypeError):
             return  # not there yet (the wait is bounded by wait-timeout)
-        self.address, self.identity = address, identity
         # names must not clash with the cluster's own workers (named by their ranks)
-        self.name_prefix = self.settings.name or f"join{_job_id() or os.getpid()}"
-        self.control.broadcast("address", self.address, self.identity, None, self.name_prefix)
+        self._announce(address, identity, None,
+                       name_prefix=self.settings.name or f"join{_job_id() or os.getpid()}")
+
+    def _announce(self, address, identity, dashboard, name_prefix=None) -> None:
+        """Rank 0 knows the scheduler's address: tell every rank, with what helps them
+        connect (or explain why they cannot)."""
+        from . import diagnose
+
+        info = {"address": address, "identity": identity, "dashboard": dashboard,
+                "name_prefix": name_prefix or self.settings.name,
+                "host": self.host, "interfaces": diagnose.local_interfaces()}
+        self._on_address(info)
+        self.control.broadcast("address", info)
+
+    def _on_address(self, info: dict) -> None:
+        self.scheduler_info = info
+        self.address, self.identity = info["address"], info["identity"]
+        self.dashboard, self.name_prefix = info["dashboard"], info["name_prefix"]
 
     def _start_workers(self) -> None:
         s = self.settings
@@ -268,7 +286,8 @@ class Supervisor:
             name = s.worker_name(self.rank, i, self.name_prefix)
             self._worker_bodies[f"worker {name}"] = (
                 lambda ch, name=name: roles.run_worker(
-                    s, ch, self.address, name, nthreads, memory_limit))
+                    s, ch, self.address, name, nthreads, memory_limit,
+                    scheduler_info=self.scheduler_info))
             self._fork(WORKER, f"worker {name}", self._worker_bodies[f"worker {name}"])
 
     def _worker_resources(self):
@@ -327,10 +346,7 @@ class Supervisor:
         if kind == "error":
             self._fail(child.role, event.get("message", "unknown error"))
         elif kind == "address" and child.role == SCHEDULER:
-            self.address = event["address"]
-            self.identity = event.get("identity")
-            self.dashboard = event.get("dashboard")
-            self.control.broadcast("address", self.address, self.identity, self.dashboard)
+            self._announce(event["address"], event.get("identity"), event.get("dashboard"))
         elif kind == "ready" and child.role == WORKER:
             self.ready_children += 1  # restarted workers count again: == fires once
             if self.ready_children == self.settings.worker_processes:
@@ -376,9 +392,7 @@ class Supervisor:
     def _on_message(self, message: tuple) -> None:
         kind, *fields = message
         if kind == "address":
-            self.address, self.identity, self.dashboard, *prefix = fields
-            if prefix:
-                self.name_prefix = prefix[0]
+            self._on_address(fields[0])
         elif kind == "ready":
             rank, host, names = fields
             self.ready[rank] = (host, names)

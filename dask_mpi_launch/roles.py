@@ -127,8 +127,17 @@ def run_worker(
     nthreads: int,
     memory_limit,
     security=None,
+    scheduler_info=None,
 ) -> int:
     from distributed.utils import import_term
+
+    from . import diagnose
+
+    problem = diagnose.reachability_problem(address, settings.connect_timeout,
+                                            scheduler_info or {})
+    if problem:
+        channel.error(problem)
+        return 1
 
     _quiet(settings.log_level)
     _forget_main_script()

@@ -43,6 +43,7 @@ class Settings:
     scheduler_file: str | None = None
     wait_for_workers: bool = True
     wait_timeout: float = 120.0
+    connect_timeout: float = 30.0
     startup_timeout: float = 600.0
     shutdown_timeout: float = 10.0
     log_level: str = "warning"
@@ -78,6 +79,7 @@ _CONFIG_KEYS = {
     "scheduler_file": "scheduler-file",
     "wait_for_workers": "wait-for-workers",
     "wait_timeout": "wait-timeout",
+    "connect_timeout": "connect-timeout",
     "startup_timeout": "startup-timeout",
     "shutdown_timeout": "shutdown-timeout",
     "log_level": "log-level",
@@ -114,6 +116,7 @@ def resolve(**options) -> Settings:
         worker_processes=_positive_int(s.worker_processes, "--worker-processes"),
         worker_restarts=_count(s.worker_restarts, "--worker-restarts"),
         wait_timeout=parse_timeout(s.wait_timeout, "--wait-timeout"),
+        connect_timeout=parse_timeout(s.connect_timeout, "--connect-timeout"),
         startup_timeout=parse_timeout(s.startup_timeout, "startup-timeout"),
         shutdown_timeout=parse_timeout(s.shutdown_timeout, "shutdown-timeout"),
         log_level=_log_level(s.log_level),
