@@ -1,6 +1,7 @@
 """``dask-mpi-launch``: options -> one Settings object -> every rank runs its roles."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -85,6 +86,13 @@ CONTEXT = {
               help="Start no cluster: every rank reports its host and interfaces, ranks try "
                    "to reach each other, and rank 0 prints which --interface connects all "
                    "hosts (exit 0 if one does).")
+@click.option("--bootstrap", type=click.Choice(["mpi", "slurm", "auto"]), default=None,
+              help=_help("How ranks find each other: mpi; slurm (no MPI at all: roles from "
+                         "SLURM_PROCID, the address through files in --bootstrap-dir); auto "
+                         "(mpi, else slurm).", "bootstrap"))
+@click.option("--bootstrap-dir", default=None, metavar="PATH",
+              help=_help("Directory on a file system all nodes see, for --bootstrap slurm.",
+                         "bootstrap-dir"))
 @click.option("--log-level", default=None,
               type=click.Choice(["debug", "info", "warning", "error", "critical"],
                                 case_sensitive=False),
@@ -117,20 +125,39 @@ def command(script, args, module, check, **options):
 
 def run(settings, check: bool = False) -> int:
     """Run this rank's part of the job described by ``settings``; return the exit status."""
-    from . import mpi
-
-    MPI = mpi.load()
-    comm = MPI.COMM_WORLD
-    mpi.check_world(comm)
+    control = _bootstrap(settings)
     if check:
         from . import diagnose
 
-        return diagnose.run_check(comm, settings)
+        if getattr(control, "comm", None) is None:
+            raise LaunchError("--check runs over MPI: use it without --bootstrap slurm", 2)
+
+        return diagnose.run_check(control.comm, settings)
     import distributed  # noqa: F401  (after MPI_Init; forked roles reuse the import)
 
     from .lifecycle import Supervisor
 
-    return Supervisor(settings, comm).run()
+    return Supervisor(settings, control).run()
+
+
+def _bootstrap(settings):
+    """The control plane between ranks: MPI, or files and Slurm's variables."""
+    from . import mpi
+    from .filecontrol import from_slurm
+
+    if settings.bootstrap == "slurm":
+        return from_slurm(settings.bootstrap_dir)
+    try:
+        MPI = mpi.load()
+        mpi.check_world(MPI.COMM_WORLD)
+    except LaunchError:
+        if settings.bootstrap != "auto" or "SLURM_PROCID" not in os.environ:
+            raise
+        _finalize_if_alone()
+        return from_slurm(settings.bootstrap_dir)
+    from .control import Control
+
+    return Control(MPI.COMM_WORLD)
 
 
 def main(argv=None) -> None:

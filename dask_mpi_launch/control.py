@@ -119,5 +119,8 @@ class Control:
                 pass
         self._sends = []
 
+    def finalize(self) -> None:
+        self.MPI.Finalize()
+
     def abort(self, status: int) -> None:
         self.comm.Abort(status)

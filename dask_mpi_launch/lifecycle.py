@@ -71,9 +71,11 @@ def _job_id(env=os.environ) -> str | None:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, comm, *, finalize: bool = True):
+    def __init__(self, settings: Settings, control, *, finalize: bool = True):
+        """``control``: the messages between ranks (``Control`` over an MPI communicator,
+        or ``FileControl`` without MPI)."""
         self.settings = settings
-        self.control = Control(comm)
+        self.control = control if hasattr(control, "poll") else Control(control)
         self.rank = self.control.rank
         self.size = self.control.size
         self.host = socket.gethostname()
@@ -533,7 +535,7 @@ class Supervisor:
             self._abort(f"other ranks did not end within {timeout:g} s", status or 1)
         status = agreed % 256
         self.control.finish()
-        self.control.MPI.Finalize()
+        self.control.finalize()
         return status
 
     def _abort(self, text: str, status: int) -> None:

@@ -47,6 +47,8 @@ class Settings:
     startup_timeout: float = 600.0
     shutdown_timeout: float = 10.0
     log_level: str = "warning"
+    bootstrap: str = "mpi"  # mpi | slurm (no MPI: Slurm's variables + files) | auto
+    bootstrap_dir: str = "."  # where --bootstrap slurm exchanges its files (shared FS)
 
     @property
     def has_client(self) -> bool:
@@ -85,6 +87,8 @@ _CONFIG_KEYS = {
     "log_level": "log-level",
     "worker_processes": "worker-processes",
     "worker_restarts": "worker-restarts",
+    "bootstrap": "bootstrap",
+    "bootstrap_dir": "bootstrap-dir",
 }
 
 
@@ -120,6 +124,7 @@ def resolve(**options) -> Settings:
         startup_timeout=parse_timeout(s.startup_timeout, "startup-timeout"),
         shutdown_timeout=parse_timeout(s.shutdown_timeout, "shutdown-timeout"),
         log_level=_log_level(s.log_level),
+        bootstrap=_choice(s.bootstrap, "--bootstrap", ("mpi", "slurm", "auto")),
         scheduler_file=os.path.abspath(s.scheduler_file) if s.scheduler_file else None,
         args=tuple(s.args),
     )
@@ -131,6 +136,12 @@ def resolve(**options) -> Settings:
             raise UsageError("--no-scheduler only adds workers: drop the script, "
                              "or drop --no-scheduler")
     return s
+
+
+def _choice(value, option, choices):
+    if value not in choices:
+        raise UsageError(f"invalid {option} {value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
 def _layout(value):

@@ -380,3 +380,18 @@ def test_srun_without_pmi_stops_with_a_message(slurm, venv, workdir, tmp_path):
     assert state == "FAILED" and code != 0, out
     assert "--mpi=pmi2" in out, out
     assert time.monotonic() - t0 < 20
+
+
+def test_bootstrap_slurm_runs_without_mpi(slurm, venv, workdir, tmp_path):
+    """--bootstrap slurm under plain srun (no PMI): roles from Slurm, files in a shared dir."""
+    (tmp_path / "client.py").write_text(
+        "import sys\nfrom distributed import Client\nc = Client()\n"
+        "print('workers=%d' % len(c.scheduler_info()['workers']))\n"
+        "print('result=%d' % c.submit(sum, [1, 2, 3]).result())\nsys.exit(4)\n")
+    script = tmp_path / "bootstrap.sbatch"
+    script.write_text("#!/bin/bash\nsrun --mpi=none dask-mpi-launch --bootstrap slurm "
+                      f"--bootstrap-dir {tmp_path} client.py\n")
+    state, code, out = submit(slurm, venv, script, "--ntasks=4", chdir=tmp_path)
+    assert (state, code) == ("FAILED", 4), out
+    assert "workers=2" in out and "result=6" in out, out
+    assert not list(tmp_path.glob("dask-mpi-launch-*")), "exchange directory left behind"
