@@ -83,7 +83,8 @@ def initialize(
     try:
         status = supervisor.run()
     except BecomeClient as become:
-        _become_client(become.address, settings.shutdown_timeout, exit_hooks=not mpi.we_finalize())
+        _become_client(become.address, become.credentials, settings.shutdown_timeout,
+                       exit_hooks=not mpi.we_finalize())
         return True
     if not exit:
         return False
@@ -108,11 +109,11 @@ def _exit_on_error(e) -> None:
     sys.exit(e.status)
 
 
-def _become_client(address: str, grace: float, exit_hooks: bool) -> None:
+def _become_client(address: str, credentials, grace: float, exit_hooks: bool) -> None:
     """In the forked client process: connect Client() to the cluster, end like a script."""
     from .roles import set_client_environment, terminate_on_signal
 
-    set_client_environment(address)
+    set_client_environment(address, credentials)
     terminate_on_signal(grace)
     if exit_hooks:
         _exit_without_mpi_finalize()
@@ -159,7 +160,7 @@ def _client_in_process(supervisor) -> bool:
     except BecomeClient as become:
         from .roles import set_client_environment
 
-        set_client_environment(become.address)
+        set_client_environment(become.address, become.credentials)
     else:
         raise LaunchError("the cluster could not start (see the message above)", status or 1)
     finally:

@@ -40,6 +40,10 @@ CONTEXT = {
               help=_help("Network interface of scheduler and workers, e.g. ib0 or lo.", "interface"))
 @click.option("--protocol", default=None, metavar="NAME",
               help=_help("Comm protocol: tcp, tls, ucx...", "protocol"))
+@click.option("--tls/--no-tls", default=None,
+              help=_help("Secure the cluster with TLS credentials made for this job and passed "
+                         "between ranks in memory; --no-tls (or --protocol tcp) opts out.",
+                         "tls"))
 @click.option("--scheduler-port", type=int, default=None,
               help=_help("Scheduler port; 0 picks a free one.", "scheduler-port"))
 @click.option("--dashboard/--no-dashboard", default=None,

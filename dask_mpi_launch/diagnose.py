@@ -73,6 +73,10 @@ def local_interfaces() -> dict[str, list[str]]:
             for name, found in local_networks().items()}
 
 
+def _hostname() -> str:
+    return socket.gethostname()
+
+
 def _interface(entry: str):
     """(IPv4Interface, prefix known?) of "IP/LEN" or "IP"; None if not IPv4."""
     try:
@@ -152,17 +156,39 @@ def _error_text(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
-def try_connect(sockaddr, family: int, timeout: float) -> str | None:
-    """None if a TCP connection to ``sockaddr`` opens within ``timeout``, else the error."""
+def try_connect(sockaddr, family: int, timeout: float, ssl_context=None) -> str | None:
+    """None if a TCP connection to ``sockaddr`` opens within ``timeout``, else the error.
+
+    With ``ssl_context`` a TLS handshake follows (a TLS listener warns about every
+    connection closed before its handshake); its outcome does not matter: the address
+    was reached, and TLS problems are Dask's to report.
+    """
     s = socket.socket(family, socket.SOCK_STREAM)
     try:
         s.settimeout(max(timeout, 0.001))
         s.connect(sockaddr)
-        return None
     except OSError as e:
+        s.close()
         return _error_text(e)
+    try:
+        if ssl_context is not None:
+            with ssl_context.wrap_socket(s, server_hostname=None) as tls:
+                s = tls
+    except (OSError, ValueError):
+        pass
     finally:
         s.close()
+    return None
+
+
+def _tls_context(security=None):
+    """The client-side SSL context a worker would use (``security`` or Dask's config)."""
+    try:
+        from distributed.security import Security
+
+        return (security or Security()).get_connection_args("worker").get("ssl_context")
+    except Exception:
+        return None
 
 
 def _answers(error: str | None) -> bool:
@@ -271,15 +297,27 @@ def _host_part(address: str) -> str:
         return ""
 
 
-def reachability_problem(address: str, timeout: float, scheduler_info: dict) -> str | None:
+def reachability_problem(address: str, timeout: float, scheduler_info: dict,
+                         security=None) -> str | None:
     """None if this host can open a connection to ``address`` within ``timeout``, else
-    one line saying what fails and which --interface would work."""
+    one line saying what fails and which --interface would work.
+
+    ``scheduler_info``: {"host": the scheduler's host name, "interfaces": its
+    :func:`local_interfaces`}; ``security``: the worker's ``distributed.Security`` for
+    tls:// and wss:// (default: from Dask's config; without TLS settings those are not
+    checked, Dask says what is missing).
+    """
     try:
         scheme, host, port = parse_address(address)
     except ValueError:
         return None  # not ours to judge: Dask will say what is wrong with it
     if scheme not in _TCP_SCHEMES or port is None:
         return None  # inproc://, ucx://...: not a plain TCP connection
+    ssl_context = None
+    if scheme in ("tls", "wss"):
+        ssl_context = _tls_context(security)
+        if ssl_context is None:
+            return None
     start = time.monotonic()
     deadline = start + max(float(timeout), 0.1)
     error = None
@@ -294,7 +332,7 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict) -> 
             if remaining <= 0:
                 break
             target_ip = sockaddr[0]
-            error = try_connect(sockaddr, family, min(remaining, 5.0))
+            error = try_connect(sockaddr, family, min(remaining, 5.0), ssl_context)
             if error is None:
                 return None
         remaining = deadline - time.monotonic()
@@ -304,7 +342,7 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict) -> 
     info = scheduler_info or {}
     sched_host, sched_ifaces = info.get("host"), info.get("interfaces") or {}
     local = local_interfaces()
-    me = socket.gethostname()
+    me = _hostname()
     answered = None
     if sched_host and sched_ifaces and sched_host != me:
         # which of the scheduler host's other addresses answer from here (a refusal is an
@@ -313,19 +351,19 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict) -> 
                    if any(_ip_of(str(e)) == target_ip for e in es)]
         candidates = suggest_interfaces(local, sched_ifaces, exclude=exclude)
         ips = {_ip_of(str(e)) for n, _ in candidates for e in sched_ifaces.get(n, [])}
-        answered = _probe(sorted(ips), port, min(1.0, float(timeout)))
+        answered = _probe(sorted(ips), port, min(1.0, float(timeout)), ssl_context)
     return unreachable_message(
         host=me, address=address, error=error or "failed", seconds=time.monotonic() - start,
         local=local, scheduler_host=sched_host, scheduler_interfaces=sched_ifaces,
         target_ip=target_ip, answered=answered)
 
 
-def _probe(ips: list[str], port: int, timeout: float) -> dict[str, bool]:
+def _probe(ips: list[str], port: int, timeout: float, ssl_context=None) -> dict[str, bool]:
     """{ip: answered} for IPv4 ``ips`` at ``port``, tried in parallel within ``timeout``."""
     result: dict[str, bool] = {}
 
     def one(ip):
-        result[ip] = _answers(try_connect((ip, port), socket.AF_INET, timeout))
+        result[ip] = _answers(try_connect((ip, port), socket.AF_INET, timeout, ssl_context))
 
     threads = [threading.Thread(target=one, args=(ip,), daemon=True) for ip in ips[:16]]
     for t in threads:
@@ -354,25 +392,22 @@ def _ranges(ranks) -> str:
 def _connected_group(hosts: list[str], bad_pairs: set) -> list[str]:
     """A largest-ish group of ``hosts`` in which no pair is in ``bad_pairs`` (greedy: drop
     the host with the most failures, the later one on ties, until none is left)."""
-    group = list(hosts)
-    fails = {h: 0 for h in group}
-    for s, d in bad_pairs:
-        if s in fails and d in fails:
-            fails[s] += 1
-            fails[d] += 1
+    partners: dict[str, list[str]] = {h: [] for h in hosts}
+    for s, t in bad_pairs:
+        if s in partners and t in partners and s != t:
+            partners[s].append(t)
+            partners[t].append(s)
+    fails = {h: len(p) for h, p in partners.items()}
     order = {h: i for i, h in enumerate(hosts)}
-    alive = set(group)
-    while True:
-        worst = max(alive, key=lambda h: (fails[h], order[h]), default=None)
-        if worst is None or fails[worst] == 0:
+    alive = set(hosts)
+    while alive:
+        worst = max(alive, key=lambda h: (fails[h], order[h]))
+        if fails[worst] == 0:
             break
         alive.discard(worst)
-        for s, d in bad_pairs:
-            if worst in (s, d):
-                other = d if s == worst else s
-                if other in alive and other != worst:
-                    fails[other] -= 1
-        fails[worst] = 0
+        for other in partners[worst]:
+            if other in alive:
+                fails[other] -= 1
     return [h for h in hosts if h in alive]
 
 
@@ -419,13 +454,14 @@ def check_report(hosts: dict, listeners: dict, results: list, missing=()) -> tup
                         err = f"{s}->{d} {failed[0]}" if failed else None
                 if err is not None:
                     bad.add((s, d))
-                    if err not in problems:
+                    if len(problems) < 3 and err not in problems:
                         problems.append(err)
         group = _connected_group(names, bad)
         ok = not bad and not missing
         count = f"{len(group)}/{len(names)} host{'s' * (len(names) != 1)}"
-        detail = "; ".join(problems[:3]) + (f"; ... ({len(problems) - 3} more)"
-                                            if len(problems) > 3 else "")
+        more = len(bad) - len(problems)
+        detail = "; ".join(problems) + (f"; ... ({more} more failing pair{'s' * (more != 1)})"
+                                        if more > 0 else "")
         if ok:
             detail = " ".join(f"{h}={addrs[h]}" for h in names[:4]) + (
                 " ..." if len(names) > 4 else "")
@@ -495,23 +531,31 @@ class _Listeners:
 
 
 def _targets(rank: int, me: str, hellos: dict) -> list[tuple[str, str, tuple]]:
-    """[(iface, destination host, (ip, port))] this rank tests: one listener per other host
-    and interface (loopback skipped); on a one-host job, the next rank's listeners."""
+    """[(iface, destination host, (ip, port))] this rank tests.
+
+    One rank per host tests (its first): reachability is a matter of hosts, and every
+    rank testing would make ranks x hosts x interfaces connections. It tries one listener
+    per other host and interface (loopback skipped), spreading over that host's ranks; on
+    a one-host job, the listeners of the next rank on the host (loopback included).
+    """
     by_host: dict[str, list[int]] = {}
     for r in sorted(hellos):
         by_host.setdefault(hellos[r][0], []).append(r)
+    mine = by_host.get(me, [rank])
+    if rank != min(mine):
+        return []
     out = []
-    if len(by_host) == 1:
-        ranks = by_host[me]
-        peer = ranks[(ranks.index(rank) + 1) % len(ranks)] if rank in ranks else ranks[0]
-        for iface, where in sorted(hellos[peer][1].items()):
+    if len(by_host) <= 1:
+        peer = mine[1] if len(mine) > 1 else rank
+        for iface, where in sorted(hellos.get(peer, (me, {}))[1].items()):
             if isinstance(where, tuple):
                 out.append((iface, me, where))
         return out
+    index = list(by_host).index(me)
     for host, ranks in by_host.items():
         if host == me:
             continue
-        peer = ranks[rank % len(ranks)]  # spread the load over that host's ranks
+        peer = ranks[index % len(ranks)]  # spread the load over that host's ranks
         for iface, where in sorted(hellos[peer][1].items()):
             if isinstance(where, tuple) and not ipaddress.ip_address(where[0]).is_loopback:
                 out.append((iface, host, where))
@@ -536,12 +580,20 @@ def _run_tests(targets, per_try: float, poll) -> list[tuple[str, str, str | None
 def run_check(comm, settings) -> int:
     """``--check``: test which interface connects all hosts of the job; print the answer
     on rank 0; return the same status on every rank (0: one interface works) after
-    finalizing MPI."""
-    from .control import Control
+    finalizing the control plane (MPI_Finalize, so the launcher keeps the status).
 
-    control = Control(comm)
+    ``comm``: an MPI communicator, or a control plane object itself (``Control``,
+    ``FileControl``: ``rank``, ``size``, ``send``, ``broadcast``, ``poll``,
+    ``allreduce_max``, ``finish``, ``finalize``, ``abort``).
+    """
+    if all(hasattr(comm, a) for a in ("poll", "broadcast", "allreduce_max", "finish")):
+        control = comm
+    else:
+        from .control import Control
+
+        control = Control(comm)
     rank, size = control.rank, control.size
-    me = socket.gethostname()
+    me = _hostname()
     bound = float(settings.connect_timeout)
     per_try = min(_TRY_SECONDS, bound)
     inbox: dict[str, dict[int, tuple]] = {"check-hello": {}, "check-result": {}}
@@ -583,11 +635,16 @@ def run_check(comm, settings) -> int:
             print(f"{PREFIX}: rank {rank} (host {me}): other ranks did not finish the check "
                   f"within {timeout:g} s: aborting the job", file=sys.stderr, flush=True)
             control.abort(1)
+            agreed = max(status, 1)  # if abort returns (a control plane without MPI)
         status = int(agreed)
     finally:
         listeners.close()
     control.finish()
-    control.MPI.Finalize()
+    finalize = getattr(control, "finalize", None)
+    if finalize is not None:
+        finalize()
+    else:
+        control.MPI.Finalize()
     return status
 
 

@@ -25,6 +25,7 @@ from . import process, roles
 from .control import FAILED, NORMAL, SCRIPT, SIGNALLED, Control
 from .errors import LaunchError
 from .layout import CLIENT, SCHEDULER, WORKER
+from .security import security_from
 from .settings import (
     Settings,
     check_interface,
@@ -39,9 +40,10 @@ PREFIX = "dask-mpi-launch"
 class BecomeClient(BaseException):
     """Raised in the forked client process of ``initialize()`` to unwind into the script."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, credentials: dict | None):
         super().__init__(address)
         self.address = address
+        self.credentials = credentials
 
 
 class _Stop(Exception):
@@ -101,6 +103,7 @@ class Supervisor:
         self.restarts: dict[str, int] = {}  # label -> restarts so far
         self.name_prefix = settings.name
         self.scheduler_info: dict = {}  # address, host, interfaces of the scheduler's host
+        self.credentials: dict | None = None  # this job's TLS credentials (in memory)
         self.in_process_client = False  # initialize(exit=False): the client is this process
 
     # ------------------------------------------------------------------
@@ -115,6 +118,10 @@ class Supervisor:
                 self._serve()
         except _Stop:
             pass
+        except LaunchError as e:
+            self._fail(self._role_name(), e.message, e.status)
+        except Exception as e:  # a bug of ours: still one line, and every rank ends
+            self._fail(self._role_name(), f"internal error: {type(e).__name__}: {e}")
         self._shutdown()
         return self._agree()
 
@@ -248,7 +255,12 @@ class Supervisor:
         s = self.settings
         if s.scheduler_file and os.path.exists(s.scheduler_file):
             os.unlink(s.scheduler_file)  # never leave an earlier job's file to be read
-        self._fork(SCHEDULER, "scheduler", lambda ch: roles.run_scheduler(s, ch))
+        if s.tls:
+            from .security import new_credentials
+
+            self.credentials = new_credentials()
+        self._fork(SCHEDULER, "scheduler", lambda ch: roles.run_scheduler(
+            s, ch, security=security_from(self.credentials)))
 
     def _read_scheduler_file(self) -> None:
         """Join mode: take the address from the scheduler file once it is there."""
@@ -260,6 +272,15 @@ class Supervisor:
             address = identity["address"]
         except (OSError, ValueError, KeyError, TypeError):
             return  # not there yet (the wait is bounded by wait-timeout)
+        if address.startswith("tls://"):
+            from .security import directory_for, read_beside
+
+            self.credentials = read_beside(self.settings.scheduler_file)
+            if self.credentials is None:
+                self._fail(self._role_name(), f"the cluster at {address} uses TLS, and its "
+                           f"credentials are not readable in "
+                           f"{directory_for(self.settings.scheduler_file)}")
+                return
         # names must not clash with the cluster's own workers (named by their ranks)
         self._announce(address, identity, None,
                        name_prefix=self.settings.name or f"join{_job_id() or os.getpid()}")
@@ -271,12 +292,17 @@ class Supervisor:
 
         info = {"address": address, "identity": identity, "dashboard": dashboard,
                 "name_prefix": name_prefix or self.settings.name,
-                "host": self.host, "interfaces": diagnose.local_interfaces()}
+                "host": self.host, "interfaces": diagnose.local_interfaces(),
+                "credentials": self.credentials}
+        if self.settings.scheduler and not self.settings.tls:
+            say(f"warning: TLS is off: anyone who can reach {address} can run code as you "
+                "on this cluster (drop --no-tls / --protocol tcp to secure it)")
         self._on_address(info)
         self.control.broadcast("address", info)
 
     def _on_address(self, info: dict) -> None:
         self.scheduler_info = info
+        self.credentials = info.get("credentials")
         self.address, self.identity = info["address"], info["identity"]
         self.dashboard, self.name_prefix = info["dashboard"], info["name_prefix"]
 
@@ -289,6 +315,7 @@ class Supervisor:
             self._worker_bodies[f"worker {name}"] = (
                 lambda ch, name=name: roles.run_worker(
                     s, ch, self.address, name, nthreads, memory_limit,
+                    security=security_from(self.credentials),
                     scheduler_info=self.scheduler_info))
             self._fork(WORKER, f"worker {name}", self._worker_bodies[f"worker {name}"])
 
@@ -313,14 +340,15 @@ class Supervisor:
         s = self.settings
         self.client_started = True
         if self.in_process_client:
-            raise BecomeClient(self.address)
+            raise BecomeClient(self.address, self.credentials)
         if s.in_process:
             child = process.fork(CLIENT, "script", None, returns=True)
             if child is None:  # in the new process: go back to the calling script
-                raise BecomeClient(self.address)
+                raise BecomeClient(self.address, self.credentials)
             self.children.append(child)
             return
-        self._fork(CLIENT, "script", lambda ch: roles.run_script(s, ch, self.address))
+        self._fork(CLIENT, "script",
+                   lambda ch: roles.run_script(s, ch, self.address, self.credentials))
 
     def _fork(self, role: str, label: str, body) -> None:
         self.children.append(process.fork(role, label, body))
@@ -424,7 +452,8 @@ class Supervisor:
         elif not self.settings.has_client:
             n = sum(len(names) for _, names in self.ready.values())
             where = f"; scheduler file {self.settings.scheduler_file}" if self.settings.scheduler_file else ""
-            dash = f"; dashboard {self.dashboard}" if self.dashboard else ""
+            dash = (f"; dashboard {self.dashboard}" if self.dashboard else
+                    "; no dashboard (pip install bokeh)" if self.settings.dashboard else "")
             print(f"{PREFIX}: cluster ready: scheduler {self.address}, {n} workers{dash}{where}",
                   flush=True)
 
@@ -435,6 +464,10 @@ class Supervisor:
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(self.identity or {"address": self.address}, f, indent=2)
+        if self.credentials:  # first: a reader seeing the file finds them
+            from .security import write_beside
+
+            write_beside(path, self.credentials)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
         self.scheduler_file_written = True
 
@@ -505,10 +538,13 @@ class Supervisor:
                 self._poll_quietly()
             self._terminate(scheduler, grace)
         if self.scheduler_file_written:
+            from .security import remove_beside
+
             try:
                 os.unlink(self.settings.scheduler_file)
             except OSError:
                 pass
+            remove_beside(self.settings.scheduler_file)
 
     def _terminate(self, children, grace: float) -> None:
         signum = signal.SIGINT if self.signalled == signal.SIGINT else signal.SIGTERM

@@ -20,8 +20,11 @@ from .settings import Settings
 def _quiet(level: str) -> None:
     os.environ["DASK_LOGGING__DISTRIBUTED"] = level  # for processes a Nanny spawns
     numeric = getattr(logging, level.upper())
-    for name in ("distributed", "tornado", "bokeh", "asyncio"):
-        logging.getLogger(name).setLevel(max(numeric, logging.WARNING) if name != "distributed" else numeric)
+    logging.getLogger("distributed").setLevel(numeric)
+    for name in ("tornado", "asyncio"):
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    # bokeh warns at every start that the dashboard accepts any Host header
+    logging.getLogger("bokeh").setLevel(max(numeric, logging.ERROR))
 
 
 def stop_within(seconds: float) -> None:
@@ -70,13 +73,20 @@ def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
 
     _quiet(settings.log_level)
 
+    import warnings
+
+    # without the dashboard, the scheduler's HTTP server (health, metrics) takes a free port
+    http_address = settings.dashboard_address if settings.dashboard else ":0"
+    # a busy dashboard port: Dask takes another one; we say so in one line, below
+    warnings.filterwarnings("ignore", message="Port .* is already in use")
+
     async def main() -> int:
         scheduler = Scheduler(
             port=settings.scheduler_port,
             interface=settings.interface,
             protocol=settings.protocol,
             dashboard=settings.dashboard,
-            dashboard_address=settings.dashboard_address,
+            dashboard_address=http_address,
             security=security,
         )
         try:
@@ -91,19 +101,31 @@ def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
             else:
                 channel.error(f"the scheduler could not start: {type(e).__name__}: {e}")
             return 1
-        identity = scheduler.identity()
-        channel.send(
-            "address",
-            address=scheduler.address,
-            identity=identity,
-            dashboard=scheduler.dashboard_link if settings.dashboard else None,
-        )
+        asked = http_address.rsplit(":", 1)[-1]
+        served = scheduler.http_server.port if scheduler.http_server else None
+        link = _dashboard_link(scheduler, served) if settings.dashboard else None
+        if link and asked not in ("", "0") and str(served) != asked:
+            print(f"dask-mpi-launch: dashboard port {asked} is busy (another cluster on this "
+                  f"host?): the dashboard is at {link}", file=sys.stderr, flush=True)
+        channel.send("address", address=scheduler.address, identity=scheduler.identity(),
+                     dashboard=link)
         how = await _until_finished_or_signal(scheduler, settings.shutdown_timeout)
         if how == "signal":
             await scheduler.close(reason="dask-mpi-launch: job ending")
         return 0
 
     return asyncio.run(main())
+
+
+def _dashboard_link(scheduler, port) -> str | None:
+    """The dashboard's URL, or None where it is not served (bokeh is not installed)."""
+    import importlib.util
+
+    from distributed.comm import get_address_host
+
+    if not port or importlib.util.find_spec("bokeh") is None:
+        return None
+    return f"http://{get_address_host(scheduler.address)}:{port}/status"
 
 
 # ---------------------------------------------------------------------------
@@ -189,12 +211,15 @@ def run_worker(
 # client
 
 
-def set_client_environment(address: str) -> None:
-    """Make ``distributed.Client()`` with no arguments connect to this cluster."""
+def set_client_environment(address: str, credentials: dict | None = None) -> None:
+    """Make ``distributed.Client()`` with no arguments connect to this cluster (with its
+    TLS credentials, in memory: never in the environment)."""
     import dask
 
+    from .security import client_config
+
     os.environ["DASK_SCHEDULER_ADDRESS"] = address
-    dask.config.set({"scheduler-address": address})
+    dask.config.set({"scheduler-address": address, **client_config(credentials)})
 
 
 def terminate_on_signal(grace: float) -> None:
@@ -214,12 +239,12 @@ def terminate_on_signal(grace: float) -> None:
         signal.signal(signum, handler)
 
 
-def run_script(settings: Settings, channel: Channel, address: str) -> int:
+def run_script(settings: Settings, channel: Channel, address: str, credentials=None) -> int:
     """Run the script or module as ``__main__``; return the status Python would exit with."""
     import atexit
     import runpy
 
-    set_client_environment(address)
+    set_client_environment(address, credentials)
     terminate_on_signal(settings.shutdown_timeout)
     if settings.module:
         sys.argv = [settings.module, *settings.args]

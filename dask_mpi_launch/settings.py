@@ -28,6 +28,7 @@ class Settings:
     layout: str = "dedicated"
     interface: str | None = None
     protocol: str | None = None
+    tls: bool = True  # per-job credentials, passed between ranks in memory
     scheduler_port: int = 0
     dashboard: bool = True
     dashboard_address: str = ":8787"
@@ -109,6 +110,9 @@ def resolve(**options) -> Settings:
             value = config.get(_CONFIG_KEYS[name], value)
         if value is not None:
             values[name] = value
+    values["tls"], protocol = _tls(options.get("tls"), values.get("protocol"))
+    if protocol:
+        values["protocol"] = protocol
     s = Settings(**values)
     s = replace(
         s,
@@ -136,6 +140,18 @@ def resolve(**options) -> Settings:
             raise UsageError("--no-scheduler only adds workers: drop the script, "
                              "or drop --no-scheduler")
     return s
+
+
+def _tls(explicit, protocol):
+    """(tls, protocol): TLS unless another protocol is asked for, or --no-tls."""
+    if protocol not in (None, "tls"):
+        if explicit:
+            raise UsageError(f"--tls needs the tls protocol, not --protocol {protocol}")
+        return False, protocol
+    tls = explicit if explicit is not None else bool(config.get("tls"))
+    if protocol == "tls" and not tls:
+        raise UsageError("--no-tls and --protocol tls contradict each other: choose one")
+    return tls, ("tls" if tls else protocol)
 
 
 def _choice(value, option, choices):

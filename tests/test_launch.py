@@ -317,8 +317,8 @@ def test_cluster_only_until_client_shutdown(venv, tmp_path):
     from launch import run
 
     client = (
-        "import sys; from distributed import Client\n"
-        "c = Client(scheduler_file=sys.argv[1], timeout=20)\n"
+        "import sys; from dask_mpi_launch import connect\n"
+        "c = connect(sys.argv[1], timeout=20)\n"
         "print('workers', len(c.scheduler_info()['workers']), c.submit(sum, [1, 2]).result())\n"
         "c.shutdown()\n"
     )

@@ -1,5 +1,5 @@
 """Every rank computes: layouts, several worker processes per rank, restarts, join mode."""
-import json
+
 import signal
 import time
 
@@ -79,8 +79,8 @@ def test_join_mode_adds_workers_and_both_jobs_end_at_shutdown(venv, tmp_path):
     join = venv.start([venv.mpiexec, "-n", "2", venv.bin / "dask-mpi-launch",
                        "--no-scheduler", "--scheduler-file", sched])
     client = (
-        "import sys; from distributed import Client\n"
-        "c = Client(scheduler_file=sys.argv[1], timeout=20)\n"
+        "import sys; from dask_mpi_launch import connect\n"
+        "c = connect(sys.argv[1], timeout=20)\n"
         "c.wait_for_workers(4, timeout=30)\n"
         "print('names', sorted(str(w['name']) for w in c.scheduler_info()['workers'].values()))\n"
         "print('sum', sum(c.gather(c.map(lambda x: x * 2, range(100)))))\n"
@@ -105,18 +105,17 @@ def test_join_job_ending_leaves_the_cluster_healthy(mpich, tmp_path):
         assert _wait_for_file(sched, cluster), finish(cluster, 5)
         join = mpich.start([mpich.mpiexec, "-n", "2", mpich.bin / "dask-mpi-launch",
                             "--no-scheduler", "--scheduler-file", sched])
-        address = json.loads(sched.read_text())["address"]
-        check = ("import sys; from distributed import Client\n"
-                 "c = Client(sys.argv[1], timeout=20)\n"
+        check = ("import sys; from dask_mpi_launch import connect\n"
+                 "c = connect(sys.argv[1], timeout=20)\n"
                  "c.wait_for_workers(int(sys.argv[2]), timeout=30)\n"
                  "print('n', len(c.scheduler_info()['workers']), c.submit(sum, [1, 2]).result())\n")
-        out = run([mpich.python, "-c", check, address, "4"], timeout=HANG, env=mpich.env())
+        out = run([mpich.python, "-c", check, sched, "4"], timeout=HANG, env=mpich.env())
         assert "n 4 3" in out.out, out
         join.send_signal(signal.SIGTERM)  # scancel / walltime of the join job
         assert finish(join, HANG).status in (0, 143)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            out = run([mpich.python, "-c", check, address, "2"], timeout=HANG, env=mpich.env())
+            out = run([mpich.python, "-c", check, sched, "2"], timeout=HANG, env=mpich.env())
             if "n 2 3" in out.out:
                 break
             time.sleep(0.2)

@@ -169,9 +169,9 @@ def test_joblib_template(slurm, venv, workdir):
 
 CONNECT = """\
 import sys
-from distributed import Client
+from dask_mpi_launch import connect
 
-with Client(scheduler_file=sys.argv[1], timeout="10s") as client:
+with connect(sys.argv[1], timeout=10) as client:
     workers = len(client.scheduler_info()["workers"])
     result = client.submit(lambda x: x + 1, 41).result(timeout=10)
     print(f"workers={workers}")
@@ -242,7 +242,7 @@ def test_cluster_only_template(slurm, venv, workdir, tmp_path):
     try:
         ready = job.wait_ready()
         address = json.loads(job.scheduler_file.read_text())["address"]
-        assert address.startswith("tcp://127.0.0.1:"), address
+        assert address.startswith("tls://127.0.0.1:"), address  # TLS by default
 
         connect = tmp_path / "connect.py"
         connect.write_text(CONNECT)
@@ -280,9 +280,9 @@ def test_cluster_only_template_ends_on_scancel(slurm, venv, workdir, tmp_path):
 
 ADD_CONNECT = """\
 import sys
-from distributed import Client
+from dask_mpi_launch import connect
 
-client = Client(scheduler_file=sys.argv[1], timeout=20)
+client = connect(sys.argv[1], timeout=20)
 client.wait_for_workers(int(sys.argv[2]), timeout=30)
 names = sorted(str(w["name"]) for w in client.scheduler_info()["workers"].values())
 print("names=" + ",".join(names))

@@ -1,0 +1,134 @@
+"""TLS by default: throw-away credentials for one job, passed between ranks in memory.
+
+Rank 0 makes a key and a self-signed certificate for this job only (distributed's
+``Security.temporary()``, with ``cryptography``) and sends them to the other ranks with
+the scheduler's address, over MPI: they never touch the file system, the command line or
+the environment. Scheduler, workers and the client script use them; ``Client()`` in the
+script needs no arguments.
+
+Clients outside the job (a notebook on the login node, a join job) find them beside the
+scheduler file, in a directory only the owner can read, removed when the cluster ends::
+
+    from dask_mpi_launch import connect
+    client = connect("~/scheduler.json")
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+_FILES = {"ca": "ca.pem", "cert": "cert.pem", "key": "key.pem"}
+
+
+def new_credentials() -> dict:
+    """``{"ca", "cert", "key"}`` PEM texts for one job (the certificate is its own CA)."""
+    from distributed.security import Security
+
+    from .errors import LaunchError
+
+    try:
+        sec = Security.temporary()
+    except ImportError:
+        raise LaunchError("TLS needs the cryptography package: pip install cryptography "
+                          "(or run with --no-tls)") from None
+    return {"ca": sec.tls_ca_file, "cert": sec.tls_scheduler_cert, "key": sec.tls_scheduler_key}
+
+
+def security_from(credentials: dict | None):
+    """A ``distributed.Security`` for every role (None: plain TCP)."""
+    if not credentials:
+        return None
+    from distributed.security import Security
+
+    ca, cert, key = credentials["ca"], credentials["cert"], credentials["key"]
+    return Security(
+        require_encryption=True, tls_ca_file=ca,
+        tls_client_cert=cert, tls_client_key=key,
+        tls_scheduler_cert=cert, tls_scheduler_key=key,
+        tls_worker_cert=cert, tls_worker_key=key,
+    )
+
+
+def client_config(credentials: dict | None) -> dict:
+    """dask.config values that make ``Client()`` (and ``Security()``) use the credentials."""
+    if not credentials:
+        return {}
+    return {
+        "distributed.comm.require-encryption": True,
+        "distributed.comm.tls.ca-file": credentials["ca"],
+        "distributed.comm.tls.client.cert": credentials["cert"],
+        "distributed.comm.tls.client.key": credentials["key"],
+    }
+
+
+# ---------------------------------------------------------------------------
+# beside the scheduler file, for clients outside the job
+
+
+def directory_for(scheduler_file: str) -> str:
+    return f"{scheduler_file}.credentials"
+
+
+def write_beside(scheduler_file: str, credentials: dict) -> str:
+    """Write the credentials in ``<scheduler_file>.credentials/`` (0700, files 0600)."""
+    directory = directory_for(scheduler_file)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.mkdir(directory, 0o700)
+    os.chmod(directory, 0o700)  # whatever the umask
+    for field, name in _FILES.items():
+        fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(credentials[field])
+    return directory
+
+
+def read_beside(scheduler_file: str) -> dict | None:
+    directory = directory_for(scheduler_file)
+    try:
+        credentials = {}
+        for field, name in _FILES.items():
+            with open(os.path.join(directory, name)) as f:
+                credentials[field] = f.read()
+        return credentials
+    except OSError:
+        return None
+
+
+def remove_beside(scheduler_file: str) -> None:
+    shutil.rmtree(directory_for(scheduler_file), ignore_errors=True)
+
+
+def connect(scheduler_file: str, timeout: float = 60, **kwargs):
+    """A ``distributed.Client`` for the cluster of ``scheduler_file``, with its credentials.
+
+    Waits up to ``timeout`` seconds for the file (the job may still be starting) and says
+    clearly when it never appears, unlike ``Client(scheduler_file=...)``.
+    """
+    import json
+
+    from distributed import Client
+
+    path = os.path.expanduser(scheduler_file)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                address = json.load(f)["address"]
+            break
+        except (OSError, ValueError, KeyError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no scheduler file {path} after {timeout:g} s: is the cluster's job "
+                    "running, and is the path on a file system shared with this machine?"
+                ) from None
+            time.sleep(0.1)
+    credentials = read_beside(path) if address.startswith("tls://") else None
+    if address.startswith("tls://") and credentials is None:
+        raise PermissionError(
+            f"the cluster at {address} uses TLS and its credentials are not readable in "
+            f"{directory_for(path)} (only the user who started the job can connect)"
+        )
+    kwargs.setdefault("security", security_from(credentials))
+    kwargs.setdefault("timeout", max(1.0, deadline - time.monotonic()))
+    return Client(address, **kwargs)
