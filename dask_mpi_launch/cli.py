@@ -97,6 +97,13 @@ CONTEXT = {
 @click.option("--bootstrap-dir", default=None, metavar="PATH",
               help=_help("Directory on a file system all nodes see, for --bootstrap slurm.",
                          "bootstrap-dir"))
+@click.option("--jupyter", is_flag=True, default=None,
+              help="Run JupyterLab on the client rank instead of a script (needs the "
+                   "[jupyter] extra); the job ends when JupyterLab is shut down.")
+@click.option("--login-host", default=None, metavar="HOST",
+              help=_help("Login host to name in the banner's SSH tunnel line.", "login-host"))
+@click.option("--quiet", is_flag=True, default=None,
+              help="Print no banner when the cluster is ready.")
 @click.option("--log-level", default=None,
               type=click.Choice(["debug", "info", "warning", "error", "critical"],
                                 case_sensitive=False),

@@ -439,7 +439,7 @@ def check_report(hosts: dict, listeners: dict, results: list, missing=()) -> tup
         if loop and not single:
             rows.append((iface, "-", "", "loopback: reaches its own host only, not tested"))
             continue
-        problems, bad = [], set()
+        problems, distinct, bad = [], set(), set()
         for s in names:
             for d in (names if single else [x for x in names if x != s]):
                 a = addrs.get(d)
@@ -454,14 +454,15 @@ def check_report(hosts: dict, listeners: dict, results: list, missing=()) -> tup
                         err = f"{s}->{d} {failed[0]}" if failed else None
                 if err is not None:
                     bad.add((s, d))
-                    if len(problems) < 3 and err not in problems:
-                        problems.append(err)
+                    if err not in distinct:
+                        distinct.add(err)
+                        if len(problems) < 3:
+                            problems.append(err)
         group = _connected_group(names, bad)
         ok = not bad and not missing
         count = f"{len(group)}/{len(names)} host{'s' * (len(names) != 1)}"
-        more = len(bad) - len(problems)
-        detail = "; ".join(problems) + (f"; ... ({more} more failing pair{'s' * (more != 1)})"
-                                        if more > 0 else "")
+        more = len(distinct) - len(problems)
+        detail = "; ".join(problems) + (f"; ... ({more} more)" if more > 0 else "")
         if ok:
             detail = " ".join(f"{h}={addrs[h]}" for h in names[:4]) + (
                 " ..." if len(names) > 4 else "")

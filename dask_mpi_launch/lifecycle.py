@@ -103,6 +103,7 @@ class Supervisor:
         self.restarts: dict[str, int] = {}  # label -> restarts so far
         self.name_prefix = settings.name
         self.scheduler_info: dict = {}  # address, host, interfaces of the scheduler's host
+        self.hosts: dict[int, tuple] = {}  # on rank 0: rank -> (host, roles), for the banner
         self.credentials: dict | None = None  # this job's TLS credentials (in memory)
         self.in_process_client = False  # initialize(exit=False): the client is this process
 
@@ -185,6 +186,9 @@ class Supervisor:
         if SCHEDULER in self.roles:
             self._start_scheduler()
         joining = not self.settings.scheduler and self.rank == 0
+        self.hosts = {self.rank: (self.host, self.roles)}
+        if self.rank != 0:
+            self.control.send(0, "hello", self.rank, self.host, self.roles)
         while True:
             if joining and self.address is None:
                 self._read_scheduler_file()
@@ -347,6 +351,12 @@ class Supervisor:
                 raise BecomeClient(self.address, self.credentials)
             self.children.append(child)
             return
+        if s.jupyter:
+            from .jupyter import run_jupyter
+
+            self._fork(CLIENT, "jupyter", lambda ch: run_jupyter(
+                s, ch, self.address, self.credentials, self.scheduler_info))
+            return
         self._fork(CLIENT, "script",
                    lambda ch: roles.run_script(s, ch, self.address, self.credentials))
 
@@ -377,6 +387,8 @@ class Supervisor:
             self._fail(child.role, event.get("message", "unknown error"))
         elif kind == "address" and child.role == SCHEDULER:
             self._announce(event["address"], event.get("identity"), event.get("dashboard"))
+        elif kind == "jupyter" and child.role == CLIENT:
+            self.control.send(0, "jupyter", event["url"])
         elif kind == "ready" and child.role == WORKER:
             self.ready_children += 1  # restarted workers count again: == fires once
             if self.ready_children == self.settings.worker_processes:
@@ -436,6 +448,14 @@ class Supervisor:
             self._decide(*fields)
         elif kind == "closed":
             self.closed.add(fields[0])
+        elif kind == "hello":
+            rank, host, roles = fields
+            self.hosts[rank] = (host, tuple(roles))
+        elif kind == "jupyter":
+            if not self.settings.quiet:
+                from .banner import jupyter_lines
+
+                print(jupyter_lines(fields[0], self.settings.login_host), flush=True)
         elif kind == "check-failed":
             self.check_failures.append(tuple(fields))
 
@@ -446,16 +466,18 @@ class Supervisor:
             self.control.send(client, "all-ready", len(self.ready))
         if self.settings.scheduler_file and self.settings.scheduler:
             self._write_scheduler_file()
-        if not self.settings.scheduler:
-            n = sum(len(names) for _, names in self.ready.values())
-            print(f"{PREFIX}: joined the cluster at {self.address} with {n} workers", flush=True)
-        elif not self.settings.has_client:
-            n = sum(len(names) for _, names in self.ready.values())
-            where = f"; scheduler file {self.settings.scheduler_file}" if self.settings.scheduler_file else ""
-            dash = (f"; dashboard {self.dashboard}" if self.dashboard else
-                    "; no dashboard (pip install bokeh)" if self.settings.dashboard else "")
-            print(f"{PREFIX}: cluster ready: scheduler {self.address}, {n} workers{dash}{where}",
-                  flush=True)
+        if not self.settings.quiet:
+            from .banner import render
+
+            s = self.settings
+            print(render({
+                "mode": "join" if not s.scheduler else "script" if s.has_client else "cluster",
+                "address": self.address, "dashboard": self.dashboard,
+                "dashboard_wanted": s.dashboard,
+                "workers": sum(len(names) for _, names in self.ready.values()),
+                "ranks": self.hosts, "scheduler_file": s.scheduler_file if s.scheduler else None,
+                "login_host": s.login_host,
+            }), flush=True)
 
     def _write_scheduler_file(self) -> None:
         import json

@@ -48,12 +48,16 @@ class Settings:
     startup_timeout: float = 600.0
     shutdown_timeout: float = 10.0
     log_level: str = "warning"
+    quiet: bool = False  # no banner
+    login_host: str | None = None  # for the SSH tunnel line of the banner
+    jupyter: bool = False  # the client rank runs JupyterLab instead of a script
     bootstrap: str = "mpi"  # mpi | slurm (no MPI: Slurm's variables + files) | auto
     bootstrap_dir: str = "."  # where --bootstrap slurm exchanges its files (shared FS)
 
     @property
     def has_client(self) -> bool:
-        return self.in_process or self.script is not None or self.module is not None
+        return (self.in_process or self.jupyter or self.script is not None
+                or self.module is not None)
 
     def layout_for(self, size: int) -> Layout:
         return Layout(self.layout, size, self.has_client, self.scheduler)
@@ -90,6 +94,7 @@ _CONFIG_KEYS = {
     "worker_restarts": "worker-restarts",
     "bootstrap": "bootstrap",
     "bootstrap_dir": "bootstrap-dir",
+    "login_host": "login-host",
 }
 
 

@@ -1,0 +1,62 @@
+"""The block printed once when the cluster is ready. Pure: facts in, text out."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+LOGIN_PLACEHOLDER = "LOGIN-HOST"
+
+
+def render(facts: dict) -> str:
+    """``facts``: address, dashboard (URL or None), workers (count), ranks ({rank: (host,
+    roles)}), scheduler_file, login_host, mode ("script", "cluster", "join")."""
+    workers = facts.get("workers", 0)
+    hosts = {host for host, _ in facts.get("ranks", {}).values()}
+    if facts.get("mode") == "join":
+        head = f"dask-mpi-launch: joined the cluster at {facts['address']} with {workers} workers"
+    else:
+        on = f" on {len(hosts)} host{'s' if len(hosts) != 1 else ''}" if hosts else ""
+        head = f"dask-mpi-launch: cluster ready: {workers} workers{on}"
+    lines = [head]
+    if facts.get("mode") != "join":
+        lines.append(f"  scheduler  {facts['address']}")
+        dashboard = facts.get("dashboard")
+        if dashboard:
+            lines.append(f"  dashboard  {dashboard}")
+            lines.append(f"  tunnel     {tunnel_command(dashboard, facts.get('login_host'))}")
+        elif facts.get("dashboard_wanted"):
+            lines.append("  dashboard  none (pip install bokeh)")
+        if facts.get("scheduler_file"):
+            lines.append(f"  file       {facts['scheduler_file']}  "
+                         "(from Python: dask_mpi_launch.connect(path))")
+    ranks = facts.get("ranks") or {}
+    if ranks:
+        lines.append("  ranks      " + "; ".join(rank_summary(ranks)))
+    return "\n".join(lines)
+
+
+def tunnel_command(url: str, login_host: str | None) -> str:
+    """The SSH line to paste on a laptop so that http://localhost:PORT reaches ``url``."""
+    parts = urlsplit(url)
+    port = parts.port or 80
+    login = login_host or LOGIN_PLACEHOLDER
+    return (f"ssh -N -L {port}:{parts.hostname}:{port} {login}   "
+            f"then open http://localhost:{port}{parts.path}")
+
+
+def jupyter_lines(url: str, login_host: str | None) -> str:
+    return (f"dask-mpi-launch: JupyterLab at {url}\n"
+            f"  tunnel     {tunnel_command(url, login_host)}")
+
+
+def rank_summary(ranks: dict) -> list[str]:
+    """'0 n001 scheduler', '2-5 n001 worker', ...: consecutive ranks with the same host and
+    roles folded into one range, so a job of a thousand ranks stays a few lines."""
+    groups: list[list] = []
+    for rank in sorted(ranks):
+        host, roles = ranks[rank]
+        role = "+".join(roles)
+        if groups and groups[-1][2] == host and groups[-1][3] == role and groups[-1][1] == rank - 1:
+            groups[-1][1] = rank
+        else:
+            groups.append([rank, rank, host, role])
+    return [f"{a if a == b else f'{a}-{b}'} {host} {role}" for a, b, host, role in groups]
