@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 
 # --- variants (adjust here) ------------------------------------------------------------
@@ -42,6 +42,7 @@ class Variant(NamedTuple):
     argv: list[str]
     script: str | None = None
     fails: bool = False
+    ranks: Callable[[int], int] | None = None  # ranks to start for the nominal n
 
 
 FIRST = 'import time; print(f"T_FIRST={time.time()!r}", flush=True)\n'
@@ -80,6 +81,12 @@ VARIANTS: dict[str, Variant] = {
     "ours-script": Variant(OURS_CLI, FIRST + CLIENT),
     "ours-initialize": Variant(PY_SCRIPT, OURS_INIT + FIRST + CLIENT),
     "ours-fail": Variant(OURS_CLI, FIRST + CLIENT_FAIL, fails=True),
+    "ours-notls": Variant(OURS_CLI[:1] + ["--no-tls"] + OURS_CLI[1:], FIRST + CLIENT),
+    "ours-compact": Variant(OURS_CLI[:1] + ["--layout", "compact"] + OURS_CLI[1:], FIRST + CLIENT),
+    "ours-full": Variant(OURS_CLI[:1] + ["--layout", "full"] + OURS_CLI[1:], FIRST + CLIENT),
+    # the same n-2 workers as ours-script, as 4 worker processes per rank
+    "ours-k4": Variant(OURS_CLI[:1] + ["--worker-processes", "4"] + OURS_CLI[1:], FIRST + CLIENT,
+                       ranks=lambda n: 2 + max(1, (n - 2) // 4)),
 }
 
 # Open MPI as root and oversubscribed (see /work/shared/ANCHORS.md).
@@ -183,6 +190,8 @@ def build_argv(variant: Variant, n: int, venv: Path, script: str | None, mpi: st
     fill = {"python": str(venv / "bin" / "python"), "bin": str(venv / "bin"),
             "script": script or ""}
     extra = ["--bind-to", "none"] if mpi == "openmpi" and "SLURM_JOB_ID" in os.environ else []
+    if variant.ranks is not None:
+        n = variant.ranks(n)
     return [str(venv / "bin" / "mpiexec"), "-n", str(n), *extra,
             *(a.format(**fill) for a in variant.argv)]
 
