@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=60.0, help="per run, seconds")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--venv", type=Path, default=Path("/tmp/v-mpich"),
+    ap.add_argument("--venv", type=Path, default=Path(".venv/bench"),
                     help="venv whose bin/ has mpiexec, python, dask-mpi-launch")
     ap.add_argument("--mpi", choices=["auto", "mpich", "openmpi"], default="auto")
     ap.add_argument("--warmup", type=int, default=1,

@@ -27,7 +27,7 @@ Typical use in a test::
     if reason:
         pytest.skip(reason)
     with NetnsHosts(2) as hosts:
-        argv = hosts.mpiexec_argv("/tmp/v-mpich/bin/mpiexec", n=4, ppn=2)
+        argv = hosts.mpiexec_argv(".venv/mpich/bin/mpiexec", n=4, ppn=2)
         # mpiexec must itself run on one of the hosts
         proc = hosts.run("a", argv + [python, "script.py"], timeout=60,
                          capture_output=True, text=True)

@@ -1,7 +1,7 @@
 """Proves the network-namespace test bed (tests/netns_hosts.py) works.
 
 Skipped when namespaces cannot be made here, except under CI=true, where that fails.
-The MPICH venv defaults to /tmp/v-mpich (override with DML_MPICH_VENV).
+The MPICH venv is the project's .venv/mpich (override with DML_MPICH_VENV).
 """
 
 from __future__ import annotations
@@ -15,21 +15,20 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import unavailable
+from launch import Venv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netns_hosts import NetnsHosts, can_create_namespaces, run_with_timeout  # noqa: E402
 
 pytestmark = pytest.mark.netns
 
-MPICH_VENV = Path(os.environ.get("DML_MPICH_VENV", "/tmp/v-mpich"))
+MPICH_VENV = Path(os.environ.get("DML_MPICH_VENV") or Venv("mpich").path)
 MPIEXEC = MPICH_VENV / "bin" / "mpiexec"
 PYTHON = MPICH_VENV / "bin" / "python"
 
 
-def _unavailable(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but: {reason}")
-    pytest.skip(reason)
+_unavailable = unavailable  # skip, but fail in CI (conftest)
 
 
 @pytest.fixture(scope="module")

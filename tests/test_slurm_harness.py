@@ -10,20 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import unavailable
+from launch import Venv
 
 sys.path.insert(0, str(Path(__file__).parent))
 from slurm_cluster import SlurmCluster, ensure_slurm_installed  # noqa: E402
 
-VENV = Path(os.environ.get("DML_MPICH_VENV", "/tmp/v-mpich"))
+VENV = Path(os.environ.get("DML_MPICH_VENV") or Venv("mpich").path)
 PY = VENV / "bin" / "python"
 MPIEXEC = VENV / "bin" / "mpiexec"
 PRINT_SIZE = "from mpi4py import MPI; print(MPI.COMM_WORLD.size)"
 
 
-def _unavailable(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"Slurm harness unavailable under CI: {reason}")
-    pytest.skip(reason)
+_unavailable = unavailable  # skip, but fail in CI (conftest)
 
 
 @pytest.fixture(scope="module")
