@@ -140,10 +140,7 @@ def run(settings, check: bool = False) -> int:
     if check:
         from . import diagnose
 
-        if getattr(control, "comm", None) is None:
-            raise LaunchError("--check runs over MPI: use it without --bootstrap slurm", 2)
-
-        return diagnose.run_check(control.comm, settings)
+        return diagnose.run_check(getattr(control, "comm", control), settings)
     import distributed  # noqa: F401  (after MPI_Init; forked roles reuse the import)
 
     from .lifecycle import Supervisor

@@ -266,7 +266,7 @@ def unreachable_message(*, host: str, address: str, error: str, seconds: float,
     if not scheduler_interfaces or not scheduler_host:
         return text + ("; the scheduler's host is unknown: run the job with --check to see "
                        "which --interface connects all hosts")
-    if not on_scheduler_host and not (target_ip and ipaddress.ip_address(target_ip).is_loopback):
+    if not on_scheduler_host and not _is_loopback_ip(target_ip):
         # e.g. joining a cluster: rank 0's host is not the scheduler's
         return text + (f"; rank 0's host {scheduler_host} (not the scheduler's) has "
                        f"{format_interfaces(scheduler_interfaces)}; check the route from "
@@ -288,6 +288,13 @@ def unreachable_message(*, host: str, address: str, error: str, seconds: float,
     if len(options) > 1:
         also = f"; also possible: {', '.join(n for n, _ in options[1:4])}"
     return text + f"; use --interface {name} ({why}{also})"
+
+
+def _is_loopback_ip(ip: str | None) -> bool:
+    try:
+        return bool(ip) and ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _host_part(address: str) -> str:

@@ -1,7 +1,231 @@
-"""JupyterLab on the client rank (``--jupyter``). (Stub: filled in by the Jupyter work.)"""
+"""JupyterLab on the client rank (``--jupyter``).
+
+The client rank's role process starts JupyterLab as a subprocess, bound to this host's
+address on ``--interface`` (127.0.0.1 for ``lo``), on a free port, with a random token, and
+reports the URL (rank 0 prints it with an SSH tunnel line). The job ends when JupyterLab
+does (File > Shut Down): status 0 on every rank.
+
+Secrets stay out of command lines and environments: the token is in a JSON config file and
+the job's TLS credentials in PEM files, all 0600 in a private 0700 directory removed at the
+end. Kernels get only paths: ``DASK_SCHEDULER_ADDRESS`` and ``DASK_CONFIG`` (a directory
+with a dask YAML pointing at the credential files), so ``Client()`` in a notebook needs no
+arguments. With jupyter-server-proxy the dashboard is at ``/proxy/<port>/status``.
+"""
 from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+READY_TIMEOUT = 120.0  # JupyterLab's first start can be slow (a cold file system)
+_DROPPED_ENV = ("PMI_", "PMIX_")  # this rank's MPI wiring: a kernel's mpi4py must not use it
 
 
 def run_jupyter(settings, channel, address, credentials, scheduler_info) -> int:
-    channel.error("--jupyter is not available yet")
-    return 1
+    if importlib.util.find_spec("jupyterlab") is None:
+        channel.error("--jupyter needs JupyterLab: pip install 'dask-mpi-launch[jupyter]'")
+        return 1
+    stop: list[int] = []
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+    private = tempfile.mkdtemp(prefix="dask-mpi-launch-jupyter-")  # 0700
+    proc = None
+    try:
+        ip = bind_ip(settings, address)
+        token = secrets.token_urlsafe(32)
+        dashboard = (scheduler_info or {}).get("dashboard")
+        proxy = importlib.util.find_spec("jupyter_server_proxy") is not None
+        if dashboard and not proxy:
+            print("dask-mpi-launch: warning: jupyter-server-proxy is not installed: the "
+                  "dashboard is not proxied through JupyterLab", file=sys.stderr, flush=True)
+        config_file = write_server_config(private, ip, token, dashboard if proxy else None)
+        env = kernel_environment(private, address, credentials,
+                                 dashboard_path(dashboard) if dashboard and proxy else None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", f"--config={config_file}"],
+            env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        )
+        port = _wait_ready(proc, env["JUPYTER_RUNTIME_DIR"], ip, token, stop)
+        if port is None:
+            if stop:
+                return 128 + stop[0]
+            channel.error(f"JupyterLab {_ended(proc)} before it answered on {ip} "
+                          "(see its messages above)")
+            return 1
+        channel.send("jupyter", url=f"http://{_url_host(ip)}:{port}/lab?token={token}")
+        while proc.poll() is None and not stop:
+            time.sleep(0.1)
+        if stop:
+            return 128 + stop[0]
+        return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+    finally:
+        if proc is not None:
+            _stop(proc, grace=max(1.0, 0.6 * settings.shutdown_timeout))
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def bind_ip(settings, address: str) -> str:
+    """This host's address on ``--interface``, else the one it reaches the scheduler by."""
+    from distributed.comm import get_address_host
+    from distributed.utils import get_ip, get_ip_interface
+
+    if settings.interface:
+        return get_ip_interface(settings.interface)
+    try:
+        return get_ip(get_address_host(address))
+    except Exception:
+        return "127.0.0.1"
+
+
+def dashboard_path(dashboard: str) -> str:
+    """Where jupyter-server-proxy serves the dashboard: ``/proxy/<port>/status`` when it is
+    on this host's loopback, else ``/proxy/<host>:<port>/status``."""
+    parts = urlsplit(dashboard)
+    port = parts.port or 80
+    where = str(port) if parts.hostname in LOOPBACK else f"{_url_host(parts.hostname)}:{port}"
+    return f"/proxy/{where}{parts.path or '/status'}"
+
+
+def write_server_config(private: str, ip: str, token: str, dashboard: str | None) -> str:
+    """JupyterLab's settings, token included, in a 0600 JSON file."""
+    allowed = ["localhost", "127.0.0.1"]
+    if dashboard:
+        host = urlsplit(dashboard).hostname
+        if host and host not in allowed:
+            allowed.append(host)
+    config = {
+        "ServerApp": {
+            "ip": ip, "port": 0, "port_retries": 0, "open_browser": False,
+            "allow_root": True, "root_dir": os.getcwd(), "log_level": "WARN",
+        },
+        "IdentityProvider": {"token": token},
+        "ServerProxy": {"host_allowlist": allowed},
+        # compute nodes often have no internet access: no update checks, no news
+        "LabApp": {"check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+                   "news_url": None, "log_level": "WARN"},
+    }
+    return _write_private(os.path.join(private, "jupyter_server_config.json"),
+                          json.dumps(config, indent=1))
+
+
+def kernel_environment(private: str, address: str, credentials: dict | None,
+                       dashboard_link: str | None = None) -> dict:
+    """JupyterLab's environment, which its kernels inherit: paths only, never secrets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_ENV)}
+    env["DASK_SCHEDULER_ADDRESS"] = address
+    runtime = os.path.join(private, "runtime")
+    os.mkdir(runtime, 0o700)
+    env["JUPYTER_RUNTIME_DIR"] = runtime
+    dask_dir = os.path.join(private, "dask")
+    os.mkdir(dask_dir, 0o700)
+    config: dict = {}
+    if credentials:
+        paths = {field: _write_private(os.path.join(dask_dir, f"{field}.pem"), credentials[field])
+                 for field in ("ca", "cert", "key")}
+        config["comm"] = {
+            "require-encryption": True,
+            "tls": {"ca-file": paths["ca"],
+                    "client": {"cert": paths["cert"], "key": paths["key"]}},
+        }
+    if dashboard_link:
+        config["dashboard"] = {"link": dashboard_link}
+    _write_private(os.path.join(dask_dir, "dask-mpi-launch-jupyter.yaml"),
+                   json.dumps({"scheduler-address": address, "distributed": config}, indent=1))
+    env["DASK_CONFIG"] = dask_dir  # read after ~/.config/dask, which still applies
+    return env
+
+
+def _write_private(path: str, text: str) -> str:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def _wait_ready(proc, runtime: str, ip: str, token: str, stop: list) -> int | None:
+    """JupyterLab's port once ``/api/status`` answers; None if it ended or we were told to
+    stop first."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    info = os.path.join(runtime, f"jpserver-{proc.pid}.json")
+    port = None
+    while time.monotonic() < deadline and proc.poll() is None and not stop:
+        if port is None:
+            try:
+                with open(info) as f:
+                    port = int(json.load(f)["port"])
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.1)
+                continue
+        request = urllib.request.Request(f"http://{_url_host(ip)}:{port}/api/status",
+                                         headers={"Authorization": f"token {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return port
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.1)
+    if proc.poll() is None and not stop:
+        proc.kill()  # never answered: _ended() says so
+        proc.wait()
+    return None
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM (JupyterLab then shuts its kernels down), SIGKILL for all after ``grace``."""
+    if proc.poll() is not None:
+        return
+    try:
+        import psutil
+
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:
+        family = []
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for child in family:  # kernels run in their own sessions: not in our process group
+        try:
+            if child.is_running():
+                child.kill()
+        except Exception:
+            pass
+
+
+def _ended(proc) -> str:
+    from .process import describe_status
+
+    status = proc.returncode
+    return describe_status(status if status >= 0 else 128 - status)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _die_with_parent() -> None:  # in the JupyterLab process, before exec
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass

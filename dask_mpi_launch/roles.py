@@ -156,7 +156,7 @@ def run_worker(
     from . import diagnose
 
     problem = diagnose.reachability_problem(address, settings.connect_timeout,
-                                            scheduler_info or {})
+                                            scheduler_info or {}, security=security)
     if problem:
         channel.error(problem)
         return 1
