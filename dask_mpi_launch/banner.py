@@ -10,12 +10,13 @@ def render(facts: dict) -> str:
     """``facts``: address, dashboard (URL or None), workers (count), ranks ({rank: (host,
     roles)}), scheduler_file, login_host, mode ("script", "cluster", "join")."""
     workers = facts.get("workers", 0)
+    noun = "worker" if workers == 1 else "workers"
     hosts = {host for host, _ in facts.get("ranks", {}).values()}
     if facts.get("mode") == "join":
-        head = f"dask-mpi-launch: joined the cluster at {facts['address']} with {workers} workers"
+        head = f"dask-mpi-launch: joined the cluster at {facts['address']} with {workers} {noun}"
     else:
         on = f" on {len(hosts)} host{'s' if len(hosts) != 1 else ''}" if hosts else ""
-        head = f"dask-mpi-launch: cluster ready: {workers} workers{on}"
+        head = f"dask-mpi-launch: cluster ready: {workers} {noun}{on}"
     lines = [head]
     if facts.get("mode") != "join":
         lines.append(f"  scheduler  {facts['address']}")
@@ -37,10 +38,14 @@ def render(facts: dict) -> str:
 def tunnel_command(url: str, login_host: str | None) -> str:
     """The SSH line to paste on a laptop so that http://localhost:PORT reaches ``url``."""
     parts = urlsplit(url)
-    port = parts.port or 80
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or "localhost"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
     login = login_host or LOGIN_PLACEHOLDER
-    return (f"ssh -N -L {port}:{parts.hostname}:{port} {login}   "
-            f"then open http://localhost:{port}{parts.path}")
+    query = f"?{parts.query}" if parts.query else ""
+    return (f"ssh -N -L {port}:{host}:{port} {login}   "
+            f"then open http://localhost:{port}{parts.path}{query}")
 
 
 def jupyter_lines(url: str, login_host: str | None) -> str:

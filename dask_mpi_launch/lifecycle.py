@@ -104,6 +104,7 @@ class Supervisor:
         self.name_prefix = settings.name
         self.scheduler_info: dict = {}  # address, host, interfaces of the scheduler's host
         self.hosts: dict[int, tuple] = {}  # on rank 0: rank -> (host, roles), for the banner
+        self.banner_printed = False
         self.credentials: dict | None = None  # this job's TLS credentials (in memory)
         self.in_process_client = False  # initialize(exit=False): the client is this process
 
@@ -182,7 +183,7 @@ class Supervisor:
         address_deadline = start + s.wait_timeout
         if self.rank != 0:  # rank 0 owns that deadline and says what went wrong
             address_deadline += 5 + s.shutdown_timeout
-        ready_deadline = None
+        ready_deadline = all_ready_at = None
         if SCHEDULER in self.roles:
             self._start_scheduler()
         joining = not self.settings.scheduler and self.rank == 0
@@ -214,8 +215,13 @@ class Supervisor:
             if self.rank == 0 and not self.all_ready:
                 if len(self.ready) == len(self.layout.worker_ranks):
                     self._on_all_ready()
+                    all_ready_at = now
                 elif now > ready_deadline:
                     self._fail("scheduler", self._missing_workers_message())
+            if self.rank == 0 and self.all_ready and not self.banner_printed:
+                # every rank said where it runs (or 2 s passed): one block, once
+                if len(self.hosts) == self.size or now > all_ready_at + 2:
+                    self._print_banner()
             if CLIENT in self.roles and not self.client_started:
                 if self.all_ready or not s.wait_for_workers:
                     self._start_client()
@@ -466,6 +472,9 @@ class Supervisor:
             self.control.send(client, "all-ready", len(self.ready))
         if self.settings.scheduler_file and self.settings.scheduler:
             self._write_scheduler_file()
+
+    def _print_banner(self) -> None:
+        self.banner_printed = True
         if not self.settings.quiet:
             from .banner import render
 

@@ -1,0 +1,526 @@
+#!/usr/bin/env python3
+"""Data-plane benchmark: worker-to-worker transfer of NumPy arrays in a dask-mpi-launch cluster,
+next to raw mpi4py Send/Recv (the reference) and a raw loopback TCP socket, in GB/s.
+
+Dask side: ``mpiexec -n 4 dask-mpi-launch --interface lo --no-dashboard SCRIPT`` (rank 0
+scheduler, rank 1 the script, ranks 2 and 3 the workers A and B).  For each size the script
+creates the array on A (``client.submit(np.ones, n, workers=[A], pure=False)``, waits), then
+times ``client.submit(nbytes, fut, workers=[B], pure=False).result()``: the transfer A -> B
+plus the scheduling overhead of one task ("task" columns).  Worker B's own record of the
+transfer (``Worker.transfer_incoming_log``: get_data request -> data deserialised) gives the
+"transfer" columns.  Fresh keys every repeat, so nothing is cached; futures are released
+between repeats.
+
+MPI side: ``mpiexec -n 2 python SCRIPT``: rank 0 -> rank 1 one-way after a Barrier, closed by
+a 1-byte acknowledgement, with ``Comm.Send/Recv`` of the NumPy buffer (the reference),
+``comm.send/recv`` (pickle) and a plain TCP socket on 127.0.0.1 (``sendall``/``recv_into``).
+
+Sizes are MiB (2**20 bytes) of float64 ones; GB/s are 10**9 bytes per second; every cell is
+the median (min-max) of --repeat timed runs after --warmup untimed ones.  An 8-byte array is
+measured too and reported as latency (ms).
+
+tcp runs pass ``--protocol tcp`` (newer dask-mpi-launch versions default to TLS).  tls
+(``--protocols tcp tls``): ``dask-mpi-launch --tls`` when the installed CLI has it (its own
+credentials, in memory); otherwise certificates from
+``distributed.security.Security.temporary()`` (needs ``cryptography``) written to files and
+handed to every rank through Dask's config (``DASK_DISTRIBUTED__COMM__TLS__*``) plus
+``--protocol tls``.  When neither works the output says so.
+
+Writes results/dataplane.{md,json}.  Usually run through ``bin/bench-data``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from startup import _load, _stats, fmt_stat, machine_facts, make_env, run_once  # noqa: E402
+
+MIB = 2**20
+
+# --- the scripts run under MPI -------------------------------------------------------------
+
+DASK_SCRIPT = r'''
+"""Client script, run on rank 1 by dask-mpi-launch: argv = SIZES_BYTES REPEAT WARMUP."""
+import json, sys, time
+import numpy as np
+from distributed import Client, wait
+
+sizes = [int(s) for s in sys.argv[1].split(",")]
+repeat, warmup = int(sys.argv[2]), int(sys.argv[3])
+
+
+def nbytes(x):
+    return x.nbytes
+
+
+def incoming(dask_worker):
+    return [{"keys": list(e["keys"]), "duration": e["duration"], "total": e["total"]}
+            for e in dask_worker.transfer_incoming_log]
+
+
+client = Client()
+workers = sorted(client.scheduler_info()["workers"].items(), key=lambda kv: str(kv[1]["name"]))
+(a, ia), (b, ib) = workers[0], workers[1]
+out = {"worker_a": [a, ia["name"]], "worker_b": [b, ib["name"]], "protocol": a.split("://")[0],
+       "sizes": {}}
+for size in sizes:
+    n = max(1, size // 8)
+    task, keys = [], []
+    for rep in range(warmup + repeat):
+        src = client.submit(np.ones, n, workers=[a], pure=False)
+        wait(src)
+        t0 = time.perf_counter()
+        dst = client.submit(nbytes, src, workers=[b], pure=False)
+        got = dst.result()
+        dt = time.perf_counter() - t0
+        assert got == n * 8, got
+        if rep >= warmup:
+            task.append(dt)
+            keys.append(src.key)
+        if rep == 0:
+            out.setdefault("moved", client.who_has(src)[src.key])
+        del src, dst
+        time.sleep(0.05)  # let the release reach the workers before the next array
+    log = client.run(incoming, workers=[b])[b]
+    transfer = []
+    for k in keys:
+        durs = [e["duration"] for e in log if k in e["keys"] or str(k) in map(str, e["keys"])]
+        if durs:
+            transfer.append(durs[-1])
+    out["sizes"][str(size)] = {"bytes": n * 8, "task": task, "transfer": transfer}
+print("DATAPLANE_JSON=" + json.dumps(out), flush=True)
+'''
+
+MPI_SCRIPT = r'''
+"""Two ranks, argv = SIZES_BYTES REPEAT WARMUP; rank 0 prints the timings."""
+import json, pickle, socket, sys
+import numpy as np
+from mpi4py import MPI
+
+comm = MPI.COMM_WORLD
+rank = comm.Get_rank()
+assert comm.Get_size() == 2, "run with exactly 2 ranks"
+sizes = [int(s) for s in sys.argv[1].split(",")]
+repeat, warmup = int(sys.argv[2]), int(sys.argv[3])
+ack = np.zeros(1, dtype=np.uint8)
+
+# plain TCP socket between the two ranks, on loopback, port chosen by the kernel
+if rank == 0:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    comm.bcast(srv.getsockname()[1], root=0)
+    sock, _ = srv.accept()
+    srv.close()
+else:
+    port = comm.bcast(None, root=0)
+    sock = socket.create_connection(("127.0.0.1", port))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def recv_exactly(s, view):
+    got = 0
+    while got < len(view):
+        k = s.recv_into(view[got:])
+        if not k:
+            raise ConnectionError("peer closed")
+        got += k
+
+
+def one(kind, buf):
+    comm.Barrier()
+    t0 = MPI.Wtime()
+    if kind == "Send":
+        if rank == 0:
+            comm.Send(buf, dest=1, tag=1)
+            comm.Recv(ack, source=1, tag=2)
+        else:
+            comm.Recv(buf, source=0, tag=1)
+            comm.Send(ack, dest=0, tag=2)
+    elif kind == "send":
+        if rank == 0:
+            comm.send(buf, dest=1, tag=3)
+            comm.Recv(ack, source=1, tag=4)
+        else:
+            x = comm.recv(source=0, tag=3)
+            assert x.nbytes == buf.nbytes
+            comm.Send(ack, dest=0, tag=4)
+    else:  # socket
+        if rank == 0:
+            sock.sendall(memoryview(buf).cast("B"))
+            recv_exactly(sock, memoryview(bytearray(1)))
+        else:
+            recv_exactly(sock, memoryview(buf).cast("B"))
+            sock.sendall(b"k")
+    return MPI.Wtime() - t0
+
+
+out = {"library": MPI.Get_library_version().splitlines()[0].strip(), "sizes": {}}
+for size in sizes:
+    n = max(1, size // 8)
+    buf = np.ones(n) if rank == 0 else np.empty(n)
+    res = {"bytes": n * 8}
+    for kind in ("Send", "send", "socket"):
+        times = [one(kind, buf) for _ in range(warmup + repeat)][warmup:]
+        res[kind] = times
+    if rank == 0:  # the machine's ceiling: one copy within one process
+        dst = np.empty_like(buf)
+        np.copyto(dst, buf)
+        res["memcpy"] = []
+        for _ in range(repeat):
+            t0 = MPI.Wtime()
+            np.copyto(dst, buf)
+            res["memcpy"].append(MPI.Wtime() - t0)
+        del dst
+    if rank == 1:
+        assert buf[0] == 1.0 and buf[-1] == 1.0
+    out["sizes"][str(size)] = res
+    del buf
+sock.close()
+if rank == 0:
+    print("DATAPLANE_JSON=" + json.dumps(out), flush=True)
+'''
+
+TLS_UNSUPPORTED = "tls: not supported yet by dask-mpi-launch"
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+def parse_payload(stdout: str) -> dict | None:
+    """The JSON after the last ``DATAPLANE_JSON=`` marker, or None.
+
+    >>> parse_payload('noise\\nDATAPLANE_JSON={"a": 1}\\n')
+    {'a': 1}
+    >>> parse_payload("nothing") is None
+    True
+    """
+    found = None
+    for line in stdout.splitlines():
+        if line.startswith("DATAPLANE_JSON="):
+            try:
+                found = json.loads(line.split("=", 1)[1])
+            except json.JSONDecodeError:
+                pass
+    return found
+
+
+def rates(nbytes: int, seconds: list[float]) -> dict | None:
+    """GB/s (10**9 B/s) statistics for one size: median, min, max.
+
+    >>> rates(10**9, [1.0, 0.5, 2.0])
+    {'median': 1.0, 'min': 0.5, 'max': 2.0}
+    """
+    return _stats([nbytes / s / 1e9 for s in seconds if s > 0])
+
+
+def millis(seconds: list[float]) -> dict | None:
+    """Latency statistics in ms.
+
+    >>> millis([0.001, 0.003, 0.002])
+    {'median': 2.0, 'min': 1.0, 'max': 3.0}
+    """
+    return _stats([round(s * 1e3, 4) for s in seconds])
+
+
+def size_label(nbytes: int) -> str:
+    """
+    >>> size_label(8), size_label(8 * 2**20), size_label(256 * 2**20)
+    ('8 B', '8 MiB', '256 MiB')
+    """
+    return f"{nbytes // MIB} MiB" if nbytes >= MIB else f"{nbytes} B"
+
+
+def columns(protocols: dict) -> list[tuple[str, str, str]]:
+    """(label, source, key) of each table column: dask protocols first, then the references."""
+    cols = []
+    for proto, res in protocols.items():
+        if res.get("payload"):
+            cols += [(f"dask {proto} task", proto, "task"),
+                     (f"dask {proto} transfer", proto, "transfer")]
+    return cols + [("raw TCP socket", "mpi", "socket"), ("mpi4py send (pickle)", "mpi", "send"),
+                   ("**mpi4py Send/Recv**", "mpi", "Send"), ("memcpy", "mpi", "memcpy")]
+
+
+def cell(results: dict, source: str, key: str, size: str, unit: str) -> str:
+    payload = results.get(source, {}).get("payload")
+    if not payload or size not in payload["sizes"]:
+        return "–"
+    entry = payload["sizes"][size]
+    times = entry.get(key) or []
+    stat = millis(times) if unit == "ms" else rates(entry["bytes"], times)
+    return fmt_stat(stat, 3 if unit == "ms" else 2)
+
+
+def median_rate(results: dict, source: str, key: str, size: str) -> float | None:
+    payload = results.get(source, {}).get("payload")
+    try:
+        entry = payload["sizes"][size]
+        return rates(entry["bytes"], entry[key])["median"]
+    except (TypeError, KeyError):
+        return None
+
+
+def merge(runs: list[dict]) -> dict:
+    """Rounds of one variant -> {"payload": lists concatenated per size, "runs": [...]}.
+
+    >>> a = {"payload": {"protocol": "tcp", "sizes": {"8": {"bytes": 8, "task": [1.0]}}}}
+    >>> b = {"payload": {"protocol": "tcp", "sizes": {"8": {"bytes": 8, "task": [2.0]}}}}
+    >>> merge([a, b, {"payload": None, "note": "x"}])["payload"]["sizes"]["8"]["task"]
+    [1.0, 2.0]
+    >>> merge([{"payload": None, "note": "x"}])["note"]
+    'x'
+    """
+    ok = [r["payload"] for r in runs if r.get("payload")]
+    out: dict = {"runs": [{k: v for k, v in r.items() if k != "payload"} for r in runs],
+                 "payload": None}
+    notes = [r["note"] for r in runs if r.get("note")]
+    if notes:
+        out["note"] = notes[0] + (f" ({len(notes)} of {len(runs)} rounds)" if ok else "")
+    if ok:
+        merged = json.loads(json.dumps(ok[0]))
+        for p in ok[1:]:
+            for size, entry in p["sizes"].items():
+                dst = merged["sizes"].setdefault(size, {"bytes": entry["bytes"]})
+                for key, val in entry.items():
+                    if isinstance(val, list):
+                        dst.setdefault(key, []).extend(val)
+        out["payload"] = merged
+    return out
+
+
+def render_markdown(meta: dict, results: dict, command: str) -> str:
+    pk = ", ".join(f"{k} {v}" for k, v in meta.get("packages", {}).items())
+    protos = {p: r for p, r in results.items() if p != "mpi"}
+    cols = columns(protos)
+    sizes = sorted({s for r in results.values() if r.get("payload")
+                    for s in r["payload"]["sizes"]}, key=int)
+    small = [s for s in sizes if int(s) < MIB]
+    big = [s for s in sizes if int(s) >= MIB]
+    lines = [
+        "# Data-plane benchmark: worker → worker vs MPI",
+        "",
+        f"- date: {meta.get('date')}; host: {meta.get('host')} ({meta.get('os')})",
+        f"- cores: {meta.get('cores')}; memory: {meta.get('memory')}; "
+        f"Python {meta.get('python')}; load average at start {meta.get('load_start')}, "
+        f"at end {meta.get('load_end')}",
+        f"- MPI: {meta.get('mpi_library')}",
+        f"- packages: {pk or '?'}",
+        f"- command: `{command}`",
+        "",
+        "Two ranks on one machine, so every byte crosses loopback or shared memory; "
+        "arrays of float64 ones, sizes in MiB, **GB/s = 10⁹ bytes/s**, median (min–max) of "
+        "all timed runs. "
+        "**dask task**: `client.submit(f, fut_on_A, workers=[B])` → result, i.e. "
+        "transfer A → B plus scheduling of one task. **dask transfer**: worker B's own log of "
+        "the transfer (get_data request → data deserialised). **raw TCP socket**: Python "
+        "`sendall`/`recv_into` over 127.0.0.1. **mpi4py send (pickle)**: lowercase "
+        "`comm.send`. **mpi4py Send/Recv**: buffer-protocol `Comm.Send`/`Recv` (the "
+        "reference). MPI and socket times are one-way after a Barrier, closed by a 1-byte "
+        "ack. **memcpy**: `np.copyto` within one process, the machine's ceiling. "
+        "tcp runs pass `--protocol tcp`; tls runs "
+        + ("`--tls` (dask-mpi-launch's own job credentials, in memory)"
+           if meta.get("tls_method") == "cli" else
+           "`--protocol tls` with `Security.temporary()` certificates given to every rank "
+           "through Dask's config (`DASK_DISTRIBUTED__COMM__TLS__*`)") + ". "
+        f"Variants interleaved over {meta.get('rounds')} rounds (one `mpiexec` each) of "
+        f"{meta.get('repeat')} timed runs after {meta.get('warmup')} warm-up.",
+        "",
+    ]
+    notes = [res.get("note") or f"{name}: no result" for name, res in results.items()
+             if res.get("note") or not res.get("payload")]
+    if notes:
+        lines += [f"- {'mpi4py: ' if n == results.get('mpi', {}).get('note') else ''}{n}"
+                  for n in notes] + [""]
+    if big:
+        lines += ["| size | " + " | ".join(c[0] for c in cols) + " | dask task ÷ Send/Recv |",
+                  "|---|" + "---|" * len(cols) + "---:|"]
+        first = next(iter(protos), None)
+        for s in big:
+            ratio = "–"
+            d, m = median_rate(results, first, "task", s), median_rate(results, "mpi", "Send", s)
+            if d and m:
+                ratio = f"{d / m:.2f}×"
+            lines.append(f"| {size_label(int(s))} | "
+                         + " | ".join(cell(results, src, key, s, "GB/s") for _, src, key in cols)
+                         + f" | {ratio} |")
+        lines.append("")
+    if small:
+        lines += ["Latency of the same exchange with an 8-byte array, ms:", "",
+                  "| size | " + " | ".join(c[0] for c in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for s in small:
+            lines.append(f"| {size_label(int(s))} | "
+                         + " | ".join(cell(results, src, key, s, "ms") for _, src, key in cols)
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- running --------------------------------------------------------------------------------
+
+def tls_env(tmp: Path, python: Path) -> tuple[dict | None, str]:
+    """Dask config (as environment variables) with certificates from Security.temporary(),
+    made by the venv's python; (None, reason) when that is not possible."""
+    probe = r"""
+import os, sys
+from distributed.security import Security
+sec = Security.temporary()
+d = sys.argv[1]
+for name, value in [("ca.pem", sec.tls_ca_file), ("cert.pem", sec.tls_scheduler_cert),
+                    ("key.pem", sec.tls_scheduler_key)]:
+    path = os.path.join(d, name)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(value)
+"""
+    certs = tmp / "tls"
+    certs.mkdir(mode=0o700, exist_ok=True)
+    raw = run_once([str(python), "-c", probe, str(certs)], dict(os.environ), str(tmp), 60)
+    if raw["rc"] != 0:
+        last = (raw["stderr"].strip().splitlines() or ["?"])[-1]
+        return None, f"{TLS_UNSUPPORTED} (and no certificates: {last})"
+    env = {"DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+           "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(certs / "ca.pem")}
+    for role in ("SCHEDULER", "WORKER", "CLIENT"):
+        env[f"DASK_DISTRIBUTED__COMM__TLS__{role}__CERT"] = str(certs / "cert.pem")
+        env[f"DASK_DISTRIBUTED__COMM__TLS__{role}__KEY"] = str(certs / "key.pem")
+    return env, ""
+
+
+def cli_has_tls(venv: Path) -> bool:
+    """Whether this dask-mpi-launch has its own ``--tls`` option (job-made credentials)."""
+    try:
+        out = subprocess.run([str(venv / "bin" / "dask-mpi-launch"), "--help"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--tls" in out
+
+
+def run_dask(proto: str, args, venv: Path, env: dict, tmp: Path, sizes: str) -> dict:
+    script = tmp / "bench_dataplane_client.py"
+    script.write_text(DASK_SCRIPT)
+    run_env = dict(env)
+    if proto == "tls" and args.tls_method == "cli":
+        opts = ["--tls"]  # the package's own credentials, passed between ranks in memory
+    elif proto == "tls":
+        extra, note = tls_env(tmp, venv / "bin" / "python")
+        if extra is None:
+            return {"payload": None, "note": note, "skip": True}
+        run_env.update(extra)
+        opts = ["--protocol", "tls"]
+    else:
+        opts = ["--protocol", proto]  # explicit: newer CLIs default to TLS
+    argv = [str(venv / "bin" / "mpiexec"), "-n", "4", str(venv / "bin" / "dask-mpi-launch"),
+            "--interface", "lo", "--no-dashboard", "--nthreads", "1", *opts,
+            str(script), sizes, str(args.repeat), str(args.warmup)]
+    raw = run_once(argv, run_env, str(tmp), args.timeout)
+    payload = parse_payload(raw["stdout"])
+    res = {"argv": argv[1:], "rc": raw["rc"], "timed_out": raw["timed_out"],
+           "wall": round(raw["t1"] - raw["t0"], 2), "payload": payload}
+    if payload is None:
+        why = f"timed out after {args.timeout:g} s" if raw["timed_out"] else f"rc {raw['rc']}"
+        tail = raw["stderr"].strip().splitlines()[-3:]
+        res["stderr_tail"] = tail
+        prefix = (TLS_UNSUPPORTED if proto == "tls" and args.tls_method == "config"
+                  else f"{proto}: failed")
+        res["note"] = f"{prefix} ({why}: {' / '.join(tail)[-300:]})"
+    elif payload.get("protocol") != proto:
+        res["note"] = f"{proto}: asked for, but the workers listen on {payload.get('protocol')}"
+    return res
+
+
+def run_mpi(args, venv: Path, env: dict, tmp: Path, sizes: str) -> dict:
+    script = tmp / "bench_dataplane_mpi.py"
+    script.write_text(MPI_SCRIPT)
+    argv = [str(venv / "bin" / "mpiexec"), "-n", "2", str(venv / "bin" / "python"), str(script),
+            sizes, str(args.repeat), str(args.warmup)]
+    raw = run_once(argv, env, str(tmp), args.timeout)
+    payload = parse_payload(raw["stdout"])
+    res = {"argv": argv[1:], "rc": raw["rc"], "timed_out": raw["timed_out"],
+           "wall": round(raw["t1"] - raw["t0"], 2), "payload": payload}
+    if payload is None:
+        res["stderr_tail"] = raw["stderr"].strip().splitlines()[-5:]
+        res["note"] = f"failed (rc {raw['rc']}, timed out {raw['timed_out']})"
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example: bin/bench-data --sizes 8 64 256 --repeat 5 --protocols tcp tls")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 256], help="array sizes, MiB (default 8 64 256)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds; each runs every variant once (one mpiexec), interleaved")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="timed runs per size, variant and round")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per size and round")
+    ap.add_argument("--no-latency", action="store_true", help="skip the 8-byte latency row")
+    ap.add_argument("--protocols", nargs="+", default=["tcp"], choices=["tcp", "tls"],
+                    help="Dask comm protocols to measure (tls needs `cryptography`)")
+    ap.add_argument("--tls-method", choices=["auto", "cli", "config"], default="auto",
+                    help="tls through dask-mpi-launch --tls (cli), or through Dask's config "
+                         "with Security.temporary() certificates in files (config); auto: "
+                         "cli when the installed dask-mpi-launch has --tls")
+    ap.add_argument("--no-mpi", action="store_true", help="skip the mpi4py/socket reference")
+    ap.add_argument("--timeout", type=float, default=300.0, help="per mpiexec run, seconds")
+    ap.add_argument("--venv", type=Path, default=Path(os.environ.get("DML_BENCH_VENV",
+                                                                     ".venv/bench")),
+                    help="venv whose bin/ has mpiexec, python, dask-mpi-launch")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                    help="directory for dataplane.md/.json (default benchmarks/results)")
+    args = ap.parse_args(argv)
+
+    venv = args.venv.absolute()
+    meta = machine_facts(venv)
+    if args.tls_method == "auto":
+        args.tls_method = "cli" if cli_has_tls(venv) else "config"
+    meta.update(rounds=args.rounds, repeat=args.repeat, warmup=args.warmup,
+                tls_method=args.tls_method)
+    mpi = "openmpi" if "Open MPI" in meta.get("mpi_library", "") else "mpich"
+    env = make_env(venv, mpi)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    sizes = ([] if args.no_latency else [8]) + [s * MIB for s in args.sizes]
+    size_arg = ",".join(map(str, sizes))
+    print(f"MPI: {meta['mpi_library']}; venv {venv}; load {_load()}", file=sys.stderr)
+
+    variants = list(args.protocols) + ([] if args.no_mpi else ["mpi"])
+    rounds: dict[str, list[dict]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="dml-bench-data-") as tmp:
+        for rnd in range(args.rounds):
+            for v in variants:
+                if rounds[v] and rounds[v][-1].get("skip"):
+                    continue  # tls that cannot work: once is enough
+                t = time.time()
+                if v == "mpi":
+                    res = run_mpi(args, venv, env, Path(tmp), size_arg)
+                else:
+                    res = run_dask(v, args, venv, env, Path(tmp), size_arg)
+                res["load1"] = os.getloadavg()[0]
+                rounds[v].append(res)
+                print(f"[round {rnd + 1}/{args.rounds}] {v}: {time.time() - t:.1f} s "
+                      f"{res.get('note') or 'ok'}; load {_load()}", file=sys.stderr)
+    results = {v: merge(rs) for v, rs in rounds.items()}
+
+    meta["load_end"] = _load()
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = render_markdown(meta, results, command)
+    (args.out / "dataplane.md").write_text(md)
+    (args.out / "dataplane.json").write_text(json.dumps(
+        {"meta": meta, "command": command,
+         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+         "results": results}, indent=1) + "\n")
+    print(md)
+    print(f"wrote {args.out / 'dataplane.md'}, {args.out / 'dataplane.json'}")
+    return 0 if all(r.get("payload") for p, r in results.items() if p in ("tcp", "mpi")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1021 @@
+#!/usr/bin/env python3
+"""Scaling by simulation: one real Dask scheduler, 1,000+ lightweight workers on one machine.
+
+One process runs a ``distributed.Scheduler`` (defaults, on 127.0.0.1, port 0, no dashboard).
+--procs processes each run their share of N ``distributed.Worker`` objects in one asyncio loop
+(nthreads=1, memory_limit=0, no nanny, no dashboard, 127.0.0.1).  Every process imports
+first and reports READY; then all get GO at once and start all their workers concurrently --
+the burst an MPI job produces when every rank reaches ``Worker()`` at about the same time.
+
+Measured per trial (times from GO):
+* all       until the scheduler has seen N workers (a SchedulerPlugin timestamps every
+            ``add_worker``); throughput = N / all, in workers/s; also 50 % and 90 %;
+* peak      best registrations/s over a 1-s window;
+* sched cpu scheduler CPU seconds / wall seconds during the registration (1.0 = one core);
+* unresp.   "Event loop was unresponsive" warnings of the scheduler (its tick, 3 s limit);
+* lat p50/p99/max  each worker's own ``await Worker(...)`` (connect + handshake + register);
+* retries   worker-side connect retries ("Could not connect", "Waiting to connect") and
+            failed workers;
+* SYN drops the kernel's ListenDrops counter over the registration (full accept queues).
+Cost model: the version comparison each registration makes against every connected worker
+(``distributed.versions.error_message``), timed alone at --model-sizes connected workers.
+Trials are bounded (--timeout); all processes are in their own process groups, killed at the
+end of every trial.
+
+Phase 1 (curve): default settings at each --workers count.  Phase 2 (knobs): at --at workers,
+each --sweep variant: Dask config values applied in every process (scheduler and workers),
+or ``ramp=S`` (workers start spread uniformly over S seconds: what a launcher can do).
+Simulation only: to fit hundreds of workers in one process the worker processes run at
+nice 10 and switch off per-worker background timers (profiler off, tick 1 s, system monitor
+10 s, no GIL monitor), each worker with its own local directory; the scheduler keeps Dask's
+defaults.  On 2 cores the workers and the scheduler share the CPU, so absolute
+numbers are lower than on a cluster where each worker has its own host; compare the shape.
+
+Diagnostics: BENCH_SCALE_PROFILE=FILE dumps a cProfile of the scheduler process (last trial).
+Writes results/scale.{md,json,png}.  Usually run through ``bin/bench-scale``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from startup import _load, machine_facts  # noqa: E402
+
+# Worker processes only: strip per-worker background timers so 100s of workers fit in one
+# process (on a real cluster each worker has its own core for these).
+WORKER_LIGHT = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "10s",
+    # else every Worker() tries `import gilknocker` again: ~2 ms of sys.path scanning each
+    "distributed.admin.system-monitor.gil.enabled": False,
+}
+
+WORKER_NICE = 10
+
+# name -> Dask config applied in every process; "ramp=S" variants are handled separately.
+SWEEP = {
+    "default": {},
+    "connect=5s": {"distributed.comm.timeouts.connect": "5s"},
+    "connect=120s": {"distributed.comm.timeouts.connect": "120s"},
+    "tcp=120s": {"distributed.comm.timeouts.tcp": "120s"},
+    "backlog=128": {"distributed.comm.socket-backlog": 128},
+    "backlog=4096": {"distributed.comm.socket-backlog": 4096},  # the kernel caps at somaxconn
+    "conns=1000": {"distributed.worker.connections.outgoing": 1000,
+                   "distributed.worker.connections.incoming": 1000},
+    "ramp=2s": {},
+}
+# Short names usable in --sweep as NAME=VALUE (e.g. backlog=16, connect=10s).
+ALIASES = {
+    "backlog": ["distributed.comm.socket-backlog"],
+    "connect": ["distributed.comm.timeouts.connect"],
+    "tcp": ["distributed.comm.timeouts.tcp"],
+    "conns": ["distributed.worker.connections.outgoing",
+              "distributed.worker.connections.incoming"],
+}
+# Scheduler-side cost model: the version comparison every registration makes against all
+# connected workers (Scheduler.add_worker -> distributed.versions.error_message), timed alone.
+MODEL_SIZES = [1000, 3000, 10000, 30000]
+
+
+# --- child: the scheduler -------------------------------------------------------------------
+
+def _quiet_logging(counter: dict, keep: list, debug_comm: bool = False) -> None:
+    """Replace distributed's log handlers by one that only counts (no formatting, no output)."""
+    import logging
+
+    class Count(logging.Handler):
+        def emit(self, rec: logging.LogRecord) -> None:
+            msg = str(rec.msg)
+            for key in ("Waiting to connect", "Could not connect", "Event loop was unresponsive",
+                        "Timed out"):
+                # "Waiting to connect" is also an informational line of every worker's start;
+                # only the one in the registration loop is a retry
+                if msg.startswith(key) and (key != "Waiting to connect"
+                                            or rec.funcName == "_register_with_scheduler"):
+                    counter[key] = counter.get(key, 0) + 1
+                    if key == "Event loop was unresponsive" and len(rec.args) >= 2:
+                        counter["unresponsive_max"] = max(counter.get("unresponsive_max", 0),
+                                                          float(rec.args[1]))
+            if rec.levelno >= logging.WARNING:
+                counter[rec.levelname] = counter.get(rec.levelname, 0) + 1
+                if len(keep) < 5:
+                    try:
+                        keep.append(rec.getMessage()[:200])
+                    except Exception:  # noqa: BLE001
+                        pass
+
+    root = logging.getLogger("distributed")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(Count())
+    root.propagate = False
+    root.setLevel(logging.INFO)
+    if debug_comm:
+        logging.getLogger("distributed.comm.core").setLevel(logging.DEBUG)
+    logging.getLogger("tornado").setLevel(logging.CRITICAL)
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def listen_drops() -> int | None:
+    """The kernel's TcpExt ListenDrops counter (connects dropped because an accept queue
+    was full, or similar), machine-wide: read before and after a trial.
+
+    >>> isinstance(listen_drops(), (int, type(None)))
+    True
+    """
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            try:
+                return int(table["ListenDrops"])
+            except (KeyError, ValueError):
+                return None
+    return None
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def child_scheduler(expect: int, config: dict, timeout: float, settle: float) -> int:
+    import dask
+    dask.config.set(config)
+    _raise_nofile()
+    counter: dict = {}
+    keep: list = []
+    _quiet_logging(counter, keep)
+    from distributed import Scheduler
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    arrivals: list[float] = []
+
+    class Arrivals(SchedulerPlugin):
+        name = "bench-arrivals"
+
+        def add_worker(self, scheduler, worker):
+            arrivals.append(time.time())
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        s = await Scheduler(host="127.0.0.1", port=0, dashboard=False)
+        s.add_plugin(Arrivals())
+        print(f"ADDRESS={s.address}", flush=True)
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        go = float(line.split()[1])
+        cpu0, drops0 = _cpu(), listen_drops()
+        while len(arrivals) < expect and time.time() < go + timeout:
+            await asyncio.sleep(0.02)
+        t_done, cpu1, drops1 = time.time(), _cpu(), listen_drops()
+        await asyncio.sleep(settle)  # steady state: heartbeats only
+        t_settle, cpu2 = time.time(), _cpu()
+        out = {
+            "arrivals": [round(a - go, 4) for a in arrivals],
+            "connected": len(s.workers),
+            "cpu_reg": round(cpu1 - cpu0, 3), "wall_reg": round(t_done - go, 3),
+            "cpu_settle": round(cpu2 - cpu1, 3), "wall_settle": round(t_settle - t_done, 3),
+            "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "listen_drops": drops1 - drops0 if None not in (drops0, drops1) else None,
+            "log": counter, "log_sample": keep,
+        }
+        print("DONE=" + json.dumps(out), flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)  # parent says stop (or kills)
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(prof_path)
+        os._exit(0)
+
+    prof_path = os.environ.get("BENCH_SCALE_PROFILE")
+    prof = None
+    if prof_path:  # diagnostics: cProfile of the scheduler process, dumped to this path
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    asyncio.run(main())
+    return 0
+
+
+# --- child: the cost model ------------------------------------------------------------------
+
+def child_model(sizes: list[int]) -> int:
+    from distributed.versions import error_message, get_versions
+
+    versions = get_versions()
+    out = {}
+    for n in sizes:
+        workers = {f"tcp://10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:1": versions
+                   for i in range(n)}
+        calls, t0 = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - t0 < 0.3:
+            error_message(versions, workers, versions, source_name="bench")
+            calls += 1
+        out[str(n)] = (time.perf_counter() - t0) / calls
+    print("MODEL=" + json.dumps(out), flush=True)
+    return 0
+
+
+# --- child: a process of workers ------------------------------------------------------------
+
+def child_workers(address: str, count: int, index: int, config: dict, timeout: float,
+                  ramp: float, local_dir: str) -> int:
+    import random
+
+    import dask
+    dask.config.set({**config, **WORKER_LIGHT})
+    # The simulated workers share the machine with the scheduler: let the scheduler have
+    # its core first, as it would on a cluster (and be polite to other work).
+    os.nice(WORKER_NICE)
+    _raise_nofile()
+    counter: dict = {}
+    keep: list = []
+    _quiet_logging(counter, keep, debug_comm=True)
+    from distributed import Worker
+
+    print("READY", flush=True)
+    go = float(sys.stdin.readline().split()[1])
+    rnd = random.Random(index)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        workers, lat, failed = [], [], {}
+        cpu0 = _cpu()
+
+        async def one(i: int) -> None:
+            if ramp:
+                await asyncio.sleep(max(0.0, go + rnd.uniform(0, ramp) - time.time()))
+            t0 = time.time()
+            try:
+                w = Worker(address, nthreads=1, memory_limit=0, dashboard=False,
+                           host="127.0.0.1", name=f"sim-{index}-{i}",
+                           # own directory each, like one node's /tmp: in a shared one every
+                           # new worker scans all the others' lock files (O(N) each)
+                           local_directory=os.path.join(local_dir, f"{index}-{i}"))
+                await asyncio.wait_for(w, timeout=max(0.1, go + timeout - time.time()))
+                workers.append(w)
+                lat.append(round(time.time() - t0, 4))
+            except Exception as e:  # noqa: BLE001 - counted, reported
+                failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+        out = {"index": index, "started": len(workers), "failed": failed, "lat": lat,
+               "cpu": round(_cpu() - cpu0, 3), "wall": round(time.time() - go, 3),
+               "log": counter, "log_sample": keep}
+        print("WORKERS=" + json.dumps(out), flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)
+        os._exit(0)  # closing 100s of workers politely is not what we measure
+
+    asyncio.run(main())
+    return 0
+
+
+# --- parent: process handling ---------------------------------------------------------------
+
+class Child:
+    """A child in its own session; stdout lines pumped into a queue; stderr to a temp file."""
+
+    def __init__(self, argv: list[str], env: dict, cwd: str):
+        self.err = tempfile.TemporaryFile("w+")
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self.err, text=True, env=env, cwd=cwd,
+                                  start_new_session=True, bufsize=1)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.p.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, prefix: str, deadline: float) -> str | None:
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                return None
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                return None
+            if line is None:
+                return None
+            if line.startswith(prefix):
+                return line[len(prefix):]
+
+    def send(self, text: str) -> None:
+        try:
+            self.p.stdin.write(text)
+            self.p.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    def stderr_tail(self, n: int = 4) -> list[str]:
+        try:
+            self.err.seek(0)
+            return self.err.read().strip().splitlines()[-n:]
+        except (OSError, ValueError):
+            return []
+
+    def kill(self, grace: float = 0.0) -> None:
+        if grace:
+            try:
+                self.p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.err.close()
+
+
+_LIVE: list[Child] = []
+
+
+def _kill_all(*_):
+    for c in list(_LIVE):
+        c.kill()
+    _LIVE.clear()
+
+
+def split(n: int, parts: int) -> list[int]:
+    """N workers over `parts` processes, as even as possible.
+
+    >>> split(1000, 8), split(10, 3)
+    ([125, 125, 125, 125, 125, 125, 125, 125], [4, 3, 3])
+    """
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path) -> dict:
+    py = sys.executable
+    me = str(Path(__file__).resolve())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    local_dir = tempfile.mkdtemp(prefix="scratch-", dir=tmp)
+    setup_deadline = time.time() + args.setup_timeout
+    children: list[Child] = []
+    res: dict = {"n": n, "variant": variant, "config": config, "ramp": ramp,
+                 "procs": args.procs, "load1": os.getloadavg()[0]}
+    try:
+        sched = Child([py, me, "_scheduler", str(n), json.dumps(config), str(args.timeout),
+                       str(args.settle)], env, str(tmp))
+        children.append(sched)
+        _LIVE.append(sched)
+        address = sched.expect("ADDRESS=", setup_deadline)
+        if address is None:
+            return {**res, "status": "error", "why": "scheduler did not start",
+                    "stderr": sched.stderr_tail()}
+        for i, k in enumerate(split(n, args.procs)):
+            c = Child([py, me, "_workers", address, str(k), str(i), json.dumps(config),
+                       str(args.timeout), str(ramp), local_dir], env, str(tmp))
+            children.append(c)
+            _LIVE.append(c)
+        for c in children[1:]:
+            if c.expect("READY", setup_deadline) is None:
+                return {**res, "status": "error", "why": "a worker process did not start",
+                        "stderr": c.stderr_tail()}
+        go = time.time()
+        for c in children:
+            c.send(f"GO {go!r}\n")
+        done = sched.expect("DONE=", go + args.timeout + args.settle + 30)
+        reports = []
+        for c in children[1:]:
+            r = c.expect("WORKERS=", time.time() + 10)
+            reports.append(json.loads(r) if r else None)
+        if done is None:
+            return {**res, "status": "error", "why": "no report from the scheduler",
+                    "stderr": sched.stderr_tail()}
+        res.update(json.loads(done))
+        res["workers"] = reports
+        res["status"] = "ok" if res["connected"] >= n else "timeout"
+        return res
+    finally:
+        # workers first (SIGKILL: closing them politely is not what we measure), then the
+        # scheduler, which may need a moment to write its profile
+        for c in children[1:] + children[:1]:
+            c.send("STOP\n")
+            c.kill(grace=10.0 if c is children[0] and os.environ.get("BENCH_SCALE_PROFILE")
+                   else 0.0)
+            if c in _LIVE:
+                _LIVE.remove(c)
+
+
+# --- statistics and rendering (pure) ---------------------------------------------------------
+
+def quantile(xs: list[float], q: float) -> float | None:
+    """Nearest-rank quantile.
+
+    >>> quantile([1, 2, 3, 4], 0.5), quantile([1, 2, 3, 4], 0.9), quantile([], 0.5)
+    (2, 4, None)
+    """
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[max(0, min(len(xs) - 1, int(-(-q * len(xs) // 1)) - 1))]
+
+
+def peak_rate(arrivals: list[float], window: float = 1.0) -> float:
+    """Most arrivals in any `window` seconds, per second.
+
+    >>> peak_rate([0.0, 0.1, 0.2, 1.5, 1.6])
+    3.0
+    """
+    best, j = 0, 0
+    xs = sorted(arrivals)
+    for i, x in enumerate(xs):
+        while xs[j] < x - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best / window
+
+
+def summarize(trial: dict) -> dict:
+    """One table row from one trial."""
+    n, arr = trial["n"], sorted(trial.get("arrivals") or [])
+    reports = [r for r in trial.get("workers") or [] if r]
+    lat = [x for r in reports for x in r["lat"]]
+    wlog: dict = {}
+    for r in reports:
+        for k, v in r["log"].items():
+            wlog[k] = wlog.get(k, 0) + v
+    failed = sum(sum(r["failed"].values()) for r in reports)
+    t_all = arr[n - 1] if len(arr) >= n else None
+    slog = trial.get("log") or {}
+    row = {
+        "variant": trial["variant"], "n": n, "status": trial["status"],
+        "connected": trial.get("connected"),
+        "t50": quantile(arr, 0.5) if len(arr) >= n // 2 else None,
+        "t90": arr[int(0.9 * n) - 1] if len(arr) >= int(0.9 * n) and n >= 10 else None,
+        "t_first": arr[0] if arr else None,
+        "t_all": t_all,
+        # registrations per second once they started: the time before the first one is the
+        # simulated workers' own construction, serialised in a few processes here but
+        # parallel on a cluster
+        "rate": round(n / (t_all - arr[0]), 1) if t_all and t_all > arr[0] else None,
+        "peak": peak_rate(arr) if arr else None,
+        "sched_cpu": round(trial["cpu_reg"] / trial["wall_reg"], 2)
+        if trial.get("wall_reg") else None,
+        # scheduler CPU per registered worker, and the rate the scheduler alone could sustain
+        "sched_ms": round(1e3 * trial["cpu_reg"] / max(1, len(arr)), 2)
+        if trial.get("cpu_reg") is not None else None,
+        "sched_cap": round(len(arr) / trial["cpu_reg"]) if trial.get("cpu_reg") else None,
+        "settle_cpu": round(trial["cpu_settle"] / trial["wall_settle"], 2)
+        if trial.get("wall_settle") else None,
+        "unresponsive": slog.get("Event loop was unresponsive", 0),
+        "unresponsive_max": slog.get("unresponsive_max"),
+        "lat50": quantile(lat, 0.5), "lat99": quantile(lat, 0.99),
+        "latmax": max(lat) if lat else None,
+        "retries": wlog.get("Could not connect", 0) + wlog.get("Waiting to connect", 0),
+        "failed": failed, "listen_drops": trial.get("listen_drops"),
+        "worker_cpu": round(sum(r["cpu"] for r in reports), 1) if reports else None,
+        "sched_rss": trial.get("maxrss_mb"), "load1": trial.get("load1"),
+    }
+    if trial["status"] != "ok":
+        row["why"] = trial.get("why") or f"{trial.get('connected')} of {n} connected"
+    return row
+
+
+def fit_model(model: dict) -> dict | None:
+    """Least-squares line through the origin: seconds per version check vs connected workers.
+
+    >>> fit_model({"1000": 0.001, "3000": 0.003})
+    {'per_worker_us': 1.0}
+    """
+    pts = [(int(k), v) for k, v in (model or {}).items()]
+    if not pts:
+        return None
+    slope = sum(x * y for x, y in pts) / sum(x * x for x, _ in pts)
+    return {"per_worker_us": round(slope * 1e6, 3)}
+
+
+def _f(x, digits: int = 2, unit: str = "") -> str:
+    """
+    >>> _f(None), _f(1.234), _f(3, 0, " s")
+    ('–', '1.23', '3 s')
+    """
+    return "–" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def table(rows: list[dict], timeout: float) -> list[str]:
+    out = ["| variant | workers | status | first s | all s | 50 % s | 90 % s | workers/s "
+           "| peak /s "
+           "| sched CPU | sched ms/worker | sched-bound /s | unresp. (max s) "
+           "| lat p50/p99/max s | retries | SYN drops | failed | load |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        status = r["status"] if r["status"] == "ok" else f"**{r['status']}** ({r.get('why')})"
+        t_all = _f(r["t_all"]) if r["t_all"] else f"> {timeout:g}"
+        unresp = str(r["unresponsive"]) + (f" ({r['unresponsive_max']:.1f})"
+                                           if r["unresponsive_max"] else "")
+        out.append(
+            f"| {r['variant']} | {r['n']} | {status} | {_f(r.get('t_first'))} | {t_all} "
+            f"| {_f(r['t50'])} "
+            f"| {_f(r['t90'])} | {_f(r['rate'], 0)} | {_f(r['peak'], 0)} "
+            f"| {_f(r['sched_cpu'])} | {_f(r['sched_ms'])} | {_f(r['sched_cap'], 0)} "
+            f"| {unresp} "
+            f"| {_f(r['lat50'])} / {_f(r['lat99'])} / {_f(r['latmax'])} "
+            f"| {r['retries']} | {'–' if r.get('listen_drops') is None else r['listen_drops']} "
+            f"| {r['failed']} | {_f(r['load1'], 1)} |")
+    return out
+
+
+def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dict | None,
+                    command: str, summary: str, timeout: float) -> str:
+    pk = ", ".join(f"{k} {v}" for k, v in meta.get("packages", {}).items())
+    lines = [
+        "# Scaling by simulation: one scheduler, many workers",
+        "",
+        f"- date: {meta.get('date')}; host: {meta.get('host')} ({meta.get('os')})",
+        f"- cores: {meta.get('cores')}; memory: {meta.get('memory')}; "
+        f"Python {meta.get('python')}; load average at start {meta.get('load_start')}, "
+        f"at end {meta.get('load_end')} (other test suites ran on the machine too)",
+        f"- packages: {pk or '?'}",
+        f"- kernel: net.core.somaxconn {meta.get('somaxconn')}, "
+        f"tcp_max_syn_backlog {meta.get('syn_backlog')}, open files {meta.get('nofile')}",
+        f"- command: `{command}`",
+        "",
+        "One `distributed.Scheduler` process (Dask defaults) and "
+        f"{meta.get('procs')} processes holding the `distributed.Worker` objects (nthreads=1, "
+        "no nanny/dashboard, memory_limit=0, 127.0.0.1), all started at once after every "
+        "process had imported. Times in seconds from that start. **first**: first "
+        "registration (before it, the simulated workers are being constructed, serialised in "
+        "a few processes here, parallel on a cluster); **all/50 %/90 %**: until the "
+        "scheduler had registered that share of the workers; **workers/s** = workers / "
+        "(all − first); **peak**: best 1-s window; **sched CPU**: scheduler CPU s per wall s during "
+        "the registration (1.00 = one core busy); **sched ms/worker**: scheduler CPU during "
+        "the registration per worker (heartbeats of the registered ones included); "
+        "**sched-bound /s** = 1000 / that: the rate the scheduler alone could sustain if "
+        "workers arrived as fast as it takes them; **unresp.**: the scheduler's \"Event "
+        "loop was unresponsive\" warnings (longest stall); **lat**: each worker's own "
+        "`await Worker()`; **retries**: worker-side connect retries (\"Could not connect\", "
+        "\"Waiting to connect\"); **SYN drops**: the kernel's ListenDrops counter during the "
+        "registration (connects dropped, mostly because an accept queue was full; "
+        "machine-wide); **failed**: workers not started within the "
+        f"{timeout:g}-s bound; **load**: 1-min load average at the trial's start. The "
+        "worker processes run at nice 10 with per-worker background timers off (profiler, "
+        "20-ms tick, system monitor, GIL monitor) and a local directory each, so hundreds "
+        "fit in one process; still, workers and scheduler share 2 cores, so wall times are "
+        "pessimistic for a real cluster, while the scheduler's CPU per worker carries over.",
+        "",
+        "## Summary",
+        "",
+        summary,
+        "",
+        "## Registration vs number of workers (defaults)",
+        "",
+        *table(curve, timeout),
+        "",
+    ]
+    if knobs:
+        lines += [f"## Settings at {knobs[0]['n']} workers", "",
+                  "Each variant applied in every process (scheduler and workers); "
+                  "`ramp=S`: the workers' starts spread uniformly over S s (a launcher-side "
+                  "stagger, not a Dask setting).", "", *table(knobs, timeout), ""]
+    if model:
+        fit = fit_model(model)
+        lines += ["## Scheduler-side cost model", "",
+                  "`Scheduler.add_worker` compares the new worker's package versions with "
+                  "those of every connected worker (`distributed.versions.error_message`); "
+                  "timed alone, per registration:", "",
+                  "| connected workers | ms per registration |", "|---:|---:|"]
+        lines += [f"| {int(k):,} | {v * 1e3:.2f} |" for k, v in model.items()]
+        if fit:
+            lines += ["", f"Fit: {fit['per_worker_us']:.2f} µs per connected worker, "
+                      "so a burst of N workers spends "
+                      f"≈ {fit['per_worker_us'] / 2:.2f} µs × N² of scheduler CPU in this "
+                      "check alone: " + ", ".join(
+                          f"{n:,} workers {version_cost(fit, n):.1f} s"
+                          for n in (1300, 3000, 10000, 30000)) + "."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def version_cost(fit: dict, n: int) -> float:
+    """Scheduler seconds spent in version checks while n workers register (sum over k < n).
+
+    >>> version_cost({"per_worker_us": 1.0}, 1000)
+    0.5
+    """
+    return fit["per_worker_us"] * 1e-6 * n * n / 2
+
+
+def representatives(rows: list[dict]) -> list[dict]:
+    """One row per worker count, the one with the median time (repeats), sorted by count.
+
+    >>> rs = [{"n": 2, "t_all": 3.0}, {"n": 1, "t_all": 1.0}, {"n": 2, "t_all": 1.0},
+    ...       {"n": 2, "t_all": 2.0}]
+    >>> [(r["n"], r["t_all"]) for r in representatives(rs)]
+    [(1, 1.0), (2, 2.0)]
+    """
+    groups: dict[int, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["n"], []).append(r)
+    return [sorted(g, key=lambda r: r["t_all"])[(len(g) - 1) // 2]
+            for _, g in sorted(groups.items())]
+
+
+def by_variant(rows: list[dict]) -> dict[str, dict]:
+    """Median over the repeats of each variant (worst status, most failures).
+
+    >>> r = {"variant": "a", "n": 9, "status": "ok", "t_all": 1.0, "retries": 0, "failed": 0,
+    ...      "lat50": 1.0, "lat99": 1.0, "load1": 2.0, "sched_ms": 1.0}
+    >>> by_variant([r, dict(r, t_all=3.0, retries=10)])["a"]["t_all"]
+    2.0
+    """
+    import statistics
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["variant"], []).append(r)
+    out = {}
+    for name, rs in groups.items():
+        def med(key):
+            xs = [r[key] for r in rs if r.get(key) is not None]
+            return statistics.median(xs) if xs else None
+        ok = all(r["status"] == "ok" for r in rs)
+        out[name] = {"variant": name, "n": rs[0]["n"], "runs": len(rs),
+                     "status": "ok" if ok else "timeout",
+                     "why": next((r.get("why") for r in rs if r["status"] != "ok"), None),
+                     "t_all": med("t_all") if ok else None,
+                     "t_min": min((r["t_all"] for r in rs if r.get("t_all")), default=None),
+                     "t_max": max((r["t_all"] for r in rs if r.get("t_all")), default=None),
+                     "retries": med("retries"), "failed": max(r["failed"] for r in rs),
+                     "listen_drops": med("listen_drops"),
+                     "lat50": med("lat50"), "lat99": med("lat99"), "load1": med("load1"),
+                     "sched_ms": med("sched_ms")}
+    return out
+
+
+def _changed(v: dict, base: dict) -> list[str]:
+    """What a settings variant changed against the defaults, beyond the noise.
+
+    Wall time counts only outside 30 % and outside the defaults' own min-max; retries only
+    when they differ by more than 10 and 20 %.
+    >>> b = {"t_all": 10.0, "t_min": 9.0, "t_max": 12.0, "retries": 0, "failed": 0,
+    ...      "lat50": 5.0, "status": "ok"}
+    >>> _changed(dict(b, t_all=11.0), b)
+    []
+    >>> _changed(dict(b, t_all=15.0, retries=900), b)
+    ['all 15.0 s vs 10.0 s', '900 connect retries vs 0']
+    """
+    if v["status"] != "ok":
+        return [f"{v['status']} ({v.get('why')})"]
+    out = []
+    t, tb = v["t_all"], base["t_all"]
+    lo, hi = min(tb * 0.7, base.get("t_min") or tb), max(tb * 1.3, base.get("t_max") or tb)
+    if t is not None and tb and not lo <= t <= hi:
+        out.append(f"all {t:.1f} s vs {tb:.1f} s")
+    if abs(v["retries"] - base["retries"]) > max(10, 0.2 * base["retries"]):
+        out.append(f"{v['retries']:.0f} connect retries vs {base['retries']:.0f}")
+    d, db = v.get("listen_drops") or 0, base.get("listen_drops") or 0
+    if d > max(10, 2 * db):
+        out.append(f"{d:.0f} connects dropped by the kernel vs {db:.0f}")
+    if v["failed"] > base["failed"]:
+        out.append(f"{v['failed']} failed workers")
+    if v.get("lat50") and base.get("lat50") and v["lat50"] < 0.5 * base["lat50"]:
+        out.append(f"median worker start {v['lat50']:.1f} s vs {base['lat50']:.1f} s")
+    return out
+
+
+def write_summary(curve: list[dict], knobs: list[dict], model: dict | None,
+                  meta: dict) -> str:
+    """The README-style paragraph ("Scaling"), from the numbers: 5-7 sentences."""
+    ok = representatives([r for r in curve if r["status"] == "ok" and r["t_all"]])
+    if not ok:
+        return "No trial completed; see the tables."
+    dist = meta.get("packages", {}).get("distributed", "?")
+    loads = [r["load1"] for r in curve + knobs if r.get("load1") is not None]
+    out = [
+        f"With Dask's defaults (distributed {dist}) one scheduler registered a simultaneous "
+        "start of " + ", ".join(f"{r['n']:,} workers in {r['t_all']:.1f} s" for r in ok)
+        + f" on a {meta.get('cores')}-core machine that also ran every simulated worker"
+        + (f" and other jobs (load average {min(loads):.0f}–{max(loads):.0f})." if loads
+           else ".")]
+    best = max(r["rate"] for r in ok)
+    bend = next((r for r in ok if r["rate"] < 0.6 * best), None)
+    retried = next((r for r in ok if r["retries"]), None)
+    failed = sum(r["failed"] for r in curve)
+    worst = min(r["rate"] for r in ok)
+    s2 = (f"Once registrations start, throughput falls from {best:.0f} to "
+          f"{ok[-1]['rate']:.0f} workers/s" if bend else
+          f"Once registrations start, throughput stays at {worst:.0f}–{best:.0f} workers/s")
+    if retried:
+        s2 += f"; connect retries appear at {retried['n']:,} workers ({retried['retries']:,}"
+        drops = retried.get("listen_drops")
+        s2 += (f", with {drops:,} connects dropped by the kernel: the scheduler's accept queue "
+               "overflowed)" if drops else ")")
+    else:
+        s2 += "; no worker needed a connect retry"
+    s2 += (f", and {failed} workers failed." if failed else
+           (", yet no worker failed: none of them hit a timeout." if retried else
+            " and none failed."))
+    out.append(s2)
+    ms = [(r["n"], r["sched_ms"]) for r in ok if r.get("sched_ms")]
+    fit = fit_model(model) if model else None
+    if len(ms) >= 2:
+        sent = (f"The scheduler's CPU per registration grows with the cluster ({ms[0][1]:.1f} ms "
+                f"at {ms[0][0]:,} workers, {ms[-1][1]:.1f} ms at {ms[-1][0]:,})")
+        if fit:
+            sent += (", mostly because each registration compares package versions with every "
+                     f"connected worker ({fit['per_worker_us']:.1f} µs each): the total is "
+                     f"quadratic, ≈{version_cost(fit, 10000):.0f} s of scheduler CPU for a "
+                     f"burst of 10,000 workers and ≈{version_cost(fit, 30000) / 60:.0f} min "
+                     "for 30,000")
+        out.append(sent + ".")
+    if knobs:
+        agg = by_variant(knobs)
+        base = agg.get("default")
+        if base is None:
+            base = next(iter(by_variant([r for r in curve if r["n"] == knobs[0]["n"]])
+                             .values()), None)
+        if base and base.get("t_all"):
+            effects, none = [], []
+            for name, v in agg.items():
+                if name == "default":
+                    continue
+                ch = _changed(v, base)
+                (effects.append(f"`{name}` {', '.join(ch)}") if ch else none.append(f"`{name}`"))
+            sent = f"At {knobs[0]['n']:,} workers (defaults: {base['t_all']:.1f} s"
+            sent += (f", {base['retries']:.0f} retries)" if base["retries"] else
+                     ", no retries)")
+            if effects:
+                sent += ": " + "; ".join(effects)
+            if none:
+                sent += ("; " if effects else ": ") + ", ".join(none) + \
+                    " changed nothing beyond the machine's noise"
+            out.append(sent + ".")
+    out.append("Timeouts cannot move this knee: the handshake after a TCP connect is no "
+               "longer subject to `distributed.comm.timeouts.connect` (the \"Timed out during "
+               "handshake\" of older versions), so a longer one rescues nothing and a shorter "
+               "one only turns a busy scheduler into retries; `timeouts.tcp` only bounds dead "
+               "connections and `worker.connections.*` only worker-to-worker transfers, while "
+               "a full accept queue (`socket-backlog`, capped by net.core.somaxconn) only "
+               "delays connects by SYN retransmits, which become retries once the scheduler "
+               "lags by more than a fifth of the connect timeout.")
+    return " ".join(out)
+
+
+def plot(curve_trials: list[dict], knob_trials: list[dict], rows: list[dict],
+         path: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib does not import"
+    fig, axes = plt.subplots(1, 3 if knob_trials else 2, figsize=(15 if knob_trials else 10, 4.3))
+    ax = axes[0]
+    for t in curve_trials:
+        arr = sorted(t.get("arrivals") or [])
+        if arr:
+            ax.plot(arr, range(1, len(arr) + 1), label=f"{t['n']} workers")
+    ax.set_xlabel("s since start")
+    ax.set_ylabel("workers registered")
+    ax.set_title("defaults")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    pts = sorted((r["n"], r["rate"], r["sched_cap"], r["sched_ms"]) for r in rows
+                 if r["rate"] and r["sched_cap"])
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="measured workers/s")
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], "^-",
+                label="scheduler-bound /s (1 / CPU per worker)")
+        ax.set_xlabel("workers")
+        ax.set_ylabel("registrations / s")
+        ax.set_ylim(bottom=0)
+        ax2 = ax.twinx()
+        ax2.plot([p[0] for p in pts], [p[3] for p in pts], "s--", color="gray",
+                 label="scheduler ms / worker")
+        ax2.set_ylabel("scheduler CPU ms per worker")
+        ax2.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.set_title("throughput vs size (defaults)")
+        ax.legend(loc="upper right", fontsize=7)
+        ax2.legend(loc="center right", fontsize=7)
+    if knob_trials:
+        ax = axes[2]
+        for t in knob_trials:
+            arr = sorted(t.get("arrivals") or [])
+            if arr:
+                ax.plot(arr, range(1, len(arr) + 1), label=t["variant"])
+        ax.set_xlabel("s since start")
+        ax.set_ylabel("workers registered")
+        ax.set_title(f"settings at {knob_trials[0]['n']} workers")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot written: {path}"
+
+
+def _read_int(path: str) -> str:
+    try:
+        return Path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def parse_variant(spec: str) -> tuple[dict, float]:
+    """A --sweep entry: a name of SWEEP, ``ramp=SECONDS`` or ``dask.key=value``, or several
+    joined by ``+``.
+
+    >>> parse_variant("backlog=128")
+    ({'distributed.comm.socket-backlog': 128}, 0.0)
+    >>> parse_variant("backlog=16")
+    ({'distributed.comm.socket-backlog': 16}, 0.0)
+    >>> parse_variant("ramp=2s")
+    ({}, 2.0)
+    >>> parse_variant("distributed.comm.timeouts.connect=10s")
+    ({'distributed.comm.timeouts.connect': '10s'}, 0.0)
+    >>> parse_variant("backlog=128+connect=5s+ramp=1")
+    ({'distributed.comm.socket-backlog': 128, 'distributed.comm.timeouts.connect': '5s'}, 1.0)
+    """
+    if "+" in spec:
+        config, ramp = {}, 0.0
+        for part in spec.split("+"):
+            c, r = parse_variant(part)
+            config.update(c)
+            ramp = max(ramp, r)
+        return config, ramp
+    if spec.startswith("ramp="):
+        return {}, float(spec.split("=", 1)[1].rstrip("s"))
+    if spec in SWEEP:
+        return dict(SWEEP[spec]), 0.0
+    key, sep, value = spec.partition("=")
+    if not sep or ("." not in key and key not in ALIASES):
+        raise argparse.ArgumentTypeError(f"not a variant: {spec!r}")
+    try:
+        val = json.loads(value)
+    except json.JSONDecodeError:
+        val = value
+    return {k: val for k in ALIASES.get(key, [key])}, 0.0
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def rerender(path: Path, out: Path) -> int:
+    """Summary, markdown and plot again from a scale.json (after changing the rendering)."""
+    d = json.loads(path.read_text())
+    trials = d["trials"]
+    curve_trials, knob_trials = trials[:len(d["curve"])], trials[len(d["curve"]):]
+    curve = [summarize(t) for t in curve_trials]
+    knobs = [summarize(t) for t in knob_trials]
+    summary = write_summary(curve, knobs, d.get("model"), d["meta"])
+    md = render_markdown(d["meta"], curve, knobs, d.get("model"), d["command"], summary,
+                         float(d["args"]["timeout"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.md").write_text(md)
+    d.update(curve=curve, knobs=knobs, summary=summary)
+    (out / "scale.json").write_text(json.dumps(d, indent=1) + "\n")
+    print(md)
+    print(plot(curve_trials, knob_trials, curve, out / "scale.png"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_scheduler":
+        return child_scheduler(int(argv[1]), json.loads(argv[2]), float(argv[3]), float(argv[4]))
+    if argv and argv[0] == "_model":
+        return child_model([int(x) for x in argv[1:]])
+    if argv and argv[0] == "_workers":
+        return child_workers(argv[1], int(argv[2]), int(argv[3]), json.loads(argv[4]),
+                             float(argv[5]), float(argv[6]), argv[7])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example: bin/bench-scale --workers 250 500 1000 1500 --at 1500 "
+               "--sweep default backlog=128 connect=5s ramp=2s")
+    ap.add_argument("--workers", type=int, nargs="+", default=[250, 500, 1000, 1500],
+                    help="worker counts of the curve (defaults)")
+    ap.add_argument("--procs", type=int, default=8, help="processes holding the workers")
+    ap.add_argument("--at", type=int, default=None,
+                    help="worker count of the settings sweep (default: the largest --workers)")
+    ap.add_argument("--sweep", nargs="*", default=list(SWEEP),
+                    help=f"variants at --at: {', '.join(SWEEP)}; or "
+                         f"{'|'.join(ALIASES)}=VALUE, ramp=SECONDS, dask.config.key=VALUE, "
+                         "several joined by + (none: skip the sweep)")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="trials per settings variant (order reversed every other round)")
+    ap.add_argument("--curve-repeat", type=int, default=1, help="trials per curve point")
+    ap.add_argument("--model-sizes", type=int, nargs="*", default=MODEL_SIZES,
+                    help="connected-worker counts of the version-check cost model "
+                         "(none: skip it)")
+    ap.add_argument("--timeout", type=float, default=120.0,
+                    help="bound on one registration, seconds")
+    ap.add_argument("--setup-timeout", type=float, default=120.0,
+                    help="bound on starting and importing the processes, seconds")
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="seconds the scheduler's steady-state CPU is measured after")
+    ap.add_argument("--venv", type=Path, default=Path(sys.prefix),
+                    help="venv to report package versions of (the children use this python)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                    help="directory for scale.md/.json/.png (default benchmarks/results)")
+    ap.add_argument("--from-json", type=Path, default=None, metavar="SCALE_JSON",
+                    help="only re-render scale.md/.png from an earlier scale.json")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        return rerender(args.from_json, args.out)
+    try:
+        variants = {v: parse_variant(v) for v in args.sweep}
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"--sweep: {e}")
+    at = args.at or max(args.workers)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda s, f: (_kill_all(), sys.exit(128 + s)))
+    meta = machine_facts(args.venv.absolute())
+    meta.update(procs=args.procs, somaxconn=_read_int("/proc/sys/net/core/somaxconn"),
+                syn_backlog=_read_int("/proc/sys/net/ipv4/tcp_max_syn_backlog"),
+                nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    command = " ".join([Path(sys.argv[0]).name, *argv])
+    curve_trials, knob_trials = [], []
+
+    def show(t: dict) -> None:
+        r = summarize(t)
+        print(f"  {r['variant']:>14s} n={r['n']:5d} {r['status']:7s} all={_f(r['t_all'])} s "
+              f"rate={_f(r['rate'], 0)}/s sched_cpu={_f(r['sched_cpu'])} "
+              f"sched_ms={_f(r['sched_ms'])} "
+              f"lat99={_f(r['lat99'])} retries={r['retries']} failed={r['failed']} "
+              f"worker_cpu={_f(r['worker_cpu'], 1)} s "
+              f"unresp={r['unresponsive']} load {_load()}" + (f" ({r['why']})" if r.get('why')
+                                                             else ""), file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="dml-bench-scale-") as tmp:
+        try:
+            print(f"curve: {args.workers} workers over {args.procs} processes", file=sys.stderr)
+            for rep in range(args.curve_repeat):
+                for n in args.workers:
+                    t = run_trial(n, "default", {}, 0.0, args, Path(tmp))
+                    t["rep"] = rep
+                    curve_trials.append(t)
+                    show(t)
+            if variants:
+                print(f"settings at {at} workers: {list(variants)}", file=sys.stderr)
+            for rep in range(args.repeat):
+                order = list(variants.items())
+                if rep % 2:
+                    order.reverse()  # A B C, C B A, ...: load drift cancels out in medians
+                for name, (config, ramp) in order:
+                    t = run_trial(at, name, config, ramp, args, Path(tmp))
+                    t["rep"] = rep
+                    knob_trials.append(t)
+                    show(t)
+        finally:
+            _kill_all()
+
+    model = None
+    if args.model_sizes:
+        raw = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_model",
+                              *map(str, args.model_sizes)], capture_output=True, text=True,
+                             timeout=120, start_new_session=True)
+        line = next((x for x in raw.stdout.splitlines() if x.startswith("MODEL=")), None)
+        model = json.loads(line[len("MODEL="):]) if line else None
+        print(f"cost model: {model}", file=sys.stderr)
+    meta["load_end"] = _load()
+    curve = [summarize(t) for t in curve_trials]
+    knobs = [summarize(t) for t in knob_trials]
+    summary = write_summary(curve, knobs, model, meta)
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = render_markdown(meta, curve, knobs, model, command, summary, args.timeout)
+    (args.out / "scale.md").write_text(md)
+    (args.out / "scale.json").write_text(json.dumps(
+        {"meta": meta, "command": command,
+         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+         "curve": curve, "knobs": knobs, "model": model, "summary": summary,
+         "trials": curve_trials + knob_trials}, indent=1) + "\n")
+    note = plot(curve_trials, knob_trials, curve, args.out / "scale.png")
+    print(md)
+    print(f"wrote {args.out / 'scale.md'}, {args.out / 'scale.json'}; {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
