@@ -187,7 +187,7 @@ class Supervisor:
         if SCHEDULER in self.roles:
             self._start_scheduler()
         joining = not self.settings.scheduler and self.rank == 0
-        self.hosts = {self.rank: (self.host, self.roles)}
+        self.hosts[self.rank] = (self.host, self.roles)  # (others' may have arrived already)
         if self.rank != 0:
             self.control.send(0, "hello", self.rank, self.host, self.roles)
         while True:
