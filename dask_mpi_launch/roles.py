@@ -132,6 +132,11 @@ def _dashboard_link(scheduler, port) -> str | None:
 # worker
 
 
+async def _started(server):
+    await server
+    return server
+
+
 def _forget_main_script() -> None:
     """Processes a Nanny spawns must not run the calling script again (initialize())."""
     main = sys.modules.get("__main__")
@@ -154,12 +159,6 @@ def run_worker(
     from distributed.utils import import_term
 
     from . import diagnose
-
-    problem = diagnose.reachability_problem(address, settings.connect_timeout,
-                                            scheduler_info or {}, security=security)
-    if problem:
-        channel.error(problem)
-        return 1
 
     _quiet(settings.log_level)
     _forget_main_script()
@@ -188,8 +187,19 @@ def run_worker(
             except TypeError as e:
                 channel.error(f"cannot create {settings.worker_class} with these options: {e}")
                 return 1
+            starting = asyncio.ensure_future(_started(worker))
+            done, _ = await asyncio.wait({starting}, timeout=settings.connect_timeout)
+            if not done:
+                # not connected yet: a busy scheduler, or an address this host cannot reach?
+                problem = await loop.run_in_executor(
+                    None, diagnose.reachability_problem, address,
+                    min(5.0, settings.connect_timeout), scheduler_info or {}, security)
+                if problem:
+                    starting.cancel()
+                    channel.error(problem)
+                    return 1
             try:
-                await worker
+                await starting
                 break
             except Exception as e:
                 # a restarted worker may register before the scheduler dropped its old self

@@ -395,3 +395,47 @@ def test_bootstrap_slurm_runs_without_mpi(slurm, venv, workdir, tmp_path):
     assert (state, code) == ("FAILED", 4), out
     assert "workers=2" in out and "result=6" in out, out
     assert not list(tmp_path.glob("dask-mpi-launch-*")), "exchange directory left behind"
+
+
+def test_jupyter_template(slurm, venv, workdir, tmp_path):
+    """jupyter.sbatch: the URL with its token in the job's output; shutting JupyterLab down
+    through its API ends the job COMPLETED 0:0."""
+    import re as _re
+    import urllib.request
+
+    try:
+        import jupyterlab  # noqa: F401
+    except ImportError:
+        unavailable("jupyterlab is not installed: pip install -e '.[jupyter]'")
+    out_path = tmp_path / "jupyter.out"
+    proc = slurm.run(["sbatch", "--parsable", f"--chdir={workdir}", f"--output={out_path}",
+                      str(workdir / "jupyter.sbatch")], timeout=30,
+                     env=venv.env({"LOGIN_HOST": "login.example"}))
+    job_id = proc.stdout.strip().split(";")[0]
+    assert proc.returncode == 0 and job_id, proc.stderr
+    try:
+        deadline = time.monotonic() + 60
+        url = None
+        while time.monotonic() < deadline and url is None:
+            found = _re.search(r"JupyterLab at (http://\S+/lab\?token=(\S+))", _read(out_path))
+            url = found and found.group(1)
+            time.sleep(0.2)
+        assert url, _read(out_path)
+        token = url.split("token=")[1]
+        base = url.split("/lab?")[0]
+        assert "ssh -N -L" in _read(out_path) and "login.example" in _read(out_path)
+        with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=10) as r:
+            assert r.status == 200
+        request = urllib.request.Request(f"{base}/api/shutdown?token={token}", method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+        info = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = slurm.job_info(job_id)
+            if info.get("JobState") not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+                break
+            time.sleep(0.2)
+        assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), (
+            _read(out_path))
+    finally:
+        slurm.run(["scancel", job_id], timeout=10)
