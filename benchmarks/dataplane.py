@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import _load, _stats, fmt_stat, machine_facts, make_env, run_once  # noqa: E402
+from startup import (_load, _stats, fmt_stat, machine_facts, machine_lines,  # noqa: E402
+                     make_env, run_once)
 
 MIB = 2**20
 
@@ -296,7 +297,6 @@ def merge(runs: list[dict]) -> dict:
 
 
 def render_markdown(meta: dict, results: dict, command: str) -> str:
-    pk = ", ".join(f"{k} {v}" for k, v in meta.get("packages", {}).items())
     protos = {p: r for p, r in results.items() if p != "mpi"}
     cols = columns(protos)
     sizes = sorted({s for r in results.values() if r.get("payload")
@@ -306,13 +306,7 @@ def render_markdown(meta: dict, results: dict, command: str) -> str:
     lines = [
         "# Data-plane benchmark: worker → worker vs MPI",
         "",
-        f"- date: {meta.get('date')}; host: {meta.get('host')} ({meta.get('os')})",
-        f"- cores: {meta.get('cores')}; memory: {meta.get('memory')}; "
-        f"Python {meta.get('python')}; load average at start {meta.get('load_start')}, "
-        f"at end {meta.get('load_end')}",
-        f"- MPI: {meta.get('mpi_library')}",
-        f"- packages: {pk or '?'}",
-        f"- command: `{command}`",
+        *machine_lines(meta, command),
         "",
         "Two ranks on one machine, so every byte crosses loopback or shared memory; "
         "arrays of float64 ones, sizes in MiB, **GB/s = 10⁹ bytes/s**, median (min–max) of "

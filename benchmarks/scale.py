@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import _load, machine_facts  # noqa: E402
+from startup import _load, machine_facts, machine_lines  # noqa: E402
 
 # Worker processes only: strip per-worker background timers so 100s of workers fit in one
 # process (on a real cluster each worker has its own core for these).
@@ -548,15 +548,11 @@ def table(rows: list[dict], timeout: float) -> list[str]:
 
 def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dict | None,
                     command: str, summary: str, timeout: float) -> str:
-    pk = ", ".join(f"{k} {v}" for k, v in meta.get("packages", {}).items())
     lines = [
         "# Scaling by simulation: one scheduler, many workers",
         "",
-        f"- date: {meta.get('date')}; host: {meta.get('host')} ({meta.get('os')})",
-        f"- cores: {meta.get('cores')}; memory: {meta.get('memory')}; "
-        f"Python {meta.get('python')}; load average at start {meta.get('load_start')}, "
-        f"at end {meta.get('load_end')} (other test suites ran on the machine too)",
-        f"- packages: {pk or '?'}",
+        *machine_lines({**meta, "mpi_library": None}, None,
+                       " (other test suites ran on the machine too)"),
         f"- kernel: net.core.somaxconn {meta.get('somaxconn')}, "
         f"tcp_max_syn_backlog {meta.get('syn_backlog')}, open files {meta.get('nofile')}",
         f"- command: `{command}`",

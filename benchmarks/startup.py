@@ -329,18 +329,28 @@ def _ratio(x: float | None) -> str:
     return f"{x:.2f}×" if x else "–"
 
 
-def render_markdown(meta: dict, rows: list[dict], command: str) -> str:
+def machine_lines(meta: dict, command: str | None = None, load_note: str = "") -> list[str]:
+    """The Markdown header lines every benchmark's results start with."""
     pk = ", ".join(f"{k} {v}" for k, v in meta.get("packages", {}).items())
-    head = [
-        "# Startup/teardown benchmark",
-        "",
+    lines = [
         f"- date: {meta.get('date')}; host: {meta.get('host')} ({meta.get('os')})",
         f"- cores: {meta.get('cores')}; memory: {meta.get('memory')}; "
         f"Python {meta.get('python')}; load average at start {meta.get('load_start')}, "
-        f"at end {meta.get('load_end')}",
-        f"- MPI: {meta.get('mpi_library')}",
-        f"- packages: {pk or '?'}",
-        f"- command: `{command}`",
+        f"at end {meta.get('load_end')}{load_note}",
+    ]
+    if meta.get("mpi_library"):
+        lines.append(f"- MPI: {meta.get('mpi_library')}")
+    lines.append(f"- packages: {pk or '?'}")
+    if command is not None:
+        lines.append(f"- command: `{command}`")
+    return lines
+
+
+def render_markdown(meta: dict, rows: list[dict], command: str) -> str:
+    head = [
+        "# Startup/teardown benchmark",
+        "",
+        *machine_lines(meta, command),
         "",
         "Seconds, median (min–max) over the successful runs; variants interleaved. "
         "**wall**: launch → launcher exit. **first**: launch → first line of the user script "
