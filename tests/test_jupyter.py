@@ -194,8 +194,10 @@ COUNT_CANVASES = """(() => { let n = 0; const walk = (root) => {
 def _chromium() -> str | None:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True,
-                       timeout=300)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update"], capture_output=True, timeout=300, env=env)
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+                       capture_output=True, timeout=600, env=env)
         found = shutil.which("chromium")
     return found
 
