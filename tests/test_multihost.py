@@ -43,14 +43,6 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def venv() -> Venv:
-    v = Venv("mpich")
-    if not v.exists():
-        unavailable(f"no mpich venv at {v.path}: run ./bin/test (it creates it)")
-    return v
-
-
-@pytest.fixture(scope="module")
 def hosts():
     reason = can_create_namespaces()
     if reason:
@@ -104,9 +96,9 @@ def _error_lines(res) -> list[str]:
     return [ln for ln in res.output.splitlines() if "dask-mpi-launch: error" in ln]
 
 
-def test_job_on_ib0_uses_both_hosts(hosts, venv, tmp_path):
+def test_job_on_ib0_uses_both_hosts(hosts, mpich, tmp_path):
     (tmp_path / "job.py").write_text(SCRIPT)
-    res = _job(hosts, venv, tmp_path, "--layout", "compact", "--interface", "ib0", "job.py")
+    res = _job(hosts, mpich, tmp_path, "--layout", "compact", "--interface", "ib0", "job.py")
     print(f"\n[multihost] 4 ranks on 2 hosts over ib0: {res.seconds:.2f} s")
     assert res.returncode == 0, res.shown
     [line] = [ln for ln in res.stdout.splitlines() if ln.startswith("JOB ")]
@@ -144,9 +136,9 @@ def _assert_clear_error(hosts, res, bound):
 
 
 @pytest.mark.parametrize("protocol", [[], ["--no-tls"]], ids=["tls", "tcp"])
-def test_wrong_interface_says_which_host_cannot_reach_what(hosts, venv, tmp_path, protocol):
+def test_wrong_interface_says_which_host_cannot_reach_what(hosts, mpich, tmp_path, protocol):
     (tmp_path / "job.py").write_text(SCRIPT)
-    res = _job(hosts, venv, tmp_path, "--layout", "compact", "--interface", "eth0",
+    res = _job(hosts, mpich, tmp_path, "--layout", "compact", "--interface", "eth0",
                "--connect-timeout", "3", *protocol, "job.py")
     line = _assert_clear_error(hosts, res, bound=30)
     assert ("tcp://" if protocol else "tls://") + hosts.address("a", "eth0") in line, line
@@ -154,17 +146,17 @@ def test_wrong_interface_says_which_host_cannot_reach_what(hosts, venv, tmp_path
           f"{res.seconds:.2f} s\n{line}")
 
 
-def test_no_interface_given_is_a_clear_error_too(hosts, venv, tmp_path):
+def test_no_interface_given_is_a_clear_error_too(hosts, mpich, tmp_path):
     # Dask picks the address of the default route: eth0 here, as on many clusters
     (tmp_path / "job.py").write_text(SCRIPT)
-    res = _job(hosts, venv, tmp_path, "--layout", "compact", "--connect-timeout", "3", "job.py")
+    res = _job(hosts, mpich, tmp_path, "--layout", "compact", "--connect-timeout", "3", "job.py")
     line = _assert_clear_error(hosts, res, bound=30)
     print(f"\n[multihost] no --interface: status {res.returncode} after {res.seconds:.2f} s\n"
           f"{line}")
 
 
-def test_check_recommends_ib0(hosts, venv, tmp_path):
-    res = _job(hosts, venv, tmp_path, "--check")
+def test_check_recommends_ib0(hosts, mpich, tmp_path):
+    res = _job(hosts, mpich, tmp_path, "--check")
     print(f"\n[multihost] --check on 2 hosts: {res.seconds:.2f} s\n{res.output}")
     assert res.returncode == 0, res.shown
     lines = res.stdout.splitlines()
@@ -179,10 +171,10 @@ def test_check_recommends_ib0(hosts, venv, tmp_path):
     assert _nothing_left(hosts) == {}
 
 
-def test_check_on_one_host(venv, tmp_path):
-    env = venv.env()  # TEST_ENV: loopback only is fine here
+def test_check_on_one_host(mpich, tmp_path):
+    env = mpich.env()  # TEST_ENV: loopback only is fine here
     t0 = time.monotonic()
-    res = run_with_timeout([venv.mpiexec, "-n", "2", str(venv.bin / "dask-mpi-launch"), "--check"],
+    res = run_with_timeout([mpich.mpiexec, "-n", "2", str(mpich.bin / "dask-mpi-launch"), "--check"],
                            timeout=JOB_TIMEOUT, capture_output=True, text=True, env=env,
                            cwd=tmp_path)
     seconds = time.monotonic() - t0

@@ -28,20 +28,17 @@ MPIEXEC = MPICH_VENV / "bin" / "mpiexec"
 PYTHON = MPICH_VENV / "bin" / "python"
 
 
-_unavailable = unavailable  # skip, but fail in CI (conftest)
-
-
 @pytest.fixture(scope="module")
 def netns_ok():
     reason = can_create_namespaces()
     if reason:
-        _unavailable(reason)
+        unavailable(reason)
 
 
 @pytest.fixture(scope="module")
 def mpich(netns_ok):
     if not (MPIEXEC.exists() and PYTHON.exists()):
-        _unavailable(f"no MPICH venv at {MPICH_VENV} (set DML_MPICH_VENV)")
+        unavailable(f"no MPICH venv at {MPICH_VENV} (set DML_MPICH_VENV)")
     return MPIEXEC, PYTHON
 
 

@@ -22,16 +22,13 @@ MPIEXEC = VENV / "bin" / "mpiexec"
 PRINT_SIZE = "from mpi4py import MPI; print(MPI.COMM_WORLD.size)"
 
 
-_unavailable = unavailable  # skip, but fail in CI (conftest)
-
-
 @pytest.fixture(scope="module")
 def slurm():
     reason = ensure_slurm_installed()
     if reason:
-        _unavailable(reason)
+        unavailable(reason)
     if not PY.exists() or not MPIEXEC.exists():
-        _unavailable(f"no MPICH venv at {VENV} (set DML_MPICH_VENV)")
+        unavailable(f"no MPICH venv at {VENV} (set DML_MPICH_VENV)")
     with SlurmCluster() as cluster:
         print(f"slurm cluster up in {cluster.start_seconds:.2f} s")
         yield cluster
