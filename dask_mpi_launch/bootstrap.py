@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 
-_state = {}  # the running job in this process: supervisor, monitor thread
+_state = {}  # initialize(exit=False) on the client rank: the monitor thread and its stop
 
 
 def initialize(
@@ -101,8 +101,7 @@ def initialize(
 def _exit_on_error(e) -> None:
     from . import mpi
 
-    if mpi.rank_from_environment() == 0:
-        print(f"dask-mpi-launch: error: {e.message}", file=sys.stderr, flush=True)
+    mpi.say_once(e.message)
     MPI = sys.modules.get("mpi4py.MPI")
     if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.Finalize()
@@ -170,7 +169,7 @@ def _client_in_process(supervisor) -> bool:
     thread = threading.Thread(target=supervisor.monitor, args=(stop,), daemon=True,
                               name="dask-mpi-launch-monitor")
     thread.start()
-    _state.update(supervisor=supervisor, thread=thread, stop=stop)
+    _state.update(thread=thread, stop=stop)
     return True
 
 

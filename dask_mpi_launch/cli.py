@@ -183,8 +183,7 @@ def main(argv=None) -> None:
     except click.Abort:
         status = 130
     except LaunchError as e:
-        if mpi.rank_from_environment() == 0:
-            print(f"dask-mpi-launch: error: {e.message}", file=sys.stderr, flush=True)
+        mpi.say_once(e.message)
         status = e.status
         _finalize_if_alone()
     status = status if isinstance(status, int) else 0

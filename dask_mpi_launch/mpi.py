@@ -22,6 +22,12 @@ def rank_from_environment(env=os.environ) -> int:
     return 0
 
 
+def say_once(message: str) -> None:
+    """An error found alike on every rank before they can talk: only rank 0 says it."""
+    if rank_from_environment() == 0:
+        print(f"dask-mpi-launch: error: {message}", file=sys.stderr, flush=True)
+
+
 def size_from_environment(env=os.environ) -> int | None:
     for key in _SIZE_VARIABLES:
         try:
