@@ -1,10 +1,16 @@
 """``initialize()``: join the launch layout from the top of an existing script.
 
 Run as ``mpiexec -n N python script.py``. On the client rank, ``initialize()`` returns (in
-a process forked from the rank, watched by it, so the job ends with the script's exact
+a process started for the rank and watched by it, so the job ends with the script's exact
 status whatever happens to it); on the other ranks it serves the scheduler or a worker and,
 when the script ends, exits the process with the job's status. The keywords of dask-mpi's
 ``initialize()`` are accepted, so migrating is a one-line import change.
+
+Where MPI is not yet initialized when ``initialize()`` is called (the usual case), the rank
+first forks its zygote (``zygote.py``) and only then loads MPI: the scheduler, the workers
+and the client (the rest of the script) run in processes that never held MPI. Where the
+script initialized MPI itself before (``from mpi4py import MPI`` above ``initialize()``),
+those processes are forked from the rank, with the fabrics' fork-safety variables set.
 """
 from __future__ import annotations
 
@@ -44,17 +50,24 @@ def initialize(
     workers. With ``exit=True`` (the default) the non-client ranks exit the process with
     the job's status when the script ends, and ``initialize()`` returns ``True`` on the
     client rank. With ``exit=False`` every rank returns: ``True`` on the client rank, at
-    once, and ``False`` on the others once the client called :func:`send_close_signal`.
+    once, and ``False`` on the others once the client called :func:`send_close_signal`;
+    if the cluster cannot start or fails, it raises :class:`~dask_mpi_launch.LaunchError`
+    (:class:`~dask_mpi_launch.WorldTooSmallException` for too few ranks) instead.
 
     Keywords not given fall back to the ``mpi-launch`` section of dask.config.
     ``nanny=True`` is ``worker_class="distributed.Nanny"`` (dask-mpi's spelling).
     """
     from . import mpi
+    from .children import BecomeClient, ForkLauncher
     from .errors import LaunchError
+    from .layout import CLIENT
+    from .roles import run_role
     from .settings import resolve
+    from .status import FAILED
 
     if nanny and worker_class is None:
         worker_class = "distributed.Nanny"
+    launcher = None
     try:
         settings = resolve(
             in_process=True, interface=interface, nthreads=nthreads,
@@ -64,36 +77,51 @@ def initialize(
             name=name, scheduler_file=scheduler_file, wait_for_workers=wait_for_workers,
             wait_timeout=wait_timeout, log_level=log_level,
         )
+        if mpi.initialized():
+            launcher = ForkLauncher(run_role)
+        else:
+            from . import zygote
+
+            try:
+                launcher = zygote.start()
+            except BecomeClient as become:  # this is the client, started by the zygote
+                _become_client(become, settings.shutdown_timeout, finalize_guard=False)
+                return True
         MPI = mpi.load()
+        if not exit and mpi.we_finalize():
+            mpi.finalize_at_exit()  # every rank returns: MPI ends with the interpreter
         mpi.check_world(MPI.COMM_WORLD)
     except LaunchError as e:
+        if launcher is not None:
+            launcher.close()
         if not exit:
             raise
         _exit_on_error(e)
     if comm is None:
         comm = MPI.COMM_WORLD
-    import distributed  # noqa: F401  (after MPI_Init; forked roles reuse the import)
+    from .control import Control
+    from .supervisor import Supervisor
 
-    from .lifecycle import BecomeClient, Supervisor
-    from .layout import CLIENT
-
-    supervisor = Supervisor(settings, comm, finalize=exit)
-    if not exit and CLIENT in supervisor.roles:
+    control = Control(comm)
+    in_process = not exit and CLIENT in settings.layout_for(control.size).roles(control.rank)
+    supervisor = Supervisor(settings, control, launcher, finalize=exit,
+                            client_in_process=in_process)
+    if in_process:
         return _client_in_process(supervisor)
     try:
         status = supervisor.run()
-    except BecomeClient as become:
-        _become_client(become.address, become.credentials, settings.shutdown_timeout,
-                       exit_hooks=not mpi.we_finalize())
+    except BecomeClient as become:  # forked from this rank (MPI was initialized before)
+        _become_client(become, settings.shutdown_timeout,
+                       finalize_guard=not mpi.we_finalize())
         return True
     if not exit:
+        if supervisor.outcome.priority == FAILED:
+            raise supervisor.error or LaunchError("the cluster failed (see the message above)",
+                                                  status or 1)
         return False
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # The client's parent: the script ran (with its finally blocks and atexit handlers) in
-    # the forked process; do not run them a second time here. The serving ranks: MPI is
-    # finalized, and the interpreter's teardown could make MPI kill the process.
-    from .process import exit_rank
+    # The serving ranks: MPI is finalized, and the interpreter's teardown could make MPI
+    # kill the process. The script ran (finally blocks, atexit) in the client's process.
+    from .children import exit_rank
 
     exit_rank(status)
 
@@ -108,60 +136,84 @@ def _exit_on_error(e) -> None:
     sys.exit(e.status)
 
 
-def _become_client(address: str, credentials, grace: float, exit_hooks: bool) -> None:
-    """In the forked client process: connect Client() to the cluster, end like a script."""
+def _become_client(become, grace: float, finalize_guard: bool) -> None:
+    """In the client process: ``Client()`` connects to the cluster; signals end the script
+    like a script (finally blocks run); the rest of the script runs on return."""
     from .roles import set_client_environment, terminate_on_signal
 
-    set_client_environment(address, credentials)
+    set_client_environment(become.address, become.credentials)
     terminate_on_signal(grace)
-    if exit_hooks:
+    if finalize_guard:
         _exit_without_mpi_finalize()
 
 
 def _exit_without_mpi_finalize() -> None:
-    """mpi4py would call MPI_Finalize when this forked process exits (the script imported
-    mpi4py before we could tell it not to): end with ``os._exit`` after the atexit
-    handlers instead, keeping the status ``sys.exit()`` or an uncaught exception gives."""
+    """This process was forked from a rank whose MPI mpi4py will finalize at exit (the
+    script imported mpi4py before ``initialize()``): a second MPI_Finalize from a copy of
+    the rank would make the launcher kill the job. So the process ends with ``os._exit``
+    after the script's atexit handlers, with the status CPython would have given.
+
+    CPython decides that status in C, out of reach of atexit handlers; so we learn it where
+    the interpreter reads it: ``sys.exit()``, ``exit()`` and ``raise SystemExit`` all raise
+    our subclass of SystemExit, whose ``code`` records itself when the interpreter (no
+    Python caller) reads it on the way out; an uncaught exception goes through excepthook.
+    """
     import atexit
+    import builtins
 
-    status = {"code": 0}
-    real_exit, real_hook = sys.exit, sys.excepthook
+    from .status import exit_status
 
-    def exit_(code=0):
-        status["code"] = code
-        real_exit(code)
+    base = builtins.SystemExit
+    state = {"status": 0}
+
+    class SystemExit(base):  # noqa: A001 - it is meant to stand in for the builtin
+        @property
+        def code(self):
+            code = base.code.__get__(self)
+            try:
+                sys._getframe(1)
+            except ValueError:  # no Python caller: the interpreter is exiting with it
+                state["status"] = exit_status(base(code), show=False)
+            return code
+
+    def exit_(status=None):
+        raise SystemExit(status)
+
+    real_hook = sys.excepthook
 
     def hook(kind, value, tb):
-        status["code"] = 130 if issubclass(kind, KeyboardInterrupt) else 1
+        state["status"] = 130 if issubclass(kind, KeyboardInterrupt) else 1
         real_hook(kind, value, tb)
 
-    def last():
-        from .process import _flush, exit_status
+    def last():  # runs after the atexit handlers registered after ours (LIFO)
+        import logging
 
-        _flush()
-        os._exit(exit_status(SystemExit(status["code"])))
+        from .children import flush
 
-    sys.exit, sys.excepthook = exit_, hook
+        logging.shutdown()  # registered before ours: flush the script's log files
+        flush()
+        os._exit(state["status"])
+
+    builtins.SystemExit, sys.exit, sys.excepthook = SystemExit, exit_, hook
     atexit.register(last)
 
 
 def _client_in_process(supervisor) -> bool:
     """``exit=False`` on the client rank: return at once, keep serving MPI in a thread."""
+    import atexit
     import signal
 
-    from .errors import LaunchError
-    from .lifecycle import BecomeClient
+    from .children import BecomeClient
 
-    supervisor.in_process_client = True
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        status = supervisor.run()
+        supervisor.run()
     except BecomeClient as become:
         from .roles import set_client_environment
 
         set_client_environment(become.address, become.credentials)
     else:
-        raise LaunchError("the cluster could not start (see the message above)", status or 1)
+        raise supervisor.error or _cluster_did_not_start()
     finally:
         for signum, handler in handlers.items():  # the script keeps its own signals
             signal.signal(signum, handler)
@@ -169,8 +221,20 @@ def _client_in_process(supervisor) -> bool:
     thread = threading.Thread(target=supervisor.monitor, args=(stop,), daemon=True,
                               name="dask-mpi-launch-monitor")
     thread.start()
-    _state.update(thread=thread, stop=stop)
+    _state.update(thread=thread, stop=stop, timeout=4 * supervisor.settings.shutdown_timeout + 10)
+    atexit.register(_close_at_exit)
     return True
+
+
+def _cluster_did_not_start():
+    from .errors import LaunchError
+
+    return LaunchError("the cluster could not start (see the message above)")
+
+
+def _close_at_exit() -> None:
+    if _state:
+        send_close_signal()
 
 
 def send_close_signal() -> None:
@@ -181,7 +245,7 @@ def send_close_signal() -> None:
     """
     if _state:
         _state["stop"].set()
-        _state["thread"].join(timeout=30)
+        _state["thread"].join(timeout=_state["timeout"])
         _state.clear()
         return
     from distributed import Client

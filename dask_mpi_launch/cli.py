@@ -135,17 +135,25 @@ def command(script, args, module, check, **options):
 
 
 def run(settings, check: bool = False) -> int:
-    """Run this rank's part of the job described by ``settings``; return the exit status."""
-    control = _bootstrap(settings)
+    """Run this rank's part of the job described by ``settings``; return the exit status.
+
+    The rank forks its zygote first (role processes never hold MPI; ``distributed`` is
+    imported there while MPI starts here), then joins the control plane."""
     if check:
         from . import diagnose
 
+        control = _bootstrap(settings)
         return diagnose.run_check(getattr(control, "comm", control), settings)
-    import distributed  # noqa: F401  (after MPI_Init; forked roles reuse the import)
+    from . import zygote
+    from .supervisor import Supervisor
 
-    from .lifecycle import Supervisor
-
-    return Supervisor(settings, control).run()
+    launcher = zygote.start()
+    try:
+        control = _bootstrap(settings)
+    except BaseException:
+        launcher.close()
+        raise
+    return Supervisor(settings, control, launcher).run()
 
 
 def _bootstrap(settings):
@@ -189,7 +197,7 @@ def main(argv=None) -> None:
     status = status if isinstance(status, int) else 0
     MPI = sys.modules.get("mpi4py.MPI")
     if MPI is not None and MPI.Is_finalized():
-        from .process import exit_rank
+        from .children import exit_rank
 
         exit_rank(status)
     sys.exit(status)

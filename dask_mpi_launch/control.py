@@ -3,29 +3,62 @@
 Every wait here polls (``improbe`` / ``Test``) against a deadline, so a rank that died or
 hangs turns into a bounded error instead of a job that sits in a collective until walltime.
 
-Messages are tuples ``(kind, *fields)``:
+Messages are tuples ``(kind, *fields)`` of plain data (str, int, float, list, dict, None):
 
-===========  ==================================  ====================================
-kind         fields                              from -> to
-===========  ==================================  ====================================
-address      identity dict of the scheduler      scheduler rank -> all
-ready        rank, host, worker names            worker rank -> rank 0
-all-ready    number of workers                   rank 0 -> client rank
-fail         rank, host, role, message, status   any -> rank 0 (which tells everyone)
-stop         status, priority                    any -> all
-closed       rank                                worker rank -> rank 0
-===========  ==================================  ====================================
+============  =========================================  ==================================
+kind          fields                                     from -> to
+============  =========================================  ==================================
+check-failed  rank, host, role, message, status          any -> rank 0, while checking
+hello         rank, host, roles                          any -> rank 0 (for the banner)
+address       dict: address, identity, dashboard,        scheduler rank -> all
+              name_prefix, host, interfaces, credentials
+ready         rank, host, worker names                   worker rank -> rank 0
+all-ready     number of workers                          rank 0 -> client rank
+stdin         latin-1 text of the job's stdin ('' EOF)   rank 0 -> client rank
+jupyter       URL of JupyterLab                          client rank -> rank 0
+fail          rank, host, role, message, status, prio    any -> rank 0 (which tells everyone)
+stop          status, priority                           any -> all
+closed        rank                                       worker rank -> scheduler rank
+============  =========================================  ==================================
+
+Two implementations share the :class:`ControlPlane` interface: :class:`Control` over an MPI
+communicator, and ``filecontrol.FileControl`` (files in a shared directory, no MPI).
 """
 from __future__ import annotations
 
 import time
 from array import array
+from typing import Callable, Optional, Protocol
 
 TAG = 0x6D6C  # "ml"
 
-# Exit-status priorities when ranks disagree: a failure beats the script's own status,
-# which beats a status derived from a signal, which beats a normal end.
-NORMAL, SIGNALLED, SCRIPT, FAILED = 0, 1, 2, 3
+
+class ControlPlane(Protocol):
+    """What a supervisor needs from the messages between ranks. Nothing blocks without a
+    bound; ``poll`` is called while a collective waits (to keep serving children)."""
+
+    rank: int
+    size: int
+
+    def send(self, dest: int, *message) -> None: ...
+
+    def broadcast(self, *message) -> None: ...
+
+    def poll(self) -> list: ...
+
+    def flush(self, timeout: float) -> None: ...
+
+    def allreduce_max(self, value: int, timeout: float,
+                      poll: Optional[Callable[[], None]] = None) -> Optional[int]: ...
+
+    def allreduce_sum(self, value: int, timeout: float,
+                      poll: Optional[Callable[[], None]] = None) -> Optional[int]: ...
+
+    def finish(self) -> None: ...
+
+    def finalize(self) -> None: ...
+
+    def abort(self, status: int) -> None: ...
 
 
 class Control:
@@ -65,6 +98,13 @@ class Control:
 
     def _reap_sends(self) -> None:
         self._sends = [r for r in self._sends if not r.Test()]
+
+    def flush(self, timeout: float) -> None:
+        """Wait (bounded) until every message sent so far has left."""
+        deadline = time.monotonic() + timeout
+        while self._sends and time.monotonic() < deadline:
+            self._reap_sends()
+            time.sleep(0.001)
 
     # -- collectives with a bound ----------------------------------------
     def allreduce_max(self, value: int, timeout: float, poll=None) -> int | None:
@@ -107,10 +147,7 @@ class Control:
             if msg is None:
                 break
             msg.recv()
-        deadline = time.monotonic() + 1.0
-        while self._sends and time.monotonic() < deadline:
-            self._reap_sends()
-            time.sleep(0.001)
+        self.flush(1.0)
         for req in self._sends:
             try:
                 req.Cancel()

@@ -212,10 +212,10 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
 
 
 def _ended(proc) -> str:
-    from .process import describe_status
+    from .status import Ended
 
     status = proc.returncode
-    return describe_status(status if status >= 0 else 128 - status)
+    return (Ended(signal=-status) if status < 0 else Ended(exited=status)).describe()
 
 
 def _url_host(host: str) -> str:

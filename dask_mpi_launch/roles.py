@@ -2,7 +2,8 @@
 
 One implementation for the CLI and for ``initialize()``. Each role has the same shape:
 start, report through the channel, wait for "finished" or "signal" (whichever comes
-first), stop. Roles run in processes forked by the rank (see ``process.py``).
+first), stop. Roles run in processes started for the rank (``children.py``, ``zygote.py``);
+:func:`run_role` is their one entry point, with a plain-data ``spec`` of what to run.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import os
 import signal
 import sys
 
-from .process import Channel, exit_status
+from .children import Channel
+from .status import PREFIX, exit_status
 from .settings import Settings
 
 
@@ -51,6 +53,43 @@ async def _until_finished_or_signal(server, grace: float) -> str:
         loop.add_signal_handler(signum, lambda: None)
     stopped.cancel()
     return "finished" if finished.done() else "signal"
+
+
+def run_role(role: str, spec: dict, channel: Channel) -> int:
+    """Run the role ``spec["run"]`` (scheduler, worker, script, jupyter); its status."""
+    from .security import security_from
+
+    s, run = spec["settings"], spec["run"]
+    security = security_from(spec.get("credentials"))
+    if run == "scheduler":
+        return run_scheduler(s, channel, security=security)
+    if run == "worker":
+        return run_worker(s, channel, spec["address"], spec["name"], spec["nthreads"],
+                          spec["memory_limit"], security=security,
+                          scheduler_info=spec.get("scheduler_info"))
+    if run == "script":
+        return run_script(s, channel, spec["address"], spec.get("credentials"))
+    if run == "jupyter":
+        from .jupyter import run_jupyter
+
+        return run_jupyter(s, channel, spec["address"], spec.get("credentials"),
+                           spec.get("scheduler_info"))
+    raise ValueError(f"unknown role {run!r}")
+
+
+def run_check(what: str, value) -> str | None:
+    """Checks that need ``distributed`` (done where it is imported): the error, or None."""
+    from .errors import LaunchError
+    from .settings import check_worker_class
+
+    try:
+        if what == "worker-class":
+            check_worker_class(value)
+        else:
+            raise ValueError(f"unknown check {what!r}")
+    except LaunchError as e:
+        return e.message
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -105,7 +144,7 @@ def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
         served = scheduler.http_server.port if scheduler.http_server else None
         link = _dashboard_link(scheduler, served) if settings.dashboard else None
         if link and asked not in ("", "0") and str(served) != asked:
-            print(f"dask-mpi-launch: dashboard port {asked} is busy (another cluster on this "
+            print(f"{PREFIX}: dashboard port {asked} is busy (another cluster on this "
                   f"host?): the dashboard is at {link}", file=sys.stderr, flush=True)
         channel.send("address", address=scheduler.address, identity=scheduler.identity(),
                      dashboard=link)
@@ -265,6 +304,8 @@ def run_script(settings: Settings, channel: Channel, address: str, credentials=N
     status = 0
     try:
         if settings.module:
+            if not _import_parent(settings.module, channel):
+                return 1
             runpy.run_module(settings.module, run_name="__main__", alter_sys=True)
         else:
             runpy.run_path(settings.script, run_name="__main__")
@@ -278,6 +319,23 @@ def run_script(settings: Settings, channel: Channel, address: str, credentials=N
     except BaseException:
         pass
     return status
+
+
+def _import_parent(module: str, channel: Channel) -> bool:
+    """Import the package of ``-m pkg.mod`` (its ``__init__`` is the user's code, run here in
+    the client role, never in the rank); an error in it is one line, as ``python -m`` says."""
+    import importlib
+
+    parent = module.rpartition(".")[0]
+    if not parent:
+        return True
+    try:
+        importlib.import_module(parent)
+    except Exception as e:
+        channel.error(f"cannot run module {module!r}: importing its package {parent!r} "
+                      f"raised {type(e).__name__}: {e}")
+        return False
+    return True
 
 
 def _print_user_traceback(e: BaseException) -> None:

@@ -324,17 +324,7 @@ def check_scheduler_file(path: str | None) -> None:
 def check_script(settings: Settings) -> None:
     """The script exists and compiles, or the module can be found."""
     if settings.module:
-        import importlib.util
-
-        import sys
-
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # as python -m does
-        try:
-            found = importlib.util.find_spec(settings.module) is not None
-        except (ImportError, ValueError) as e:
-            raise UsageError(f"cannot run module {settings.module!r}: {e}") from None
-        if not found:
+        if not _module_exists(settings.module):
             raise UsageError(
                 f"no module named {settings.module!r} (check -m and the PYTHONPATH)"
             )
@@ -353,6 +343,30 @@ def check_script(settings: Settings) -> None:
         raise UsageError(f"syntax error in the script ({where}): {e.msg}") from None
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read the script {path}: {e}") from None
+
+
+def _module_exists(name: str) -> bool:
+    """Whether ``python -m name`` finds a module, without running any of its packages'
+    code (``importlib.util.find_spec`` imports the parents: their ``__init__`` is the user's
+    code, to run in the client role only)."""
+    import importlib.machinery
+    import sys
+
+    path = [os.getcwd(), *sys.path]  # as python -m does
+    spec = None
+    for part in name.split("."):
+        if not part.isidentifier():
+            return False
+        if spec is None and part in sys.builtin_module_names:
+            return "." not in name
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(part, path)
+        except (ImportError, ValueError):
+            return False
+        if spec is None:
+            return False
+        path = spec.submodule_search_locations or []
+    return True
 
 
 def check_worker_class(name: str) -> None:

@@ -4,7 +4,7 @@ from click.testing import CliRunner
 
 from dask_mpi_launch.errors import UsageError, WorldTooSmallError
 from dask_mpi_launch.layout import CLIENT, SCHEDULER, WORKER, Layout, min_size
-from dask_mpi_launch.process import describe_status, exit_status
+from dask_mpi_launch.status import Ended, exit_status
 from dask_mpi_launch.settings import (Settings, parse_memory_limit, parse_timeout,
                                       parse_worker_options, resolve)
 
@@ -89,8 +89,9 @@ def test_worker_names():
 
 
 def test_status_descriptions():
-    assert describe_status(137) == "was killed by signal 9 (SIGKILL)"
-    assert describe_status(3) == "exited with status 3"
+    assert Ended(signal=9).describe() == "was killed by signal 9 (SIGKILL)"
+    assert Ended(exited=137).describe() == "exited with status 137"  # sys.exit(137)
+    assert Ended(exited=3).describe() == "exited with status 3"
     assert exit_status(SystemExit(None)) == 0
     assert exit_status(SystemExit(7)) == 7
     assert exit_status(SystemExit("message")) == 1

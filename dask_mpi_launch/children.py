@@ -1,0 +1,339 @@
+"""Role processes as a rank sees them: start, restart, signal, reap, read what they say.
+
+A role process (scheduler, worker, the client script) reports through a pipe with JSON
+lines (``address``, ``ready``, ``error``, ...) and ends with a POSIX wait status. It runs in
+a process group of its own (so the launcher's SIGKILL of the rank's group does not skip the
+script's ``finally`` blocks), and that whole group is what the rank signals: a script's
+subprocesses end with it. It dies with its rank (``PR_SET_PDEATHSIG``).
+
+Who forks it is a :class:`Launcher`: the rank's zygote (``zygote.py``, forked before
+``MPI_Init``, so role processes never hold an initialized MPI), or, where MPI was
+initialized before we could fork a zygote (a script that imported ``mpi4py.MPI`` before
+``initialize()``), the rank itself (:class:`ForkLauncher`).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+from typing import Protocol
+
+from .status import Ended, exit_status
+
+FORK_SAFETY = {  # fabrics that pin memory: make fork after MPI_Init as safe as they allow
+    "RDMAV_FORK_SAFE": "1", "IBV_FORK_SAFE": "1",
+    "CXI_FORK_SAFE": "1", "CXI_FORK_SAFE_HP": "1",
+    "OMPI_MCA_mpi_warn_on_fork": "0",
+}
+
+
+class BecomeClient(BaseException):
+    """Raised in the client process of ``initialize()`` to unwind into the calling script."""
+
+    def __init__(self, address: str, credentials: dict | None):
+        super().__init__(address)
+        self.address = address
+        self.credentials = credentials
+
+
+class Channel:
+    """The role's end of the pipe: one JSON object per line."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def send(self, event: str, **fields) -> None:
+        data = (json.dumps({"event": event, **fields}) + "\n").encode()
+        try:
+            os.write(self.fd, data)
+        except OSError:
+            pass  # the rank is gone; PR_SET_PDEATHSIG ends us
+
+    def error(self, message: str) -> None:
+        self.send("error", message=message)
+
+
+class Child:
+    """The rank's handle on one role process."""
+
+    def __init__(self, role: str, label: str, pid: int, fd: int, spec=None):
+        self.role = role
+        self.label = label  # e.g. "worker 3-1", for messages
+        self.pid = pid
+        self.fd = fd  # read end of its pipe, non-blocking; -1 once closed
+        self.spec = spec  # what it runs, to start it again
+        self.ended: Ended | None = None
+        self._buffer = b""
+
+    @property
+    def alive(self) -> bool:
+        return self.ended is None
+
+    def read_events(self) -> list[dict]:
+        """Every complete event in the pipe now (never blocks); closes it at end of file."""
+        chunks = []
+        while self.fd >= 0:
+            try:
+                data = os.read(self.fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.close_pipe()
+                break
+            chunks.append(data)
+        self._buffer += b"".join(chunks)
+        *lines, self._buffer = self._buffer.split(b"\n")
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+        return events
+
+    def close_pipe(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def reap(self) -> bool:
+        """Collect the wait status if the process ended; True if it did just now."""
+        if self.ended is not None:
+            return False
+        try:
+            pid, raw = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: no status to tell
+            self.ended = Ended(exited=255)
+            return True
+        if pid == 0:
+            return False
+        self.ended = Ended.from_wait(raw)
+        return True
+
+    def signal(self, signum: int) -> None:
+        """Signal the role's whole process group (its subprocesses too)."""
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            if self.alive:
+                try:
+                    os.kill(self.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+
+class Launcher(Protocol):
+    """Starts role processes for a rank (see :class:`ForkLauncher` and ``zygote.py``)."""
+
+    def start(self, role: str, label: str, spec: dict, *, stdin: int | None = None,
+              returns: bool = False) -> Child | None: ...
+
+    def check(self, what: str, value) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+def die_with(parent: int, wait: float = 0.0) -> None:
+    """End this process (SIGTERM) when ``parent`` dies; exit now if it is already gone.
+
+    ``wait``: how long to wait for ``parent`` to become our parent (a role forked by the
+    zygote through an intermediate process is reparented to the rank, a subreaper)."""
+    deadline = time.monotonic() + wait
+    while os.getppid() != parent and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the rank's shutdown still signals us
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants become our children (PR_SET_CHILD_SUBREAPER, Linux)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except Exception:
+        return False
+
+
+def enter_role(parent: int, stdin: int | None, wait: float = 0.0) -> None:
+    """What every role process does first, whoever forked it."""
+    os.setpgid(0, 0)  # our own group, signalled as a whole by the rank
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    die_with(parent, wait)
+    if stdin is None:
+        stdin = os.open(os.devnull, os.O_RDONLY)
+    if stdin != 0:
+        os.dup2(stdin, 0)
+        os.close(stdin)
+    if "mpi4py.MPI" not in sys.modules:
+        try:  # `import mpi4py.MPI` in a role must not start MPI with the rank's identity
+            import mpi4py
+
+            mpi4py.rc.initialize = False
+            mpi4py.rc.finalize = False
+        except ImportError:
+            pass
+
+
+def run_body(body, channel: Channel) -> None:
+    """Run a role's body and end the process with its status (never returns)."""
+    status = 1
+    try:
+        status = body(channel)
+    except SystemExit as e:
+        status = exit_status(e)
+    except BaseException as e:  # one line to the rank instead of a traceback per rank
+        channel.error(f"{type(e).__name__}: {e}")
+    finally:
+        flush()
+        os._exit(status if isinstance(status, int) else 1)
+
+
+class ForkLauncher:
+    """Forks role processes from this very process (used where MPI is already initialized
+    in it and no zygote could be forked before; sets the fabrics' fork-safety variables)."""
+
+    def __init__(self, run_role):
+        self.run_role = run_role  # (role, spec, channel) -> status
+        for key, value in FORK_SAFETY.items():
+            os.environ.setdefault(key, value)
+
+    def start(self, role, label, spec, *, stdin=None, returns=False):
+        read_fd, write_fd = os.pipe()
+        parent = os.getpid()
+        flush()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with MPI's threads
+            pid = os.fork()
+        if pid:
+            os.close(write_fd)
+            if stdin is not None:
+                os.close(stdin)
+            os.set_blocking(read_fd, False)
+            return Child(role, label, pid, read_fd, spec)
+        os.close(read_fd)
+        enter_role(parent, stdin)
+        channel = Channel(write_fd)
+        if returns:
+            os.set_inheritable(write_fd, False)
+            raise BecomeClient(spec["address"], spec.get("credentials"))
+        run_body(lambda ch: self.run_role(role, spec, ch), channel)
+
+    def check(self, what, value):
+        from .roles import run_check
+
+        return run_check(what, value)
+
+    def close(self) -> None:
+        pass
+
+
+def flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def exit_rank(status: int) -> None:
+    """End a rank whose MPI is finalized: C ``exit()`` without the interpreter's teardown.
+
+    ``os._exit`` skips the MPI library's own exit handlers and MPICH's launcher then takes
+    the rank for dead and kills the others (status 9); the interpreter's teardown can free
+    MPI objects after finalization. C ``exit()`` runs the library's handlers only.
+    """
+    flush()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).exit(status)
+    finally:
+        os._exit(status)
+
+
+class StdinRelay:
+    """The job's standard input, for a client on another rank than the one that gets it.
+
+    Launchers give stdin to rank 0 only (the other ranks get a pipe that never closes, and
+    a script reading it would hang). Rank 0 reads it and sends it on; the client's rank
+    writes it into a pipe that is the client's stdin, and closes it at end of file.
+    """
+
+    CHUNK = 65536
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.pending = bytearray()
+        self.eof = False
+
+    def take_read_end(self) -> int:
+        fd, self.read_fd = self.read_fd, -1
+        return fd
+
+    def feed(self, text: str) -> None:
+        """Data from rank 0 (latin-1 text, so any control plane carries it); '' is EOF."""
+        if text:
+            self.pending += text.encode("latin-1")
+        else:
+            self.eof = True
+        self.pump()
+
+    def pump(self) -> None:
+        while self.pending and self.write_fd >= 0:
+            try:
+                n = os.write(self.write_fd, self.pending[:self.CHUNK])
+            except BlockingIOError:
+                return
+            except OSError as e:  # the client is gone or closed stdin: drop the rest
+                if e.errno in (errno.EPIPE, errno.EBADF):
+                    self.pending.clear()
+                    break
+                raise
+            del self.pending[:n]
+        if self.eof and not self.pending and self.write_fd >= 0:
+            os.close(self.write_fd)  # the client reads end of file
+            self.write_fd = -1
+
+    @property
+    def waiting(self) -> bool:
+        return self.write_fd >= 0 and bool(self.pending)
+
+    def close(self) -> None:
+        for name in ("read_fd", "write_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+def read_stdin() -> str | None:
+    """What is on our stdin now, as latin-1 text: '' at end of file, None if nothing."""
+    import select
+
+    try:
+        if not select.select([0], [], [], 0)[0]:
+            return None
+        data = os.read(0, StdinRelay.CHUNK)
+    except (OSError, ValueError):
+        return ""
+    return data.decode("latin-1")

@@ -1,0 +1,704 @@
+"""The life of a rank: check, start its roles, watch them, stop in order, agree on the status.
+
+Every rank runs one :class:`Supervisor`. It asks its launcher (``zygote.py``) for a process
+per role and then only watches: its children's pipes and wait statuses, the messages of the
+other ranks (``control.py``) and signals. Nothing waits without a bound:
+
+* a failure anywhere (a role that cannot start, a rank's child that dies, a timeout) is sent
+  to rank 0, which prints it once and tells every rank to stop;
+* stopping is ordered (client, then workers, then the scheduler) so a normal end prints no
+  connection noise; every step has a grace period after which the role's process group is
+  killed;
+* the job's exit status (``status.Outcome``) is agreed by all ranks in a bounded all-reduce,
+  then MPI is finalized so the launcher reports it unchanged; a rank that does not join in
+  time gets the whole job aborted instead.
+
+The phases, in order: CHECKING (every rank checks its options; errors are said once), STARTING
+(scheduler, then the address to every rank, then workers, then the client once all workers
+are connected), RUNNING, STOPPING.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import select
+import signal
+import socket
+import time
+
+from .children import Child, StdinRelay, read_stdin
+from .control import ControlPlane
+from .errors import LaunchError
+from .layout import CLIENT, SCHEDULER, WORKER
+from .settings import Settings, check_interface, check_scheduler_file, check_script
+from .status import FAILED, NORMAL, SCRIPT, SIGNALLED, Outcome, say
+
+# seconds between looks at MPI while starting/stopping, and while running (child pipes
+# and exits wake the loop at once; only messages from other ranks wait for the next look)
+BUSY_POLL, IDLE_POLL = 0.005, 0.05
+
+
+class Phase(enum.Enum):
+    CHECKING = "checking"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+class _Stop(Exception):
+    pass
+
+
+def local_ranks(env=os.environ) -> int:
+    """How many ranks of this job share this host, as the MPI launcher tells it (0: unknown,
+    left to the batch system's variables)."""
+    for key in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE"):
+        try:
+            return max(1, int(env[key]))
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def _open_mpi(env=os.environ) -> bool:
+    return "OMPI_COMM_WORLD_SIZE" in env
+
+
+def job_id(env=os.environ) -> str | None:
+    for key in ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID"):
+        if env.get(key):
+            return env[key].split(".")[0]
+    return None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, control: ControlPlane, launcher, *,
+                 finalize: bool = True, client_in_process: bool = False):
+        """``control``: messages between ranks (over MPI, or files without MPI);
+        ``launcher``: starts role processes (the zygote, or a fork of this process);
+        ``client_in_process``: initialize(exit=False): the client is the calling script,
+        in this very process (its children are then the only ones we wait for)."""
+        self.settings = settings
+        self.control = control
+        self.launcher = launcher
+        self.finalize = finalize
+        self.client_in_process = client_in_process
+        self.rank, self.size = control.rank, control.size
+        self.host = socket.gethostname()
+        self.layout = settings.layout_for(self.size)
+        self.roles = self.layout.roles(self.rank)
+        self.scheduler_rank = getattr(self.layout, "scheduler_rank", 0)
+        self.phase = Phase.CHECKING
+        self.outcome = Outcome()
+        self.error: LaunchError | None = None  # the first failure, for initialize(exit=False)
+        self.signalled: int | None = None
+        self.children: list[Child] = []
+        self.restarts: dict[str, int] = {}  # worker label -> restarts so far
+        self.cluster: dict = {}  # what rank 0 announced: address, credentials, ...
+        self.credentials: dict | None = None
+        self.stdin_relay: StdinRelay | None = None
+        self.relay_stdin = False  # rank 0 forwards the job's stdin to the client's rank
+        self.workers_ready = 0  # this rank's worker processes that connected
+        self.started: set[str] = set()  # "workers", "client" once asked to start
+        self.coordinator = _Coordinator(self) if self.rank == 0 else None
+        self.reported = False
+        self.closed: set[int] = set()  # worker ranks done (on the scheduler's rank)
+
+    # ------------------------------------------------------------------
+    # the whole life
+
+    def run(self) -> int:
+        """Run this rank until the job ends; return the job's status, agreed by all ranks."""
+        self._install_signal_handlers()
+        try:
+            self._check()
+            if not self.outcome.decided:
+                self._serve()
+        except _Stop:
+            pass
+        except LaunchError as e:
+            self.fail(self.role_name, e.message, e.status, error=e)
+        except Exception as e:  # a bug of ours: still one line, and every rank ends
+            self.fail(self.role_name, f"internal error: {type(e).__name__}: {e}")
+        self.shutdown()
+        return self.agree()
+
+    @property
+    def role_name(self) -> str:
+        return "+".join(self.roles)
+
+    @property
+    def address(self) -> str | None:
+        return self.cluster.get("address")
+
+    # ------------------------------------------------------------------
+    # CHECKING: every rank checks what it will use; the first error is said once
+
+    def _check(self) -> None:
+        try:
+            self.layout.check()
+        except LaunchError as e:  # the same on every rank: rank 0 says it plainly
+            if self.rank == 0:
+                say(f"error: {e.message}")
+            self.error = e
+            self.outcome.propose(e.status, FAILED)
+            return
+        error = None
+        try:
+            s = self.settings
+            check_interface(s.interface)
+            if SCHEDULER in self.roles:
+                check_scheduler_file(s.scheduler_file)
+            if CLIENT in self.roles and not s.in_process:
+                check_script(s)
+            if WORKER in self.roles:
+                problem = self.launcher.check("worker-class", s.worker_class)
+                if problem:
+                    raise LaunchError(problem, 2)
+        except LaunchError as e:
+            error = e
+        except Exception as e:  # whatever it is, every rank enters the same collectives
+            error = LaunchError(f"internal error while checking: {type(e).__name__}: {e}")
+        if error is not None:
+            self.error = error
+            self.control.send(0, "check-failed", self.rank, self.host, self.role_name,
+                              error.message, error.status)
+        failed = self.control.allreduce_sum(
+            int(error is not None), self.settings.startup_timeout, self.poll_quietly)
+        if failed is None:
+            self.abort(f"not every rank started within {self.settings.startup_timeout:g} s "
+                       "(raise mpi-launch.startup-timeout if imports are slow here)", 1)
+        if failed:
+            if self.coordinator:
+                self.coordinator.report_check_failures(failed)
+            self.outcome.propose(error.status if error else 2, FAILED)
+
+    # ------------------------------------------------------------------
+    # STARTING and RUNNING: the event loop
+
+    def _serve(self) -> None:
+        s = self.settings
+        self.phase = Phase.STARTING
+        address_deadline = time.monotonic() + s.wait_timeout
+        if self.rank != 0:  # rank 0 owns that deadline and says what went wrong
+            address_deadline += 5 + s.shutdown_timeout
+        if SCHEDULER in self.roles:
+            self._start_scheduler()
+        if self.coordinator:
+            self.coordinator.starting()
+        else:
+            self.control.send(0, "hello", self.rank, self.host, list(self.roles))
+        # launchers give the job's stdin to rank 0: it relays it to the client's rank
+        # (Open MPI 5's mpirun never passes end-of-file on: there the client reads none)
+        client = self.layout.client_rank
+        relay = client not in (None, 0) and not s.jupyter
+        self.relay_stdin = relay and self.rank == 0 and not _open_mpi()
+        if relay and self.rank == client:
+            self.stdin_relay = StdinRelay()
+            if _open_mpi():
+                self.stdin_relay.feed("")
+        while True:
+            self.step(IDLE_POLL if self.phase is Phase.RUNNING else BUSY_POLL)
+            now = time.monotonic()
+            if self.address is None:
+                if self.coordinator and not s.scheduler:  # join mode
+                    self.coordinator.read_scheduler_file()
+                if self.address is None and now > address_deadline:
+                    self._no_address()
+                continue
+            if WORKER in self.roles and "workers" not in self.started:
+                self._start_workers()
+            if self.coordinator:
+                self.coordinator.advance(now)
+            if CLIENT in self.roles and "client" not in self.started:
+                if self.cluster.get("all_ready") or not s.wait_for_workers:
+                    self._start_client()
+            if self.phase is Phase.STARTING and self._all_started():
+                self.phase = Phase.RUNNING
+
+    def _all_started(self) -> bool:
+        return ((WORKER not in self.roles or "workers" in self.started)
+                and (CLIENT not in self.roles or "client" in self.started)
+                and (self.coordinator is None or self.coordinator.banner_done))
+
+    def _no_address(self) -> None:
+        s = self.settings
+        if not s.scheduler and self.rank == 0:
+            self.fail(self.role_name, f"the scheduler file {s.scheduler_file} did not appear "
+                      f"within {s.wait_timeout:g} s (is the cluster's job running? raise "
+                      "--wait-timeout to wait longer)")
+        else:
+            who = "the scheduler" if SCHEDULER in self.roles else "rank 0"
+            self.fail(self.role_name,
+                      f"no scheduler address from {who} within {s.wait_timeout:g} s")
+
+    def step(self, timeout: float = BUSY_POLL, stop: bool = True) -> None:
+        """Handle whatever happened: pipes, child exits, MPI messages, signals, stdin."""
+        fds = [c.fd for c in self.children if c.fd >= 0]
+        if self.relay_stdin:
+            fds.append(0)
+        writable = [self.stdin_relay.write_fd] if self.stdin_relay and self.stdin_relay.waiting \
+            else []
+        if fds or writable:
+            try:
+                readable, can_write, _ = select.select(fds, writable, [], timeout)
+            except (OSError, ValueError):
+                readable, can_write = fds, writable
+        else:
+            readable, can_write = (), ()
+            time.sleep(timeout)
+        for child in list(self.children):
+            if child.fd in readable:
+                for event in child.read_events():
+                    self._on_event(child, event)
+        self._reap()
+        if 0 in readable and self.relay_stdin:
+            self._forward_stdin()
+        if can_write:
+            self.stdin_relay.pump()
+        for message in self.control.poll():
+            self._on_message(message)
+        if self.signalled and not self.outcome.decided:
+            self.stop(self.outcome.on_signal(self.signalled, self.settings.has_client),
+                      SIGNALLED)
+        if stop and self.outcome.decided:
+            raise _Stop
+
+    def poll_quietly(self) -> None:
+        self.step(timeout=0.001, stop=False)
+
+    def _reap(self) -> None:
+        for child in list(self.children):
+            if child.reap():
+                for event in child.read_events():  # what it said just before it ended
+                    self._on_event(child, event)
+                child.close_pipe()
+                self._on_exit(child)
+        if not self.client_in_process:  # orphans of our roles become ours: reap them
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
+                pass
+
+    def _forward_stdin(self) -> None:
+        text = read_stdin()
+        if text is None:
+            return
+        self.control.send(self.layout.client_rank, "stdin", text)
+        if text == "":
+            self.relay_stdin = False
+
+    # ------------------------------------------------------------------
+    # starting roles
+
+    def _start(self, role: str, label: str, spec: dict, **kwargs) -> Child | None:
+        child = self.launcher.start(role, label, {"settings": self.settings, **spec}, **kwargs)
+        if child is not None:
+            self.children.append(child)
+        return child
+
+    def _start_scheduler(self) -> None:
+        s = self.settings
+        if s.scheduler_file and os.path.exists(s.scheduler_file):
+            os.unlink(s.scheduler_file)  # never leave an earlier job's file to be read
+        if s.tls:
+            from .security import new_credentials
+
+            self.credentials = new_credentials()
+        self._start(SCHEDULER, "scheduler", {"run": "scheduler",
+                                             "credentials": self.credentials})
+
+    def announce(self, address, identity, dashboard, name_prefix=None) -> None:
+        """The scheduler's rank knows the address: tell every rank, with what helps them
+        connect (or explain why they cannot)."""
+        from . import diagnose
+
+        info = {"address": address, "identity": identity, "dashboard": dashboard,
+                "name_prefix": name_prefix or self.settings.name,
+                "host": self.host, "interfaces": diagnose.local_interfaces(),
+                "credentials": self.credentials}
+        if self.settings.scheduler and not self.settings.tls:
+            say(f"warning: TLS is off: anyone who can reach {address} can run code as you "
+                "on this cluster (drop --no-tls / --protocol tcp to secure it)")
+        self.cluster.update(info)
+        self.control.broadcast("address", info)
+
+    def _start_workers(self) -> None:
+        s = self.settings
+        self.started.add("workers")
+        nthreads, memory_limit = self._worker_resources()
+        for i in range(s.worker_processes):
+            name = s.worker_name(self.rank, i, self.cluster.get("name_prefix"))
+            self._start(WORKER, f"worker {name}", {
+                "run": "worker", "address": self.address, "name": name,
+                "nthreads": nthreads, "memory_limit": memory_limit,
+                "credentials": self.cluster.get("credentials"),
+                "scheduler_info": {k: v for k, v in self.cluster.items()
+                                   if k in ("address", "host", "interfaces")},
+            })
+
+    def _worker_resources(self):
+        """Threads and memory per worker process: the options, else the batch job's share."""
+        import psutil
+
+        from .environment import detect_resources
+
+        s = self.settings
+        found = detect_resources(os.environ, local_ranks=local_ranks(),
+                                 cpu_count=os.cpu_count() or 1,
+                                 total_memory=psutil.virtual_memory().total,
+                                 worker_processes=s.worker_processes)
+        nthreads = s.nthreads or found.nthreads
+        memory_limit = s.memory_limit
+        if memory_limit == "auto" and found.memory_limit:
+            memory_limit = found.memory_limit
+        return nthreads, memory_limit
+
+    def _start_client(self) -> None:
+        from .children import BecomeClient
+
+        s = self.settings
+        self.started.add("client")
+        credentials = self.cluster.get("credentials")
+        stdin = self.stdin_relay.take_read_end() if self.stdin_relay else None
+        if self.client_in_process:
+            if stdin is not None:  # the script is this process: the relay is its stdin
+                os.dup2(stdin, 0)
+                os.close(stdin)
+            raise BecomeClient(self.address, credentials)
+        spec = {"address": self.address, "credentials": credentials}
+        if s.in_process:
+            self._start(CLIENT, "script", {**spec, "run": "initialize"}, stdin=stdin,
+                        returns=True)
+        elif s.jupyter:
+            self._start(CLIENT, "jupyter", {**spec, "run": "jupyter", "scheduler_info": {
+                k: v for k, v in self.cluster.items() if k in ("address", "dashboard")}})
+        else:
+            self._start(CLIENT, "script", {**spec, "run": "script"}, stdin=stdin)
+
+    # ------------------------------------------------------------------
+    # what children say, and how they end
+
+    def _on_event(self, child: Child, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "error":
+            self.fail(child.role, event.get("message", "unknown error"))
+        elif kind == "address" and child.role == SCHEDULER:
+            self.announce(event["address"], event.get("identity"), event.get("dashboard"))
+        elif kind == "jupyter" and child.role == CLIENT:
+            self.control.send(0, "jupyter", event["url"])
+        elif kind == "ready" and child.role == WORKER:
+            self.workers_ready += 1  # restarted workers count again: == fires once
+            if self.workers_ready == self.settings.worker_processes:
+                names = [c.label.split(" ", 1)[1] for c in self.children if c.role == WORKER]
+                self.control.send(0, "ready", self.rank, self.host, names)
+
+    def _on_exit(self, child: Child) -> None:
+        if self.outcome.decided:
+            return
+        ended = child.ended
+        if child.role == CLIENT:
+            if ended.crashed:
+                self.fail(CLIENT, f"the script {ended.describe()}", ended.status, SCRIPT)
+            else:
+                self.stop(ended.status, SCRIPT)
+        elif ended.ok and child.role == SCHEDULER and not self.settings.has_client:
+            self.stop(0, NORMAL)  # cluster-only mode: a client shut the scheduler down
+        elif ended.ok:
+            # closed by Dask itself (client.shutdown(), retire_workers): fine; in join mode
+            # the rank is done once all its workers are
+            if not self.settings.scheduler and not any(c.alive for c in self.children):
+                self.stop(0, NORMAL)
+        elif (child.role == WORKER
+              and self.restarts.get(child.label, 0) < self.settings.worker_restarts):
+            self._restart(child)
+        else:
+            self.fail(child.role, f"the {child.label} process {ended.describe()}")
+
+    def _restart(self, child: Child) -> None:
+        """A worker process died (OOM killer, SIGKILL...): start it again, same name."""
+        n = self.restarts[child.label] = self.restarts.get(child.label, 0) + 1
+        say(f"{child.label} (rank {self.rank}, host {self.host}) {child.ended.describe()}: "
+            f"restarting it ({n} of {self.settings.worker_restarts})")
+        self.children.remove(child)
+        child.signal(signal.SIGKILL)  # whatever it left in its group
+        spec = {k: v for k, v in child.spec.items() if k != "settings"}
+        self._start(WORKER, child.label, spec)
+
+    # ------------------------------------------------------------------
+    # what other ranks say
+
+    def _on_message(self, message) -> None:
+        kind, *fields = message
+        if kind == "address":
+            self.cluster.update(fields[0])
+        elif kind == "all-ready":
+            self.cluster["all_ready"] = True
+        elif kind == "fail":
+            rank, host, role, text, status, priority = fields
+            self.report(rank, host, role, text)
+            self.stop(status, priority)
+        elif kind == "stop":
+            self.outcome.propose(*fields)
+        elif kind == "closed":
+            self.closed.add(fields[0])
+        elif kind == "stdin" and self.stdin_relay is not None:
+            self.stdin_relay.feed(fields[0])
+        elif self.coordinator:
+            self.coordinator.on_message(kind, fields)
+
+    # ------------------------------------------------------------------
+    # deciding to stop
+
+    def stop(self, status: int, priority: int) -> None:
+        if self.outcome.propose(status, priority):
+            self.control.broadcast("stop", status, priority)
+
+    def fail(self, role: str, text: str, status: int = 1, priority: int = FAILED,
+             error: LaunchError | None = None) -> None:
+        """A failure seen on this rank: rank 0 says it once and stops everyone."""
+        if self.error is None:
+            self.error = error or LaunchError(text, status)
+        if self.rank == 0:
+            self.report(0, self.host, role, text)
+            self.stop(status, priority)
+        else:
+            self.outcome.propose(status, priority)
+            self.control.send(0, "fail", self.rank, self.host, role, text, status, priority)
+
+    def report(self, rank: int, host: str, role: str, text: str) -> None:
+        if not self.reported:
+            self.reported = True
+            say(f"error on rank {rank} ({role}, host {host}): {text}")
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self.signalled is None:
+                self.signalled = signum
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, handler)
+
+    # ------------------------------------------------------------------
+    # STOPPING, in order: client, workers, then the scheduler
+
+    def shutdown(self) -> None:
+        self.phase = Phase.STOPPING
+        grace = self.settings.shutdown_timeout
+        self._terminate([c for c in self.children if c.role == CLIENT], grace)
+        self._terminate([c for c in self.children if c.role == WORKER], grace)
+        if WORKER in self.roles and self.rank != self.scheduler_rank:
+            self.control.send(self.scheduler_rank, "closed", self.rank)
+        scheduler = [c for c in self.children if c.role == SCHEDULER]
+        if scheduler:
+            others = set(self.layout.worker_ranks) - {self.rank}
+            deadline = time.monotonic() + grace
+            while (not others <= self.closed and scheduler[0].alive
+                   and time.monotonic() < deadline):
+                self.poll_quietly()
+            self._terminate(scheduler, grace)
+        for child in self.children:  # what the roles left running in their groups
+            child.signal(signal.SIGKILL)
+        if self.stdin_relay is not None:
+            self.stdin_relay.close()
+        if self.coordinator:
+            self.coordinator.remove_scheduler_file()
+        self.launcher.close()
+
+    def _terminate(self, children, grace: float) -> None:
+        signum = signal.SIGINT if self.signalled == signal.SIGINT else signal.SIGTERM
+        for child in children:
+            if child.alive:
+                child.signal(signum)
+        deadline = time.monotonic() + grace
+        while any(c.alive for c in children):
+            if time.monotonic() > deadline:
+                for child in children:
+                    child.signal(signal.SIGKILL)
+                deadline = float("inf")
+            self.poll_quietly()
+
+    # ------------------------------------------------------------------
+    # the job's status
+
+    def agree(self) -> int:
+        """The job's status, the same on every rank (bounded); then MPI is finalized."""
+        timeout = 2 * self.settings.shutdown_timeout + 5
+        agreed = self.control.allreduce_max(self.outcome.encode(), timeout, self.poll_quietly)
+        if agreed is None:
+            self.abort(f"other ranks did not end within {timeout:g} s",
+                       self.outcome.status or 1)
+        status = Outcome.decode(agreed)
+        self.control.finish()
+        if self.finalize:
+            self.control.finalize()
+        return status
+
+    def abort(self, text: str, status: int) -> None:
+        say(f"rank {self.rank} (host {self.host}): {text}: aborting the job")
+        for child in self.children:
+            child.signal(signal.SIGKILL)
+        self.control.abort(status)
+
+    def monitor(self, close) -> None:
+        """initialize(exit=False) on the client rank: serve in a thread until ``close`` is
+        set (send_close_signal()) or the job stops; then stop this rank's roles in order and
+        agree on the status with the other ranks."""
+        import _thread
+
+        while not close.is_set() and not self.outcome.decided:
+            self.step(timeout=IDLE_POLL, stop=False)
+        if not self.outcome.decided:
+            self.stop(0, NORMAL)
+        elif self.outcome.priority == FAILED:
+            _thread.interrupt_main()  # KeyboardInterrupt in the script: the job failed
+        self.shutdown()
+        self.agree()
+
+
+class _Coordinator:
+    """Rank 0's part: it hears every rank, knows when all workers are connected, prints the
+    banner, writes the scheduler file, and says failures once."""
+
+    def __init__(self, supervisor: Supervisor):
+        self.sup = supervisor
+        self.ready: dict[int, tuple] = {}  # worker rank -> (host, names)
+        self.hosts: dict[int, tuple] = {}  # rank -> (host, roles), for the banner
+        self.check_failures: list[tuple] = []
+        self.all_ready_at: float | None = None
+        self.ready_deadline: float | None = None
+        self.banner_done = False
+        self.file_written = False
+
+    def starting(self) -> None:
+        sup = self.sup
+        self.hosts[0] = (sup.host, sup.roles)
+
+    def advance(self, now: float) -> None:
+        sup, s = self.sup, self.sup.settings
+        if self.ready_deadline is None:
+            self.ready_deadline = now + s.wait_timeout
+        if self.all_ready_at is None:
+            if len(self.ready) == len(sup.layout.worker_ranks):
+                self._all_ready(now)
+            elif now > self.ready_deadline:
+                sup.fail("scheduler", self._missing_workers())
+        elif not self.banner_done:
+            # every rank said where it runs (or 2 s passed): one block, once
+            if len(self.hosts) == sup.size or now > self.all_ready_at + 2:
+                self._banner()
+
+    def on_message(self, kind: str, fields) -> None:
+        if kind == "ready":
+            rank, host, names = fields
+            self.ready[rank] = (host, names)
+        elif kind == "hello":
+            rank, host, roles = fields
+            self.hosts[rank] = (host, tuple(roles))
+        elif kind == "check-failed":
+            self.check_failures.append(tuple(fields))
+        elif kind == "jupyter":
+            if not self.sup.settings.quiet:
+                from .banner import jupyter_lines
+
+                print(jupyter_lines(fields[0], self.sup.settings.login_host), flush=True)
+
+    def report_check_failures(self, failed: int) -> None:
+        """The same error is often found on many ranks: say the lowest rank's, once."""
+        deadline = time.monotonic() + 5.0
+        while len(self.check_failures) < failed and time.monotonic() < deadline:
+            self.sup.poll_quietly()
+        if self.check_failures:
+            rank, host, role, text, _ = min(self.check_failures)
+            more = len(self.check_failures) - 1
+            if more:
+                text += f" (and {more} more rank{'s' if more > 1 else ''} failed too)"
+            self.sup.report(rank, host, role, text)
+
+    def read_scheduler_file(self) -> None:
+        """Join mode: take the address from the scheduler file once it is there."""
+        import json
+
+        sup = self.sup
+        try:
+            with open(sup.settings.scheduler_file) as f:
+                identity = json.load(f)
+            address = identity["address"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not there yet (the wait is bounded by wait-timeout)
+        if address.startswith("tls://"):
+            from .security import directory_for, read_beside
+
+            sup.credentials = read_beside(sup.settings.scheduler_file)
+            if sup.credentials is None:
+                sup.fail(sup.role_name, f"the cluster at {address} uses TLS, and its "
+                         f"credentials are not readable in "
+                         f"{directory_for(sup.settings.scheduler_file)}")
+                return
+        # names must not clash with the cluster's own workers (named by their ranks)
+        sup.announce(address, identity, None,
+                     name_prefix=sup.settings.name or f"join{job_id() or os.getpid()}")
+
+    def _all_ready(self, now: float) -> None:
+        sup = self.sup
+        self.all_ready_at = now
+        client = sup.layout.client_rank
+        if client is not None:
+            if client == 0:
+                sup.cluster["all_ready"] = True
+            else:
+                sup.control.send(client, "all-ready", len(self.ready))
+        if sup.settings.scheduler_file and sup.settings.scheduler:
+            self._write_scheduler_file()
+
+    def _banner(self) -> None:
+        self.banner_done = True
+        sup, s = self.sup, self.sup.settings
+        if not s.quiet:
+            from .banner import render
+
+            print(render({
+                "mode": "join" if not s.scheduler else "script" if s.has_client else "cluster",
+                "address": sup.address, "dashboard": sup.cluster.get("dashboard"),
+                "dashboard_wanted": s.dashboard,
+                "workers": sum(len(names) for _, names in self.ready.values()),
+                "ranks": self.hosts, "scheduler_file": s.scheduler_file if s.scheduler else None,
+                "login_host": s.login_host,
+            }), flush=True)
+
+    def _write_scheduler_file(self) -> None:
+        import json
+
+        sup = self.sup
+        path = sup.settings.scheduler_file
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(sup.cluster.get("identity") or {"address": sup.address}, f, indent=2)
+        if sup.credentials:  # first: a reader seeing the file finds them
+            from .security import write_beside
+
+            write_beside(path, sup.credentials)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        self.file_written = True
+
+    def remove_scheduler_file(self) -> None:
+        if not self.file_written:
+            return
+        from .security import remove_beside
+
+        path = self.sup.settings.scheduler_file
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        remove_beside(path)
+
+    def _missing_workers(self) -> str:
+        sup = self.sup
+        missing = [r for r in sup.layout.worker_ranks if r not in self.ready]
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        return (f"{len(missing)} of {len(sup.layout.worker_ranks)} worker ranks did not "
+                f"connect to the scheduler at {sup.address} within "
+                f"{sup.settings.wait_timeout:g} s (ranks {shown}); check --interface, or "
+                "raise --wait-timeout")

@@ -1,0 +1,234 @@
+"""The zygote: a process forked from the rank before ``MPI_Init`` that forks its roles.
+
+Forking a process that initialized MPI is a documented hazard on InfiniBand (verbs, UCX)
+and Slingshot (CXI): pages pinned for RDMA and shared with the child after fork corrupt or
+hang the parent's traffic. So the rank forks this small process first, before it loads MPI;
+the zygote imports ``distributed`` (while the rank starts MPI, in parallel) and, on the
+rank's request, forks the scheduler, the workers and the script. Those role processes never
+hold an initialized MPI library, and the heavy import happens once per rank.
+
+::
+
+    rank (MPI, supervises) --socketpair--> zygote (imports distributed, never MPI)
+                                               `-- fork --> intermediate --fork--> role
+                                                                (exits)     reparented to
+                                                                            the rank
+
+The role is forked through a short-lived intermediate process, so that it is reparented to
+the rank (a Linux child subreaper): the rank waits for it, reads its pipe and signals its
+process group exactly as if it had forked it itself. Requests and replies are pickled
+tuples over a private ``socketpair`` (nobody else can write to it); the role's pipe and
+stdin travel as file descriptors (``SCM_RIGHTS``).
+
+Requests (rank -> zygote) and replies::
+
+    ("start", role, label, spec, returns)  + fds [pipe, stdin?]  ->  ("started", pid)
+    ("check", what, value)                                       ->  ("checked", error|None)
+    ("exit",)
+    first message from the zygote: ("ready", import error or None)
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+
+from .children import BecomeClient, Channel, Child, become_subreaper, enter_role, flush, run_body
+from .errors import LaunchError
+
+_MAX = 1 << 20  # one request: settings, credentials, names (a few KiB)
+
+
+class ZygoteLauncher:
+    """The rank's side. Use :func:`start` to make one."""
+
+    def __init__(self, sock: socket.socket, pid: int):
+        self.sock = sock
+        self.pid = pid
+        self._ready = False
+
+    def _wait_ready(self) -> None:
+        if self._ready:
+            return
+        reply = self._receive()
+        if reply[0] != "ready":
+            raise LaunchError(f"the role starter of this rank answered {reply[0]!r}")
+        if reply[1]:
+            raise LaunchError(reply[1])
+        self._ready = True
+
+    def _receive(self):
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, _MAX, 4)
+        except OSError as e:
+            data, fds = b"", []
+            error = e
+        else:
+            error = None
+        for fd in fds:
+            os.close(fd)
+        if not data:
+            raise LaunchError("the process that starts this rank's roles ended unexpectedly"
+                              + (f" ({error})" if error else ""))
+        return pickle.loads(data)
+
+    def _request(self, message, fds=()):
+        self._wait_ready()
+        try:
+            socket.send_fds(self.sock, [pickle.dumps(message)], list(fds))
+        except OSError as e:
+            raise LaunchError("the process that starts this rank's roles ended "
+                              f"unexpectedly ({e})") from None
+        return self._receive()
+
+    def start(self, role, label, spec, *, stdin=None, returns=False):
+        read_fd, write_fd = os.pipe()
+        fds = [write_fd] + ([stdin] if stdin is not None else [])
+        try:
+            reply = self._request(("start", role, label, spec, returns, stdin is not None), fds)
+        finally:
+            os.close(write_fd)
+            if stdin is not None:
+                os.close(stdin)
+        if reply[0] != "started":
+            os.close(read_fd)
+            raise LaunchError(f"cannot start the {label} process: {reply[1]}")
+        os.set_blocking(read_fd, False)
+        return Child(role, label, reply[1], read_fd, spec)
+
+    def check(self, what, value):
+        reply = self._request(("check", what, value))
+        return reply[1]
+
+    def close(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            socket.send_fds(self.sock, [pickle.dumps(("exit",))], [])
+        except OSError:
+            pass
+        self.sock.close()
+        self.sock = None
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def start(preload=("distributed",)) -> ZygoteLauncher:
+    """Fork the zygote (call before MPI is loaded). In the process that ``initialize()``'s
+    client becomes, this raises :class:`BecomeClient` instead of returning."""
+    become_subreaper()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    rank = os.getpid()
+    flush()
+    pid = os.fork()
+    if pid:
+        theirs.close()
+        return ZygoteLauncher(ours, pid)
+    ours.close()
+    try:
+        _serve(theirs, rank, preload)  # returns only by raising BecomeClient
+    except BecomeClient:
+        theirs.close()
+        raise
+    except BaseException:
+        pass
+    os._exit(0)
+
+
+def _serve(sock: socket.socket, rank: int, preload) -> None:
+    import ctypes
+
+    try:  # the zygote never outlives its rank, and leaves signals to it
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except Exception:
+        pass
+    if os.getppid() != rank:
+        os._exit(0)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    error = None
+    try:
+        import importlib
+
+        for module in preload:
+            importlib.import_module(module)
+        from .roles import run_check, run_role
+    except BaseException as e:  # the rank reports it as one line
+        error = f"cannot import {' and '.join(preload)}: {type(e).__name__}: {e}"
+    _send(sock, ("ready", error))
+    if error:
+        return
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, _MAX, 4)
+        except OSError:
+            return
+        if not data:
+            return  # the rank closed its end
+        message = pickle.loads(data)
+        if message[0] == "exit":
+            return
+        if message[0] == "check":
+            try:
+                _send(sock, ("checked", run_check(message[1], message[2])))
+            except BaseException as e:
+                _send(sock, ("checked", f"{type(e).__name__}: {e}"))
+            continue
+        _, role, label, spec, returns, has_stdin = message
+        pipe = fds[0]
+        stdin = fds[1] if has_stdin else None
+        try:  # (in initialize()'s client, BecomeClient goes up from here to the script)
+            reply = ("started", _fork_role(sock, rank, role, spec, pipe, stdin, returns,
+                                           run_role))
+        except OSError as e:
+            reply = ("error", str(e))
+        for fd in fds:
+            os.close(fd)
+        _send(sock, reply)
+
+
+def _fork_role(sock, rank, role, spec, pipe, stdin, returns, run_role) -> int:
+    """Fork the role through an intermediate process; return the role's pid (the caller
+    only learns it once the intermediate ended, i.e. once the rank is its parent)."""
+    report_r, report_w = os.pipe()
+    flush()
+    pid = os.fork()
+    if pid == 0:  # the intermediate
+        os.close(report_r)
+        try:
+            role_pid = os.fork()
+        except OSError:
+            os._exit(1)
+        if role_pid == 0:  # the role
+            os.close(report_w)
+            sock.close()
+            enter_role(rank, stdin, wait=5.0)
+            channel = Channel(pipe)
+            if returns:
+                os.set_inheritable(pipe, False)
+                raise BecomeClient(spec["address"], spec.get("credentials"))
+            run_body(lambda ch: run_role(role, spec, ch), channel)
+        os.write(report_w, str(role_pid).encode())
+        os._exit(0)
+    os.close(report_w)
+    data = b""
+    while True:
+        chunk = os.read(report_r, 64)
+        if not chunk:
+            break
+        data += chunk
+    os.close(report_r)
+    os.waitpid(pid, 0)
+    if not data:
+        raise OSError("fork failed")
+    return int(data)
+
+
+def _send(sock, message) -> None:
+    try:
+        socket.send_fds(sock, [pickle.dumps(message)], [])
+    except OSError:
+        os._exit(0)
