@@ -67,6 +67,7 @@ class Child:
         self.fd = fd  # read end of its pipe, non-blocking; -1 once closed
         self.spec = spec  # what it runs, to start it again
         self.ended: Ended | None = None
+        self.fresh = False  # ended, reaped by Family.ended(), not yet handled
         self._buffer = b""
 
     @property
@@ -126,6 +127,92 @@ class Child:
                     os.kill(self.pid, signum)
                 except ProcessLookupError:
                     pass
+
+
+class Family:
+    """A rank's role processes: start and restart them, collect what they say and how
+    they end, stop them in groups with a bound."""
+
+    def __init__(self, launcher: "Launcher", settings, reap_orphans: bool):
+        """``reap_orphans``: this process runs no user code, so every child that ends is
+        ours to reap (orphans of our roles are reparented to us, the subreaper)."""
+        self.launcher = launcher
+        self.settings = settings
+        self.reap_orphans = reap_orphans
+        self.members: list[Child] = []
+        self.restarts: dict[str, int] = {}  # label -> restarts so far
+
+    def __iter__(self):
+        return iter(list(self.members))
+
+    def of(self, role: str) -> list[Child]:
+        return [c for c in self.members if c.role == role]
+
+    def start(self, role: str, label: str, spec: dict, **kwargs) -> Child | None:
+        child = self.launcher.start(role, label, {"settings": self.settings, **spec}, **kwargs)
+        if child is not None:
+            self.members.append(child)
+        return child
+
+    def may_restart(self, child: Child) -> bool:
+        return self.restarts.get(child.label, 0) < self.settings.worker_restarts
+
+    def restart(self, child: Child) -> int:
+        """Start ``child``'s role again under the same label; return the restart count."""
+        n = self.restarts[child.label] = self.restarts.get(child.label, 0) + 1
+        self.members.remove(child)
+        child.signal(signal.SIGKILL)  # whatever it left in its group
+        spec = {k: v for k, v in child.spec.items() if k != "settings"}
+        self.start(child.role, child.label, spec)
+        return n
+
+    def fds(self) -> list[int]:
+        return [c.fd for c in self.members if c.fd >= 0]
+
+    def said(self, readable) -> list[tuple[Child, dict]]:
+        """Events from the children whose pipes are readable."""
+        return [(c, e) for c in self.members if c.fd in readable for e in c.read_events()]
+
+    def ended(self) -> list[tuple[Child, list[dict]]]:
+        """Children that ended since the last call, each with what it said just before."""
+        if self.reap_orphans:
+            by_pid = {c.pid: c for c in self.members if c.alive}
+            while True:
+                try:
+                    pid, raw = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                if pid in by_pid:
+                    by_pid[pid].ended = Ended.from_wait(raw)
+                    by_pid[pid].fresh = True
+        done = []
+        for child in self.members:
+            if child.reap() or child.fresh:
+                child.fresh = False
+                events = child.read_events()  # an error said just before the end counts
+                child.close_pipe()
+                done.append((child, events))
+        return done
+
+    def terminate(self, children: list[Child], grace: float, signum: int, poll) -> None:
+        """Signal the children's groups, wait (polling) up to ``grace``, then kill them."""
+        for child in children:
+            if child.alive:
+                child.signal(signum)
+        deadline = time.monotonic() + grace
+        while any(c.alive for c in children):
+            if time.monotonic() > deadline:
+                for child in children:
+                    child.signal(signal.SIGKILL)
+                deadline = float("inf")
+            poll()
+
+    def kill_leftovers(self) -> None:
+        """What the roles left running in their process groups."""
+        for child in self.members:
+            child.signal(signal.SIGKILL)
 
 
 class Launcher(Protocol):

@@ -26,7 +26,7 @@ import signal
 import socket
 import time
 
-from .children import Child, StdinRelay, read_stdin
+from .children import Child, Family, StdinRelay, read_stdin
 from .control import ControlPlane
 from .errors import LaunchError
 from .layout import CLIENT, SCHEDULER, WORKER
@@ -35,7 +35,7 @@ from .status import FAILED, NORMAL, SCRIPT, SIGNALLED, Outcome, say
 
 # seconds between looks at MPI while starting/stopping, and while running (child pipes
 # and exits wake the loop at once; only messages from other ranks wait for the next look)
-BUSY_POLL, IDLE_POLL = 0.005, 0.05
+BUSY_POLL, IDLE_POLL = 0.005, 0.02
 
 
 class Phase(enum.Enum):
@@ -92,8 +92,7 @@ class Supervisor:
         self.outcome = Outcome()
         self.error: LaunchError | None = None  # the first failure, for initialize(exit=False)
         self.signalled: int | None = None
-        self.children: list[Child] = []
-        self.restarts: dict[str, int] = {}  # worker label -> restarts so far
+        self.children = Family(launcher, settings, reap_orphans=not client_in_process)
         self.cluster: dict = {}  # what rank 0 announced: address, credentials, ...
         self.credentials: dict | None = None
         self.stdin_relay: StdinRelay | None = None
@@ -234,7 +233,7 @@ class Supervisor:
 
     def step(self, timeout: float = BUSY_POLL, stop: bool = True) -> None:
         """Handle whatever happened: pipes, child exits, MPI messages, signals, stdin."""
-        fds = [c.fd for c in self.children if c.fd >= 0]
+        fds = self.children.fds()
         if self.relay_stdin:
             fds.append(0)
         writable = [self.stdin_relay.write_fd] if self.stdin_relay and self.stdin_relay.waiting \
@@ -247,11 +246,12 @@ class Supervisor:
         else:
             readable, can_write = (), ()
             time.sleep(timeout)
-        for child in list(self.children):
-            if child.fd in readable:
-                for event in child.read_events():
-                    self._on_event(child, event)
-        self._reap()
+        for child, event in self.children.said(readable):
+            self._on_event(child, event)
+        for child, events in self.children.ended():
+            for event in events:
+                self._on_event(child, event)
+            self._on_exit(child)
         if 0 in readable and self.relay_stdin:
             self._forward_stdin()
         if can_write:
@@ -267,20 +267,6 @@ class Supervisor:
     def poll_quietly(self) -> None:
         self.step(timeout=0.001, stop=False)
 
-    def _reap(self) -> None:
-        for child in list(self.children):
-            if child.reap():
-                for event in child.read_events():  # what it said just before it ended
-                    self._on_event(child, event)
-                child.close_pipe()
-                self._on_exit(child)
-        if not self.client_in_process:  # orphans of our roles become ours: reap them
-            try:
-                while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                    pass
-            except ChildProcessError:
-                pass
-
     def _forward_stdin(self) -> None:
         text = read_stdin()
         if text is None:
@@ -292,12 +278,6 @@ class Supervisor:
     # ------------------------------------------------------------------
     # starting roles
 
-    def _start(self, role: str, label: str, spec: dict, **kwargs) -> Child | None:
-        child = self.launcher.start(role, label, {"settings": self.settings, **spec}, **kwargs)
-        if child is not None:
-            self.children.append(child)
-        return child
-
     def _start_scheduler(self) -> None:
         s = self.settings
         if s.scheduler_file and os.path.exists(s.scheduler_file):
@@ -306,7 +286,7 @@ class Supervisor:
             from .security import new_credentials
 
             self.credentials = new_credentials()
-        self._start(SCHEDULER, "scheduler", {"run": "scheduler",
+        self.children.start(SCHEDULER, "scheduler", {"run": "scheduler",
                                              "credentials": self.credentials})
 
     def announce(self, address, identity, dashboard, name_prefix=None) -> None:
@@ -330,7 +310,7 @@ class Supervisor:
         nthreads, memory_limit = self._worker_resources()
         for i in range(s.worker_processes):
             name = s.worker_name(self.rank, i, self.cluster.get("name_prefix"))
-            self._start(WORKER, f"worker {name}", {
+            self.children.start(WORKER, f"worker {name}", {
                 "run": "worker", "address": self.address, "name": name,
                 "nthreads": nthreads, "memory_limit": memory_limit,
                 "credentials": self.cluster.get("credentials"),
@@ -369,13 +349,13 @@ class Supervisor:
             raise BecomeClient(self.address, credentials)
         spec = {"address": self.address, "credentials": credentials}
         if s.in_process:
-            self._start(CLIENT, "script", {**spec, "run": "initialize"}, stdin=stdin,
+            self.children.start(CLIENT, "script", {**spec, "run": "initialize"}, stdin=stdin,
                         returns=True)
         elif s.jupyter:
-            self._start(CLIENT, "jupyter", {**spec, "run": "jupyter", "scheduler_info": {
+            self.children.start(CLIENT, "jupyter", {**spec, "run": "jupyter", "scheduler_info": {
                 k: v for k, v in self.cluster.items() if k in ("address", "dashboard")}})
         else:
-            self._start(CLIENT, "script", {**spec, "run": "script"}, stdin=stdin)
+            self.children.start(CLIENT, "script", {**spec, "run": "script"}, stdin=stdin)
 
     # ------------------------------------------------------------------
     # what children say, and how they end
@@ -391,7 +371,7 @@ class Supervisor:
         elif kind == "ready" and child.role == WORKER:
             self.workers_ready += 1  # restarted workers count again: == fires once
             if self.workers_ready == self.settings.worker_processes:
-                names = [c.label.split(" ", 1)[1] for c in self.children if c.role == WORKER]
+                names = [c.label.split(" ", 1)[1] for c in self.children.of(WORKER)]
                 self.control.send(0, "ready", self.rank, self.host, names)
 
     def _on_exit(self, child: Child) -> None:
@@ -410,21 +390,12 @@ class Supervisor:
             # the rank is done once all its workers are
             if not self.settings.scheduler and not any(c.alive for c in self.children):
                 self.stop(0, NORMAL)
-        elif (child.role == WORKER
-              and self.restarts.get(child.label, 0) < self.settings.worker_restarts):
-            self._restart(child)
+        elif child.role == WORKER and self.children.may_restart(child):
+            n = self.children.restart(child)  # (OOM killer, SIGKILL...): same name
+            say(f"{child.label} (rank {self.rank}, host {self.host}) {ended.describe()}: "
+                f"restarting it ({n} of {self.settings.worker_restarts})")
         else:
             self.fail(child.role, f"the {child.label} process {ended.describe()}")
-
-    def _restart(self, child: Child) -> None:
-        """A worker process died (OOM killer, SIGKILL...): start it again, same name."""
-        n = self.restarts[child.label] = self.restarts.get(child.label, 0) + 1
-        say(f"{child.label} (rank {self.rank}, host {self.host}) {child.ended.describe()}: "
-            f"restarting it ({n} of {self.settings.worker_restarts})")
-        self.children.remove(child)
-        child.signal(signal.SIGKILL)  # whatever it left in its group
-        spec = {k: v for k, v in child.spec.items() if k != "settings"}
-        self._start(WORKER, child.label, spec)
 
     # ------------------------------------------------------------------
     # what other ranks say
@@ -490,11 +461,11 @@ class Supervisor:
     def shutdown(self) -> None:
         self.phase = Phase.STOPPING
         grace = self.settings.shutdown_timeout
-        self._terminate([c for c in self.children if c.role == CLIENT], grace)
-        self._terminate([c for c in self.children if c.role == WORKER], grace)
+        self._terminate(self.children.of(CLIENT), grace)
+        self._terminate(self.children.of(WORKER), grace)
         if WORKER in self.roles and self.rank != self.scheduler_rank:
             self.control.send(self.scheduler_rank, "closed", self.rank)
-        scheduler = [c for c in self.children if c.role == SCHEDULER]
+        scheduler = self.children.of(SCHEDULER)
         if scheduler:
             others = set(self.layout.worker_ranks) - {self.rank}
             deadline = time.monotonic() + grace
@@ -502,8 +473,7 @@ class Supervisor:
                    and time.monotonic() < deadline):
                 self.poll_quietly()
             self._terminate(scheduler, grace)
-        for child in self.children:  # what the roles left running in their groups
-            child.signal(signal.SIGKILL)
+        self.children.kill_leftovers()
         if self.stdin_relay is not None:
             self.stdin_relay.close()
         if self.coordinator:
@@ -512,16 +482,7 @@ class Supervisor:
 
     def _terminate(self, children, grace: float) -> None:
         signum = signal.SIGINT if self.signalled == signal.SIGINT else signal.SIGTERM
-        for child in children:
-            if child.alive:
-                child.signal(signum)
-        deadline = time.monotonic() + grace
-        while any(c.alive for c in children):
-            if time.monotonic() > deadline:
-                for child in children:
-                    child.signal(signal.SIGKILL)
-                deadline = float("inf")
-            self.poll_quietly()
+        self.children.terminate(children, grace, signum, self.poll_quietly)
 
     # ------------------------------------------------------------------
     # the job's status
@@ -541,8 +502,7 @@ class Supervisor:
 
     def abort(self, text: str, status: int) -> None:
         say(f"rank {self.rank} (host {self.host}): {text}: aborting the job")
-        for child in self.children:
-            child.signal(signal.SIGKILL)
+        self.children.kill_leftovers()
         self.control.abort(status)
 
     def monitor(self, close) -> None:
