@@ -67,6 +67,10 @@ CONTEXT = {
 @click.option("--worker-restarts", default=None, metavar="N",
               help=_help("Times a worker process that dies is restarted before its death "
                          "ends the job.", "worker-restarts"))
+@click.option("--share-imports/--no-share-imports", default=None,
+              help=_help("The ranks of a node share one process that imports distributed and "
+                         "starts every role of the node (one import per node); "
+                         "--no-share-imports: one per rank.", "share-imports"))
 @click.option("--scheduler/--no-scheduler", default=None,
               help="Run a scheduler on rank 0 [default: yes]; --no-scheduler makes every rank "
                    "add workers to the running cluster of --scheduler-file (join mode).")
@@ -144,16 +148,28 @@ def run(settings, check: bool = False) -> int:
 
         control = _bootstrap(settings)
         return diagnose.run_check(getattr(control, "comm", control), settings)
-    from . import zygote
     from .supervisor import Supervisor
 
-    launcher = zygote.start()
+    launcher = _zygote(settings)
     try:
         control = _bootstrap(settings)
     except BaseException:
         launcher.close()
         raise
     return Supervisor(settings, control, launcher).run()
+
+
+def _zygote(settings):
+    """The process that forks this rank's roles: the node's shared one where the launcher
+    says which ranks share the host, else one of the rank's own."""
+    from . import nodezygote, zygote
+
+    local = nodezygote.local_rank() if settings.share_imports else None
+    if local is not None and local[1] > 1:
+        launcher = nodezygote.start(local)
+        if launcher is not None:
+            return launcher
+    return zygote.start()
 
 
 def _bootstrap(settings):

@@ -53,6 +53,7 @@ class Settings:
     jupyter: bool = False  # the client rank runs JupyterLab instead of a script
     bootstrap: str = "mpi"  # mpi | slurm (no MPI: Slurm's variables + files) | auto
     bootstrap_dir: str = "."  # where --bootstrap slurm exchanges its files (shared FS)
+    share_imports: bool = True  # one zygote per node (the CLI), not one per rank
 
     @property
     def has_client(self) -> bool:
@@ -95,6 +96,7 @@ _CONFIG_KEYS = {
     "bootstrap": "bootstrap",
     "bootstrap_dir": "bootstrap-dir",
     "login_host": "login-host",
+    "share_imports": "share-imports",
 }
 
 

@@ -1,0 +1,326 @@
+"""One zygote per node: the ranks of a host share the process that imported ``distributed``.
+
+At scale every process importing Python packages from a parallel file system is the
+"import storm" (thousands of ranks x ~1,500 look-ups each on one metadata server), and on a
+node the imports of its ranks compete for its cores. So the node's first rank (local rank
+0, as the launcher tells it: ``MPI_LOCALRANKID``, ``OMPI_COMM_WORLD_LOCAL_RANK``,
+``SLURM_LOCALID``) forks the zygote and listens on a Unix socket for the other ranks of the
+node; they connect instead of forking their own. Every role process of the node is forked
+by that one zygote, on its owning rank's request, and keeps the owning rank's environment,
+working directory, CPU affinity, standard output and error: nothing changes for the user.
+
+The zygote is then the roles' parent: it reaps them and tells each owning rank how its
+roles ended (the exact wait status); the ranks still read their roles' pipes and signal
+their process groups themselves. A rank whose connection closes (it died) has its roles
+killed; the zygote ends when every rank of the node has closed its connection.
+
+The socket is in the abstract namespace (per network namespace, so per host even in
+containers), named after the user, the launcher's node process and the job; both ends check
+the other's user id (``SO_PEERCRED``): nobody else can ask this zygote for anything, and
+no rank talks to another user's zygote. A rank that cannot reach its node's zygote within
+``wait`` seconds forks its own (the per-rank zygote), as ``--no-share-imports`` does.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import time
+
+from .children import Child, enter_role, flush, run_body
+from .errors import LaunchError
+from .status import Ended
+from .zygote import _MAX, ZygoteLauncher, _send
+
+_LOCAL = (("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+          ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+          ("SLURM_LOCALID", "SLURM_TASKS_PER_NODE"))
+
+
+def local_rank(env=os.environ) -> tuple[int, int] | None:
+    """(local rank, ranks on this node) as the launcher tells it, or None."""
+    for rank_key, size_key in _LOCAL:
+        try:
+            rank = int(env[rank_key])
+            size = int(env[size_key].split("(")[0].split(",")[0])
+        except (KeyError, ValueError):
+            continue
+        return rank, size
+    return None
+
+
+def socket_name(env=os.environ) -> str:
+    """The same for every rank of this job on this node, different for any other job: the
+    user, the launcher's process on the node (the ranks' parent) and its start time."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "0"
+    job = env.get("PMIX_NAMESPACE") or env.get("SLURM_JOB_ID", "")
+    return f"dask-mpi-launch-{os.getuid()}-{parent}-{started}-{job}"
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class RemoteChild(Child):
+    """A role forked by the node's zygote: its end is told by the zygote."""
+
+    def __init__(self, role, label, pid, fd, spec, launcher: "NodeLauncher"):
+        super().__init__(role, label, pid, fd, spec)
+        self.launcher = launcher
+
+    def reap(self) -> bool:
+        if self.ended is not None:
+            return False
+        self.launcher.pump()
+        raw = self.launcher.exits.pop(self.pid, None)
+        if raw is not None:
+            self.ended = Ended.from_wait(raw)
+            return True
+        if self.launcher.lost:  # the node's zygote died (its rank was killed)
+            self.ended = Ended(signal=signal.SIGKILL)
+            return True
+        return False
+
+
+class NodeLauncher(ZygoteLauncher):
+    """A rank's side of the node's shared zygote."""
+
+    def __init__(self, sock: socket.socket, pid: int | None):
+        super().__init__(sock, pid)
+        self.exits: dict[int, int] = {}  # pid -> raw wait status, told by the zygote
+        self.lost = False
+
+    def _receive(self):
+        while True:
+            reply = super()._receive()
+            if reply[0] != "exited":
+                return reply
+            self.exits[reply[1]] = reply[2]
+
+    def pump(self) -> None:
+        """Read the zygote's news without waiting."""
+        while self.sock is not None and not self.lost:
+            if not select.select([self.sock], [], [], 0)[0]:
+                return
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, _MAX, 4)
+            except OSError:
+                data, fds = b"", []
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                self.lost = True
+                return
+            message = pickle.loads(data)
+            if message[0] == "exited":
+                self.exits[message[1]] = message[2]
+
+    def start(self, role, label, spec, *, stdin=None, returns=False):
+        if returns:
+            raise LaunchError("initialize()'s client cannot come from a shared zygote")
+        spec = {**spec, "env": dict(os.environ), "cwd": os.getcwd(),
+                "affinity": sorted(os.sched_getaffinity(0))}
+        read_fd, write_fd = os.pipe()
+        fds = [write_fd, 1, 2] + ([stdin] if stdin is not None else [])
+        try:
+            reply = self._request(("start", role, label, spec, False, stdin is not None), fds)
+        finally:
+            os.close(write_fd)
+            if stdin is not None:
+                os.close(stdin)
+        if reply[0] != "started":
+            os.close(read_fd)
+            raise LaunchError(f"cannot start the {label} process: {reply[1]}")
+        os.set_blocking(read_fd, False)
+        return RemoteChild(role, label, reply[1], read_fd, spec, self)
+
+    def close(self) -> None:
+        """Tell the zygote this rank is done; never wait for the other ranks of the node
+        (the first rank's zygote ends with it at the latest)."""
+        if self.sock is None:
+            return
+        try:
+            socket.send_fds(self.sock, [pickle.dumps(("exit",))], [])
+        except OSError:
+            pass
+        self.sock.close()
+        self.sock = None
+        if self.pid is not None:
+            try:
+                os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def start(local: tuple[int, int], wait: float = 10.0, preload=("distributed",)):
+    """The node's zygote for this rank: fork it (local rank 0) or connect to it; None where
+    neither worked (the caller forks a zygote of its own)."""
+    name = "\0" + socket_name()
+    if local[0] == 0:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            listener.bind(name)
+            listener.listen(max(16, local[1]))
+        except OSError:
+            listener.close()
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        flush()
+        pid = os.fork()
+        if pid:
+            listener.close()
+            theirs.close()
+            return NodeLauncher(ours, pid)
+        ours.close()
+        try:
+            _serve(theirs, listener, os.getppid(), preload)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(name)
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.01)
+            continue
+        if _peer_uid(sock) != os.getuid():
+            sock.close()
+            return None
+        return NodeLauncher(sock, None)
+
+
+def _serve(first: socket.socket, listener: socket.socket, leader: int, preload) -> None:
+    import ctypes
+
+    try:  # the zygote never outlives the node's first rank, and leaves signals to it
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except Exception:
+        pass
+    if os.getppid() != leader:
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    error = None
+    try:
+        import importlib
+
+        for module in preload:
+            importlib.import_module(module)
+        from .roles import run_check, run_role
+    except BaseException as e:
+        error = f"cannot import {' and '.join(preload)}: {type(e).__name__}: {e}"
+    conns = [first]
+    owners: dict[int, socket.socket] = {}  # role pid -> its rank's connection
+    _send(first, ("ready", error))
+    while conns:
+        readable = select.select([listener, wake_r, *conns], [], [], 1.0)[0]
+        if wake_r in readable:
+            os.read(wake_r, 4096)
+        if listener in readable:
+            conn, _ = listener.accept()
+            if _peer_uid(conn) == os.getuid():
+                conns.append(conn)
+                _send(conn, ("ready", error))
+            else:
+                conn.close()
+        for conn in [c for c in conns if c in readable]:
+            try:
+                data, fds, _, _ = socket.recv_fds(conn, _MAX, 8)
+            except OSError:
+                data, fds = b"", []
+            message = pickle.loads(data) if data else ("exit",)
+            if message[0] == "exit":
+                _drop(conn, conns, owners)
+            elif error:
+                _send(conn, ("error", error) if message[0] == "start" else ("checked", error))
+            elif message[0] == "check":
+                _send(conn, ("checked", run_check(message[1], message[2])))
+            elif message[0] == "start":
+                _, role, label, spec, _, has_stdin = message
+                try:
+                    pid = _fork(role, spec, fds, has_stdin, run_role,
+                                [listener, *conns], (wake_r, wake_w))
+                except OSError as e:
+                    reply = ("error", str(e))
+                else:
+                    owners[pid] = conn
+                    reply = ("started", pid)
+                _send(conn, reply)
+            for fd in fds:
+                os.close(fd)
+        _reap(owners)
+    listener.close()
+
+
+def _drop(conn, conns, owners) -> None:
+    """A rank is done (or died): what it started and left running goes too."""
+    conns.remove(conn)
+    for pid, owner in list(owners.items()):
+        if owner is conn:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    conn.close()
+
+
+def _reap(owners) -> None:
+    while True:
+        try:
+            pid, raw = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = owners.pop(pid, None)
+        if conn is not None and conn.fileno() >= 0:
+            try:
+                socket.send_fds(conn, [pickle.dumps(("exited", pid, raw))], [])
+            except OSError:
+                pass
+
+
+def _fork(role, spec, fds, has_stdin, run_role, sockets, wake) -> int:
+    pipe, out, err = fds[:3]
+    stdin = fds[3] if has_stdin else None
+    zygote = os.getpid()
+    flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    for sock in sockets:
+        sock.close()
+    signal.set_wakeup_fd(-1)
+    for fd in wake:
+        os.close(fd)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    if stdin is not None:
+        stdin = os.dup(stdin)
+    for fd in fds[1:]:
+        os.close(fd)
+    enter_role(zygote, stdin)
+    os.environ.clear()
+    os.environ.update(spec.pop("env"))
+    os.chdir(spec.pop("cwd"))
+    os.sched_setaffinity(0, spec.pop("affinity"))
+    from .children import Channel
+
+    run_body(lambda ch: run_role(role, spec, ch), Channel(pipe))
