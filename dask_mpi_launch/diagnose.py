@@ -593,6 +593,29 @@ class _Listeners:
             s.close()
 
 
+def host_labels(hellos: dict) -> dict[int, tuple[str, dict]]:
+    """{rank: (host label, listeners)} from {rank: (host name, listeners, network identity
+    or None)}: ranks are on one host when their network stacks are one (the identity, else
+    the non-loopback addresses they listen on), whatever their host names say; hosts that
+    share a name (containers, network namespaces) are told apart as name#1, name#2..."""
+    stacks: dict[str, list] = {}  # host name -> [stack key, ...] in order of first rank
+    keys = {}
+    for r in sorted(hellos):
+        name, table, *rest = hellos[r]
+        ident = rest[0] if rest else None
+        key = ident or tuple(sorted(str(w[0]) for w in table.values() if isinstance(w, tuple)
+                                    and not ipaddress.ip_address(w[0]).is_loopback))
+        keys[r] = key
+        if key not in stacks.setdefault(name, []):
+            stacks[name].append(key)
+    out = {}
+    for r in sorted(hellos):
+        name, table = hellos[r][0], hellos[r][1]
+        found = stacks[name]
+        out[r] = (name if len(found) == 1 else f"{name}#{found.index(keys[r]) + 1}", table)
+    return out
+
+
 def _targets(rank: int, me: str, hellos: dict) -> list[tuple[str, str, tuple]]:
     """[(iface, destination host, (ip, port))] this rank tests.
 
@@ -668,14 +691,15 @@ def run_check(comm, settings) -> int:
 
     listeners = _Listeners(local_networks())
     try:
-        hello = (me, listeners.table)
+        hello = (me, listeners.table, network_identity())
         inbox["check-hello"][rank] = hello
         control.broadcast("check-hello", rank, *hello)
         deadline = time.monotonic() + bound
         while len(inbox["check-hello"]) < size and time.monotonic() < deadline:
             poll()
             time.sleep(0.002)
-        hellos = dict(inbox["check-hello"])
+        hellos = host_labels(inbox["check-hello"])
+        me = hellos[rank][0]
         targets = _targets(rank, me, hellos)
         found = _run_tests(targets, per_try, poll)
         batches = -(-len(targets) // 128) if targets else 0

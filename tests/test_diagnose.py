@@ -570,6 +570,21 @@ def test_check_report_scales_to_hundreds_of_hosts():
     assert "; ... (" in lines[3] and len(lines[3]) < 300
 
 
+def test_check_tells_apart_hosts_that_share_a_name():
+    ib = {"lo": ("127.0.0.1", 1), "ib0": ("10.0.0.1", 2)}
+    ib2 = {"lo": ("127.0.0.1", 1), "ib0": ("10.0.0.2", 2)}
+    hellos = {0: ("node", ib, "boot/1"), 1: ("node", ib, "boot/1"), 2: ("node", ib2, "boot/2"),
+              3: ("login", ib2, None)}
+    assert d.host_labels(hellos) == {0: ("node#1", ib), 1: ("node#1", ib), 2: ("node#2", ib2),
+                                     3: ("login", ib2)}
+    # without identities: the addresses the ranks listen on
+    hellos = {r: (h, t) for r, (h, t, _) in hellos.items()}
+    assert [h for h, _ in d.host_labels(hellos).values()] == ["node#1", "node#1", "node#2",
+                                                              "login"]
+    same = {0: ("n1", ib, "x"), 1: ("n1", ib2, "x")}  # one stack: one host
+    assert [h for h, _ in d.host_labels(same).values()] == ["n1", "n1"]
+
+
 def test_run_check_over_the_file_control_plane(monkeypatch, capsys, tmp_path):
     # --bootstrap slurm's control plane (files in a shared directory) has the same API
     from dask_mpi_launch.filecontrol import FileControl

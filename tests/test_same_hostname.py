@@ -52,3 +52,18 @@ def test_two_hosts_named_alike_still_get_the_interface_that_works(hosts, mpich, 
     assert f"ib0={hosts.address('b', 'ib0')}/24" in line, line
     assert "use --interface ib0" in line, line
     assert _nothing_left(hosts) == {}, res.shown
+
+
+def test_check_tells_the_two_hosts_apart(hosts, mpich, tmp_path):  # noqa: F811
+    res = _job_named_node(hosts, mpich, tmp_path, "--check")
+    print(f"\n[same hostname] --check: {res.seconds:.2f} s\n{res.output}")
+    assert res.returncode == 0, res.shown
+    lines = res.stdout.splitlines()
+    assert lines[0].endswith("check of 4 ranks on 2 hosts: node#1 (ranks 0-1), "
+                             "node#2 (ranks 2-3)"), res.shown
+    assert lines[-1] == "dask-mpi-launch: use --interface ib0", res.shown
+    eth0 = [ln.split() for ln in lines if ln.split()[:1] == ["eth0"]]
+    assert eth0 and eth0[0][1:3] == ["1/2", "hosts"] and "ok" not in eth0[0], res.shown
+    assert "node#1->node#2" in res.stdout, res.shown
+    assert _error_lines(res) == [], res.shown
+    assert _nothing_left(hosts) == {}, res.shown
