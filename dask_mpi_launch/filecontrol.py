@@ -37,6 +37,14 @@ leaves ``hello-<rank>-<nonce>`` and only follows a ``welcome-<rank>-<nonce>`` wi
 very nonce, which only the current rank 0 can have written (after the hello). No clock is
 compared, so skew between nodes does not matter. Sends before that answer are queued;
 every wait for it is one of the caller's bounded waits (``poll``, the all-reduces).
+
+A rank killed mid-job (out of memory, a node lost) cannot be noticed the way MPI does: each
+rank rewrites ``alive-<rank>`` (a counter) as it polls, rank 0 watches every rank and the
+others watch rank 0. A counter that has not changed for ``dead_after`` seconds (measured by
+the watcher's own clock: no clocks compared) makes the watcher say so, once for the job
+(``dead-<rank>``, made with O_EXCL, says who said it): a ``fail`` message for the
+supervisor, which stops the job; the all-reduces then leave dead ranks out.
+``DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT`` sets ``dead_after`` (default 60 s).
 """
 from __future__ import annotations
 
@@ -45,13 +53,16 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import time
 
+from .control import FAILED
 from .errors import LaunchError, UsageError
 
 POLL = 0.02  # seconds between looks at the file system while waiting
 MAX_MESSAGE = 16 << 20  # bytes; a longer file is not a message of ours
+DEAD_AFTER = 60.0  # seconds without a heartbeat after which a rank is said to be dead
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -236,9 +247,16 @@ class FileControl:
     """The interface of ``control.Control``, through files in the step directory
     ``directory`` (made if missing; see the module's text)."""
 
-    def __init__(self, directory: str, rank: int, size: int):
+    def __init__(self, directory: str, rank: int, size: int, *,
+                 dead_after: float = DEAD_AFTER):
         self.rank = rank
         self.size = size
+        self.dead_after = float(dead_after)
+        self.host = socket.gethostname()
+        self._beats = 0
+        self._next_beat = 0.0
+        self._heard: dict[int, tuple[bytes, float]] = {}  # rank -> (heartbeat, seen since)
+        self._dead: set[int] = set()
         self.directory = os.path.abspath(directory)
         self._seq = 0
         self._round = 0
@@ -343,9 +361,11 @@ class FileControl:
 
     def poll(self) -> list[tuple]:
         """All messages that have arrived, without waiting."""
-        received, self._loopback = self._loopback, []
         if self._closed or not self._join():
+            received, self._loopback = self._loopback, []
             return received
+        self._heartbeat()
+        received, self._loopback = self._loopback, []
         try:
             names = sorted(n for n in os.listdir(self._inbox_fd) if n.endswith(".msg"))
         except OSError:
@@ -388,7 +408,8 @@ class FileControl:
                             values[rank] = int(data)
                         except (TypeError, ValueError):
                             pass
-                if len(values) == self.size:
+                self._heartbeat()
+                if len(values) == self.size or self._only_dead_missing(values):
                     self._all_joined = True
                     return combine(values.values())
             if time.monotonic() > deadline:
@@ -396,6 +417,56 @@ class FileControl:
             if poll is not None:
                 poll()
             time.sleep(POLL)
+
+    # -- ranks that died -------------------------------------------------
+    def _heartbeat(self) -> None:
+        """Every ``dead_after / 10`` s: this rank's heartbeat, and a look at the ranks
+        it watches (rank 0: all; the others: rank 0); what it finds is polled next."""
+        now = time.monotonic()
+        if now < self._next_beat or self._run_fd is None:
+            return
+        self._next_beat = now + max(self.dead_after / 10, 0.01)
+        self._beats += 1
+        _write_new(self._run_fd, f"alive-{self.rank}",
+                   json.dumps([self._beats, self.host]).encode())
+        for rank in range(1, self.size) if self.rank == 0 else (0,):
+            if rank in self._dead:
+                continue
+            beat = _read(self._run_fd, f"alive-{rank}")
+            if beat is None:
+                continue  # not started: the first all-reduce bounds that wait
+            last = self._heard.get(rank)
+            if last is None or last[0] != beat:
+                self._heard[rank] = (beat, now)
+            elif now - last[1] > self.dead_after:
+                self._loopback.append(self._declare_dead(rank, beat))
+
+    def _declare_dead(self, rank: int, beat: bytes) -> tuple:
+        """The message saying ``rank`` died: a ``fail`` from the first rank to find it,
+        a plain ``stop`` from the others (the job says it once)."""
+        self._dead.add(rank)
+        try:
+            host = str(json.loads(beat)[1])
+        except (ValueError, TypeError, IndexError):
+            host = "?"
+        try:
+            os.close(os.open(f"dead-{rank}", _NEW_FILE, 0o600, dir_fd=self._run_fd))
+        except FileExistsError:
+            return ("stop", 1, FAILED)
+        return ("fail", rank, host, "its supervisor",
+                f"no sign of life for {self.dead_after:g} s: killed, out of memory, or its "
+                "node failed", 1, FAILED)
+
+    def _only_dead_missing(self, values: dict) -> bool:
+        missing = [r for r in range(self.size) if r not in values]
+        for rank in missing:
+            if rank not in self._dead:
+                try:
+                    os.stat(f"dead-{rank}", dir_fd=self._run_fd)
+                except OSError:
+                    return False
+                self._dead.add(rank)
+        return True
 
     def allreduce_max(self, value: int, timeout: float, poll=None) -> int | None:
         return self._allreduce(value, max, timeout, poll)
@@ -421,7 +492,7 @@ class FileControl:
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
             try:
-                if len(_list(self._run_fd, "left")) >= self.size - 1:
+                if len(_list(self._run_fd, "left")) >= self.size - 1 - len(self._dead):
                     break
             except OSError:
                 break
@@ -482,7 +553,12 @@ def from_slurm(directory: str, env=os.environ) -> FileControl:
         )
     path = os.path.join(os.path.abspath(directory), f"dask-mpi-launch-{job}.{step}")
     try:
-        return FileControl(path, rank, size)
+        dead_after = float(env.get("DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT", DEAD_AFTER))
+    except ValueError:
+        raise UsageError("DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT is not a number of "
+                         "seconds") from None
+    try:
+        return FileControl(path, rank, size, dead_after=dead_after)
     except UnsafeDirectory as e:
         raise UsageError(
             f"--bootstrap slurm: {path} {e}: another user may have made it to read or plant "

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from launch import kill_group
+from launch import kill_group, leftover_processes
 from test_filecontrol import Evil, as_user, modes, scratch  # noqa: F401  (a fixture)
 from test_launch import CLIENT, HANG
 
@@ -173,3 +173,32 @@ def test_rerun_after_a_crash_starts_clean(mpich, script, tmp_path):
     assert "".join(e for _, _, e in results) == "", results
     assert time.monotonic() - t0 < HANG
     assert os.listdir(exchange) == []
+
+
+def test_rank_0_killed_mid_job_ends_the_others(mpich, script, tmp_path):
+    """No MPI launcher kills the job when a task dies: the others must notice (heartbeats)
+    and end, with one line, instead of waiting until the walltime."""
+    exchange = tmp_path / "exchange"
+    exchange.mkdir()
+    flag = tmp_path / "running"
+    sleeper = script(f"import pathlib, time\npathlib.Path({str(flag)!r}).touch()\ntime.sleep(300)\n")
+    procs = start_tasks(mpich, 4, [sleeper], exchange,
+                        env={"DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT": "2"})
+    deadline = time.monotonic() + HANG
+    while not flag.exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                kill_group(p)
+            raise AssertionError(f"the job did not start: {finish_all(procs, 5)}")
+        time.sleep(0.05)
+    kill_group(procs[0])  # rank 0 and its scheduler: SIGKILL
+    t0 = time.monotonic()
+    results = finish_all(procs[1:], HANG)
+    assert time.monotonic() - t0 < HANG
+    assert [status for status, _, _ in results] == [1, 1, 1], results
+    errors = [line for _, _, e in results for line in e.splitlines()]
+    assert len(errors) == 1 and errors[0].startswith("dask-mpi-launch: error on rank 0 "), results
+    assert errors[0].endswith("no sign of life for 2 s: killed, out of memory, or its node "
+                              "failed"), results
+    assert {m for m in modes(exchange).values()} <= {0o600, 0o700}
+    assert leftover_processes(str(exchange)) == []

@@ -4,6 +4,7 @@ import os
 import pickle
 import pwd
 import shutil
+import socket
 import stat
 import tempfile
 import threading
@@ -300,3 +301,57 @@ def test_without_rank_0_every_wait_is_bounded(tmp_path):
     assert time.monotonic() - t0 < 5
     alone.finalize()
     assert os.listdir(tmp_path / "step") != []  # rank 0 cleans up, and it never came
+
+
+# ---------------------------------------------------------------------------
+# a rank that dies mid-job
+
+
+def _poll_until(ranks, predicate, timeout=10.0):
+    got = {r: [] for r in ranks}
+    deadline = time.monotonic() + timeout
+    while not predicate(got):
+        assert time.monotonic() < deadline, got
+        for r, c in ranks.items():
+            got[r] += c.poll()
+        time.sleep(0.01)
+    return got
+
+
+def test_a_worker_rank_that_dies_is_reported_by_rank_0_once(tmp_path):
+    ranks = {r: FileControl(str(tmp_path / "step"), r, 3, dead_after=0.3) for r in range(3)}
+    assert allreduce(ranks, {0: 0, 1: 0, 2: 0}) == {0: 0, 1: 0, 2: 0}
+    for c in ranks.values():
+        c.poll()  # everyone beats once
+    del ranks[2]  # killed: no more heartbeats
+    t0 = time.monotonic()
+    got = _poll_until(ranks, lambda g: g[0])
+    assert time.monotonic() - t0 < 5
+    [(kind, rank, host, role, text, status, priority)] = got[0]
+    assert (kind, rank, role, status, priority) == ("fail", 2, "its supervisor", 1, 3), got
+    assert text == "no sign of life for 0.3 s: killed, out of memory, or its node failed"
+    assert host == socket.gethostname()
+    assert got[1] == []  # rank 1 watches rank 0 only
+    # the job's last all-reduce leaves the dead rank out, at once
+    assert allreduce(ranks, {0: 0, 1: 4}, timeout=30) == {0: 4, 1: 4}
+
+
+def test_rank_0_dying_is_said_once_by_the_others(tmp_path):
+    ranks = {r: FileControl(str(tmp_path / "step"), r, 3, dead_after=0.3) for r in range(3)}
+    assert allreduce(ranks, {0: 0, 1: 0, 2: 0}) == {0: 0, 1: 0, 2: 0}
+    for c in ranks.values():
+        c.poll()
+    del ranks[0]
+    got = _poll_until(ranks, lambda g: g[1] and g[2])
+    kinds = sorted(m[0] for r in (1, 2) for m in got[r])
+    assert kinds == ["fail", "stop"], got  # one rank says it, the other just stops
+    assert allreduce(ranks, {1: 1, 2: 0}, timeout=30) == {1: 1, 2: 1}
+
+
+def test_a_slow_rank_is_not_dead(tmp_path):
+    ranks = {r: FileControl(str(tmp_path / "step"), r, 2, dead_after=0.5) for r in range(2)}
+    assert allreduce(ranks, {0: 0, 1: 0}) == {0: 0, 1: 0}
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:  # both keep polling: no one is said dead
+        assert ranks[0].poll() == [] and ranks[1].poll() == []
+        time.sleep(0.02)
