@@ -52,7 +52,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import stat
 import time
@@ -228,13 +227,20 @@ def _mkdir(dir_fd: int, path: str) -> None:
 
 
 def _remove(dir_fd: int, name: str) -> None:
-    """Remove ``name`` in ``dir_fd`` (a tree without following links, or a file)."""
+    """Remove ``name`` in ``dir_fd``: a file, or a tree, never following a link (what
+    ``shutil.rmtree(dir_fd=)`` does from Python 3.11 on)."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=dir_fd, ignore_errors=True)
-        else:
+        if not stat.S_ISDIR(st.st_mode):
             os.unlink(name, dir_fd=dir_fd)
+            return
+        fd = os.open(name, _DIR, dir_fd=dir_fd)
+        try:
+            for entry in os.listdir(fd):
+                _remove(fd, entry)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=dir_fd)
     except OSError:
         pass
 
@@ -284,7 +290,7 @@ class FileControl:
     def _start_run(self) -> None:
         """Rank 0: delete what earlier runs of this step left, make this run's directory."""
         for entry in os.listdir(self._step_fd):
-            if not entry.startswith("hello-"):  # a hello may be this run's already
+            if not entry.startswith(("hello-", ".hello-")):  # this run's, maybe
                 _remove(self._step_fd, entry)
         self.run = f"run.{secrets.token_hex(16)}"
         os.mkdir(self.run, 0o700, dir_fd=self._step_fd)
@@ -508,7 +514,7 @@ class FileControl:
         except OSError:
             return
         if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
-            shutil.rmtree(self._name, dir_fd=self._parent_fd, ignore_errors=True)
+            _remove(self._parent_fd, self._name)
 
     def _close(self) -> None:
         self._closed = True
