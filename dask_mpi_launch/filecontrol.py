@@ -414,8 +414,8 @@ class FileControl:
                             values[rank] = int(data)
                         except (TypeError, ValueError):
                             pass
-                self._heartbeat()
-                if len(values) == self.size or self._only_dead_missing(values):
+                looked = self._heartbeat()  # dead ranks: looked for only now and then
+                if len(values) == self.size or self._only_dead_missing(values, looked):
                     self._all_joined = True
                     return combine(values.values())
             if time.monotonic() > deadline:
@@ -425,12 +425,13 @@ class FileControl:
             time.sleep(POLL)
 
     # -- ranks that died -------------------------------------------------
-    def _heartbeat(self) -> None:
+    def _heartbeat(self) -> bool:
         """Every ``dead_after / 10`` s: this rank's heartbeat, and a look at the ranks
-        it watches (rank 0: all; the others: rank 0); what it finds is polled next."""
+        it watches (rank 0: all; the others: rank 0); what it finds is polled next.
+        Whether it was time to."""
         now = time.monotonic()
         if now < self._next_beat or self._run_fd is None:
-            return
+            return False
         self._next_beat = now + max(self.dead_after / 10, 0.01)
         self._beats += 1
         _write_new(self._run_fd, f"alive-{self.rank}",
@@ -446,6 +447,7 @@ class FileControl:
                 self._heard[rank] = (beat, now)
             elif now - last[1] > self.dead_after:
                 self._loopback.append(self._declare_dead(rank, beat))
+        return True
 
     def _declare_dead(self, rank: int, beat: bytes) -> tuple:
         """The message saying ``rank`` died: a ``fail`` from the first rank to find it,
@@ -463,8 +465,12 @@ class FileControl:
                 f"no sign of life for {self.dead_after:g} s: killed, out of memory, or its "
                 "node failed", 1, FAILED)
 
-    def _only_dead_missing(self, values: dict) -> bool:
+    def _only_dead_missing(self, values: dict, look: bool) -> bool:
+        """Whether every rank missing from ``values`` is known dead (``look``: also
+        from the other ranks' ``dead-<rank>`` files)."""
         missing = [r for r in range(self.size) if r not in values]
+        if not look:
+            return set(missing) <= self._dead
         for rank in missing:
             if rank not in self._dead:
                 try:
