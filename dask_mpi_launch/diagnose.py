@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 import sys
 import threading
@@ -75,6 +76,44 @@ def local_interfaces() -> dict[str, list[str]]:
 
 def _hostname() -> str:
     return socket.gethostname()
+
+
+def network_identity() -> str | None:
+    """This process's network stack: the kernel's boot id and the inode of its network
+    namespace (two containers or namespaces on one machine differ, whatever their host
+    names); None where /proc does not tell."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/net').st_ino}"
+    except OSError:
+        return None
+
+
+def _own_addresses(interfaces: dict) -> set[str]:
+    """The non-loopback IPv4 addresses of an interface table."""
+    found = set()
+    for name, entries in (interfaces or {}).items():
+        for entry in entries:
+            parsed = _interface(str(entry))
+            if parsed is not None and not parsed[0].ip.is_loopback:
+                found.add(str(parsed[0].ip))
+    return found
+
+
+def is_same_host(local: dict, remote: dict, *, local_id: str | None = None,
+                 remote_id: str | None = None) -> bool | None:
+    """Whether two interface tables come from one network stack (one host, as far as
+    connections go). Never from the host names: containers and network namespaces often
+    share one. The network identities (:func:`network_identity`) decide when both are
+    known; else the tables: one host has the same non-loopback addresses (one address in
+    common, such as docker0's 172.17.0.1, proves nothing). None: loopback only, unknown."""
+    if local_id and remote_id:
+        return local_id == remote_id
+    mine, theirs = _own_addresses(local), _own_addresses(remote)
+    if not mine and not theirs:
+        return None
+    return mine == theirs
 
 
 def _interface(entry: str):
@@ -248,8 +287,12 @@ def suggest_interfaces(local: dict, remote: dict, *, exclude=(), same_host: bool
 
 def unreachable_message(*, host: str, address: str, error: str, seconds: float,
                         local: dict, scheduler_host: str | None, scheduler_interfaces: dict,
-                        target_ip: str | None = None, answered: dict | None = None) -> str:
-    """One line: ``host`` cannot reach ``address``; both hosts' interfaces; what to use."""
+                        target_ip: str | None = None, answered: dict | None = None,
+                        same_host: bool | None = None) -> str:
+    """One line: ``host`` cannot reach ``address``; both hosts' interfaces; what to use.
+
+    ``same_host``: whether the scheduler's host is this one (:func:`is_same_host`); None:
+    decided from the two interface tables (the host names only if those cannot tell)."""
     where = ""
     on_scheduler_host = False
     failed_names = []
@@ -271,8 +314,15 @@ def unreachable_message(*, host: str, address: str, error: str, seconds: float,
         return text + (f"; rank 0's host {scheduler_host} (not the scheduler's) has "
                        f"{format_interfaces(scheduler_interfaces)}; check the route from "
                        f"{host} to that address, or run the job with --check")
-    text += f"; the scheduler's host {scheduler_host} has {format_interfaces(scheduler_interfaces)}"
-    same_host = host == scheduler_host
+    if same_host is None:
+        same_host = is_same_host(local, scheduler_interfaces)
+    if same_host is None:
+        same_host = host == scheduler_host
+    namesake = ""
+    if host == scheduler_host and not same_host:
+        namesake = " (another host of the same name: a container or network namespace?)"
+    text += (f"; the scheduler's host {scheduler_host}{namesake} has "
+             f"{format_interfaces(scheduler_interfaces)}")
     if same_host:
         return text + ("; the scheduler runs on this very host: a firewall or a closed "
                        "scheduler? run the job with --check to test the interfaces")
@@ -310,7 +360,8 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict,
     one line saying what fails and which --interface would work.
 
     ``scheduler_info``: {"host": the scheduler's host name, "interfaces": its
-    :func:`local_interfaces`}; ``security``: the worker's ``distributed.Security`` for
+    :func:`local_interfaces`, optionally "network": its :func:`network_identity`};
+    ``security``: the worker's ``distributed.Security`` for
     tls:// and wss:// (default: from Dask's config; without TLS settings those are not
     checked, Dask says what is missing).
     """
@@ -350,8 +401,12 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict,
     sched_host, sched_ifaces = info.get("host"), info.get("interfaces") or {}
     local = local_interfaces()
     me = _hostname()
+    same_host = is_same_host(local, sched_ifaces, local_id=network_identity(),
+                             remote_id=info.get("network"))
+    if same_host is None:
+        same_host = sched_host == me
     answered = None
-    if sched_host and sched_ifaces and sched_host != me:
+    if sched_host and sched_ifaces and not same_host:
         # which of the scheduler host's other addresses answer from here (a refusal is an
         # answer: the route works), to recommend an interface that was seen to work
         exclude = [n for n, es in sched_ifaces.items()
@@ -362,7 +417,7 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict,
     return unreachable_message(
         host=me, address=address, error=error or "failed", seconds=time.monotonic() - start,
         local=local, scheduler_host=sched_host, scheduler_interfaces=sched_ifaces,
-        target_ip=target_ip, answered=answered)
+        target_ip=target_ip, answered=answered, same_host=same_host)
 
 
 def _probe(ips: list[str], port: int, timeout: float, ssl_context=None) -> dict[str, bool]:
@@ -538,6 +593,29 @@ class _Listeners:
             s.close()
 
 
+def host_labels(hellos: dict) -> dict[int, tuple[str, dict]]:
+    """{rank: (host label, listeners)} from {rank: (host name, listeners, network identity
+    or None)}: ranks are on one host when their network stacks are one (the identity, else
+    the non-loopback addresses they listen on), whatever their host names say; hosts that
+    share a name (containers, network namespaces) are told apart as name#1, name#2..."""
+    stacks: dict[str, list] = {}  # host name -> [stack key, ...] in order of first rank
+    keys = {}
+    for r in sorted(hellos):
+        name, table, *rest = hellos[r]
+        ident = rest[0] if rest else None
+        key = ident or tuple(sorted(str(w[0]) for w in table.values() if isinstance(w, tuple)
+                                    and not ipaddress.ip_address(w[0]).is_loopback))
+        keys[r] = key
+        if key not in stacks.setdefault(name, []):
+            stacks[name].append(key)
+    out = {}
+    for r in sorted(hellos):
+        name, table = hellos[r][0], hellos[r][1]
+        found = stacks[name]
+        out[r] = (name if len(found) == 1 else f"{name}#{found.index(keys[r]) + 1}", table)
+    return out
+
+
 def _targets(rank: int, me: str, hellos: dict) -> list[tuple[str, str, tuple]]:
     """[(iface, destination host, (ip, port))] this rank tests.
 
@@ -613,14 +691,15 @@ def run_check(comm, settings) -> int:
 
     listeners = _Listeners(local_networks())
     try:
-        hello = (me, listeners.table)
+        hello = (me, listeners.table, network_identity())
         inbox["check-hello"][rank] = hello
         control.broadcast("check-hello", rank, *hello)
         deadline = time.monotonic() + bound
         while len(inbox["check-hello"]) < size and time.monotonic() < deadline:
             poll()
             time.sleep(0.002)
-        hellos = dict(inbox["check-hello"])
+        hellos = host_labels(inbox["check-hello"])
+        me = hellos[rank][0]
         targets = _targets(rank, me, hellos)
         found = _run_tests(targets, per_try, poll)
         batches = -(-len(targets) // 128) if targets else 0

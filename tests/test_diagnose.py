@@ -2,6 +2,7 @@
 this machine's loopback (no MPI)."""
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -165,6 +166,70 @@ def test_message_same_host():
     text = _message(host="a", local=A)
     assert text.endswith("the scheduler runs on this very host: a firewall or a closed "
                          "scheduler? run the job with --check to test the interfaces")
+
+
+def test_same_host_is_decided_by_the_addresses_not_the_name():
+    assert d.is_same_host(A, dict(A)) is True
+    assert d.is_same_host(B, A) is False  # docker0's shared 172.17.0.1 proves nothing
+    assert d.is_same_host({"lo": ["127.0.0.1/8"]}, {"lo": ["127.0.0.1/8"]}) is None
+    # the network stacks' identities decide when both are known: two containers can have
+    # the very same addresses on separate bridges
+    assert d.is_same_host(A, A, local_id="boot/4026531840", remote_id="boot/4026532000") is False
+    assert d.is_same_host(A, B, local_id="boot/1", remote_id="boot/1") is True
+
+
+def test_message_two_hosts_of_the_same_name_still_names_the_interface():
+    """Two containers or network namespaces called "node": not "this very host"."""
+    text = _message(host="node", scheduler_host="node")
+    assert "this very host" not in text, text
+    assert "the scheduler's host node (another host of the same name: a container or network " \
+           "namespace?) has docker0=172.17.0.1/16 eth0=10.213.8.1/24" in text, text
+    assert text.endswith("use --interface ib0 (both on 10.213.7.0/24)"), text
+
+
+def test_message_same_host_under_another_name():
+    # one machine whose name changed (or that two names resolve to): the tables are equal
+    text = _message(host="b", local=A, scheduler_host="a")
+    assert text.endswith("the scheduler runs on this very host: a firewall or a closed "
+                         "scheduler? run the job with --check to test the interfaces"), text
+
+
+def test_network_identity_is_this_process_s_namespace():
+    ident = d.network_identity()
+    if ident is None:
+        pytest.skip("no /proc/sys/kernel/random/boot_id or /proc/self/ns/net here")
+    boot, _, inode = ident.rpartition("/")
+    assert len(boot) == 36 and inode == str(os.stat("/proc/self/ns/net").st_ino)
+    assert d.network_identity() == ident
+
+
+def test_worker_with_the_scheduler_s_name_on_another_network_stack(monkeypatch):
+    """reachability_problem against a namesake host (recorded tables, probes answered
+    from a recording): the other addresses are probed and the one that answers named."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: the address that refuses
+    port = closed.getsockname()[1]
+    local = {"lo": ["127.0.0.1/8"], "eth0": ["10.213.8.2/24"], "ib0": ["10.213.7.2/24"]}
+    remote = {"lo": ["127.0.0.1/8"], "eth0": ["127.0.0.1/8"], "ib0": ["10.213.7.1/24"]}
+    monkeypatch.setattr(d, "local_interfaces", lambda: local)
+    monkeypatch.setattr(d, "_hostname", lambda: "node")
+    probed = []
+
+    def probe(ips, p, timeout, ctx=None):
+        probed.append((ips, p))
+        return {"10.213.7.1": True}
+
+    monkeypatch.setattr(d, "_probe", probe)
+    try:
+        text = d.reachability_problem(f"tcp://127.0.0.1:{port}", 0.5,
+                                      {"host": "node", "interfaces": remote})
+    finally:
+        closed.close()
+    assert probed == [(["10.213.7.1"], port)], probed
+    assert f"host node cannot reach the scheduler at tcp://127.0.0.1:{port} (eth0/lo of host " \
+           "node): connection refused" in text, text
+    assert "this very host" not in text and "(another host of the same name" in text, text
+    assert text.endswith("use --interface ib0 (10.213.7.1 answers from here)"), text
 
 
 # ---------------------------------------------------------------------------- connecting
@@ -503,6 +568,21 @@ def test_check_report_scales_to_hundreds_of_hosts():
     assert best == "ib0"
     assert lines[3].split()[:3] == ["eth0", "1/200", "hosts"]
     assert "; ... (" in lines[3] and len(lines[3]) < 300
+
+
+def test_check_tells_apart_hosts_that_share_a_name():
+    ib = {"lo": ("127.0.0.1", 1), "ib0": ("10.0.0.1", 2)}
+    ib2 = {"lo": ("127.0.0.1", 1), "ib0": ("10.0.0.2", 2)}
+    hellos = {0: ("node", ib, "boot/1"), 1: ("node", ib, "boot/1"), 2: ("node", ib2, "boot/2"),
+              3: ("login", ib2, None)}
+    assert d.host_labels(hellos) == {0: ("node#1", ib), 1: ("node#1", ib), 2: ("node#2", ib2),
+                                     3: ("login", ib2)}
+    # without identities: the addresses the ranks listen on
+    hellos = {r: (h, t) for r, (h, t, _) in hellos.items()}
+    assert [h for h, _ in d.host_labels(hellos).values()] == ["node#1", "node#1", "node#2",
+                                                              "login"]
+    same = {0: ("n1", ib, "x"), 1: ("n1", ib2, "x")}  # one stack: one host
+    assert [h for h, _ in d.host_labels(same).values()] == ["n1", "n1"]
 
 
 def test_run_check_over_the_file_control_plane(monkeypatch, capsys, tmp_path):
