@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-PREFIX = "dask-mpi-launch"
+from .status import PREFIX
 
 # interface names of fast fabrics, preferred when several interfaces would work
 _FABRIC_PREFIXES = ("ib", "hsn", "ipogif", "opa", "hfi")

@@ -56,7 +56,7 @@ import socket
 import stat
 import time
 
-from .control import FAILED
+from .status import FAILED
 from .errors import LaunchError, UsageError
 
 POLL = 0.02  # seconds between looks at the file system while waiting

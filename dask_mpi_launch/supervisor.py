@@ -297,7 +297,7 @@ class Supervisor:
         info = {"address": address, "identity": identity, "dashboard": dashboard,
                 "name_prefix": name_prefix or self.settings.name,
                 "host": self.host, "interfaces": diagnose.local_interfaces(),
-                "credentials": self.credentials}
+                "network": diagnose.network_identity(), "credentials": self.credentials}
         if self.settings.scheduler and not self.settings.tls:
             say(f"warning: TLS is off: anyone who can reach {address} can run code as you "
                 "on this cluster (drop --no-tls / --protocol tcp to secure it)")
@@ -315,7 +315,7 @@ class Supervisor:
                 "nthreads": nthreads, "memory_limit": memory_limit,
                 "credentials": self.cluster.get("credentials"),
                 "scheduler_info": {k: v for k, v in self.cluster.items()
-                                   if k in ("address", "host", "interfaces")},
+                                   if k in ("address", "host", "interfaces", "network")},
             })
 
     def _worker_resources(self):
