@@ -26,6 +26,7 @@ import signal
 import socket
 import time
 
+from . import starting
 from .children import Child, Family, StdinRelay, read_stdin
 from .control import ControlPlane
 from .errors import LaunchError
@@ -47,17 +48,6 @@ class Phase(enum.Enum):
 
 class _Stop(Exception):
     pass
-
-
-def local_ranks(env=os.environ) -> int:
-    """How many ranks of this job share this host, as the MPI launcher tells it (0: unknown,
-    left to the batch system's variables)."""
-    for key in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE"):
-        try:
-            return max(1, int(env[key]))
-        except (KeyError, ValueError):
-            continue
-    return 0
 
 
 def _open_mpi(env=os.environ) -> bool:
@@ -182,7 +172,7 @@ class Supervisor:
         if self.rank != 0:  # rank 0 owns that deadline and says what went wrong
             address_deadline += 5 + s.shutdown_timeout
         if SCHEDULER in self.roles:
-            self._start_scheduler()
+            starting.start_scheduler(self)
         if self.coordinator:
             self.coordinator.starting()
         else:
@@ -206,12 +196,12 @@ class Supervisor:
                     self._no_address()
                 continue
             if WORKER in self.roles and "workers" not in self.started:
-                self._start_workers()
+                starting.start_workers(self)
             if self.coordinator:
                 self.coordinator.advance(now)
             if CLIENT in self.roles and "client" not in self.started:
                 if self.cluster.get("all_ready") or not s.wait_for_workers:
-                    self._start_client()
+                    starting.start_client(self)
             if self.phase is Phase.STARTING and self._all_started():
                 self.phase = Phase.RUNNING
 
@@ -278,17 +268,6 @@ class Supervisor:
     # ------------------------------------------------------------------
     # starting roles
 
-    def _start_scheduler(self) -> None:
-        s = self.settings
-        if s.scheduler_file and os.path.exists(s.scheduler_file):
-            os.unlink(s.scheduler_file)  # never leave an earlier job's file to be read
-        if s.tls:
-            from .security import new_credentials
-
-            self.credentials = new_credentials()
-        self.children.start(SCHEDULER, "scheduler", {"run": "scheduler",
-                                             "credentials": self.credentials})
-
     def announce(self, address, identity, dashboard, name_prefix=None) -> None:
         """The scheduler's rank knows the address: tell every rank, with what helps them
         connect (or explain why they cannot)."""
@@ -303,59 +282,6 @@ class Supervisor:
                 "on this cluster (drop --no-tls / --protocol tcp to secure it)")
         self.cluster.update(info)
         self.control.broadcast("address", info)
-
-    def _start_workers(self) -> None:
-        s = self.settings
-        self.started.add("workers")
-        nthreads, memory_limit = self._worker_resources()
-        for i in range(s.worker_processes):
-            name = s.worker_name(self.rank, i, self.cluster.get("name_prefix"))
-            self.children.start(WORKER, f"worker {name}", {
-                "run": "worker", "address": self.address, "name": name,
-                "nthreads": nthreads, "memory_limit": memory_limit,
-                "credentials": self.cluster.get("credentials"),
-                "scheduler_info": {k: v for k, v in self.cluster.items()
-                                   if k in ("address", "host", "interfaces", "network")},
-            })
-
-    def _worker_resources(self):
-        """Threads and memory per worker process: the options, else the batch job's share."""
-        import psutil
-
-        from .environment import detect_resources
-
-        s = self.settings
-        found = detect_resources(os.environ, local_ranks=local_ranks(),
-                                 cpu_count=os.cpu_count() or 1,
-                                 total_memory=psutil.virtual_memory().total,
-                                 worker_processes=s.worker_processes)
-        nthreads = s.nthreads or found.nthreads
-        memory_limit = s.memory_limit
-        if memory_limit == "auto" and found.memory_limit:
-            memory_limit = found.memory_limit
-        return nthreads, memory_limit
-
-    def _start_client(self) -> None:
-        from .children import BecomeClient
-
-        s = self.settings
-        self.started.add("client")
-        credentials = self.cluster.get("credentials")
-        stdin = self.stdin_relay.take_read_end() if self.stdin_relay else None
-        if self.client_in_process:
-            if stdin is not None:  # the script is this process: the relay is its stdin
-                os.dup2(stdin, 0)
-                os.close(stdin)
-            raise BecomeClient(self.address, credentials)
-        spec = {"address": self.address, "credentials": credentials}
-        if s.in_process:
-            self.children.start(CLIENT, "script", {**spec, "run": "initialize"}, stdin=stdin,
-                        returns=True)
-        elif s.jupyter:
-            self.children.start(CLIENT, "jupyter", {**spec, "run": "jupyter", "scheduler_info": {
-                k: v for k, v in self.cluster.items() if k in ("address", "dashboard")}})
-        else:
-            self.children.start(CLIENT, "script", {**spec, "run": "script"}, stdin=stdin)
 
     # ------------------------------------------------------------------
     # what children say, and how they end

@@ -1,0 +1,92 @@
+"""What each role process is started with: its spec (plain data, picklable: the zygote
+that forks it may be another process), from the settings and what the rank knows of the
+cluster. The supervisor decides when; this decides what."""
+from __future__ import annotations
+
+import os
+
+from .children import BecomeClient
+from .layout import CLIENT, SCHEDULER, WORKER
+
+
+def local_ranks(env=os.environ) -> int:
+    """How many ranks of this job share this host, as the MPI launcher tells it (0: unknown,
+    left to the batch system's variables)."""
+    for key in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE"):
+        try:
+            return max(1, int(env[key]))
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def start_scheduler(sup) -> None:
+    """The scheduler, with this job's TLS credentials (made here, on its rank)."""
+    s = sup.settings
+    if s.scheduler_file and os.path.exists(s.scheduler_file):
+        os.unlink(s.scheduler_file)  # never leave an earlier job's file to be read
+    if s.tls:
+        from .security import new_credentials
+
+        sup.credentials = new_credentials()
+    sup.children.start(SCHEDULER, "scheduler", {"run": "scheduler",
+                                                "credentials": sup.credentials})
+
+
+def start_workers(sup) -> None:
+    """This rank's worker processes, named after the rank (RANK or RANK-I)."""
+    s = sup.settings
+    sup.started.add("workers")
+    nthreads, memory_limit = worker_resources(s)
+    for i in range(s.worker_processes):
+        name = s.worker_name(sup.rank, i, sup.cluster.get("name_prefix"))
+        sup.children.start(WORKER, f"worker {name}", {
+            "run": "worker", "address": sup.address, "name": name,
+            "nthreads": nthreads, "memory_limit": memory_limit,
+            "credentials": sup.cluster.get("credentials"),
+            "scheduler_info": {k: v for k, v in sup.cluster.items()
+                               if k in ("address", "host", "interfaces", "network")},
+        })
+
+
+def worker_resources(settings):
+    """Threads and memory per worker process: the options, else the batch job's share."""
+    import psutil
+
+    from .environment import detect_resources
+
+    s = settings
+    found = detect_resources(os.environ, local_ranks=local_ranks(),
+                             cpu_count=os.cpu_count() or 1,
+                             total_memory=psutil.virtual_memory().total,
+                             worker_processes=s.worker_processes)
+    nthreads = s.nthreads or found.nthreads
+    memory_limit = s.memory_limit
+    if memory_limit == "auto" and found.memory_limit:
+        memory_limit = found.memory_limit
+    return nthreads, memory_limit
+
+
+def start_client(sup) -> None:
+    """The client: the script (or module), JupyterLab, or initialize()'s caller; its stdin
+    is the job's, relayed from rank 0."""
+    s = sup.settings
+    sup.started.add("client")
+    credentials = sup.cluster.get("credentials")
+    stdin = sup.stdin_relay.take_read_end() if sup.stdin_relay else None
+    if sup.client_in_process:
+        if stdin is not None:  # the script is this process: the relay is its stdin
+            os.dup2(stdin, 0)
+            os.close(stdin)
+        raise BecomeClient(sup.address, credentials)
+    spec = {"address": sup.address, "credentials": credentials}
+    if s.in_process:
+        sup.children.start(CLIENT, "script", {**spec, "run": "initialize"}, stdin=stdin,
+                           returns=True)
+    elif s.jupyter:
+        info = {k: v for k, v in sup.cluster.items() if k in ("address", "dashboard")}
+        sup.children.start(CLIENT, "jupyter", {**spec, "run": "jupyter",
+                                               "scheduler_info": info})
+    else:
+        sup.children.start(CLIENT, "script", {**spec, "run": "script"}, stdin=stdin)
+
