@@ -31,14 +31,16 @@ pytestmark = [pytest.mark.mpi, pytest.mark.netns]
 JOB_TIMEOUT = 60  # hang guard per job; the bounds asserted are much tighter
 
 SCRIPT = textwrap.dedent("""
-    import json, socket
+    import json, os, socket
     from distributed import Client
     client = Client()
     client.wait_for_workers(3, timeout=30)
     workers = sorted(client.scheduler_info()["workers"])
     hosts = client.run(socket.gethostname)
+    parents = client.run(os.getppid)  # the node's zygote
     result = client.submit(sum, range(10)).result()
-    print("JOB " + json.dumps({"workers": workers, "hosts": hosts, "result": result}), flush=True)
+    print("JOB " + json.dumps({"workers": workers, "hosts": hosts, "result": result,
+                               "parents": parents}), flush=True)
 """)
 
 
@@ -109,6 +111,10 @@ def test_job_on_ib0_uses_both_hosts(hosts, mpich, tmp_path):
         assert re.match(rf"(tcp|tls)://{re.escape(hosts.address(host, 'ib0'))}:\d+$",
                         address), res.shown
     assert sorted(job["hosts"]) == job["workers"]
+    # each host has its own node zygote: one parent per host, different across hosts
+    parents = {h: {job["parents"][w] for w in job["hosts"] if job["hosts"][w] == h}
+               for h in ("a", "b")}
+    assert len(parents["b"]) == 1 and parents["a"].isdisjoint(parents["b"]), job
     assert res.stderr == "", res.shown  # no connection noise (e.g. TLS handshake warnings)
     assert _nothing_left(hosts) == {}
 
