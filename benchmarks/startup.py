@@ -84,10 +84,19 @@ VARIANTS: dict[str, Variant] = {
     "ours-notls": Variant(OURS_CLI[:1] + ["--no-tls"] + OURS_CLI[1:], FIRST + CLIENT),
     "ours-compact": Variant(OURS_CLI[:1] + ["--layout", "compact"] + OURS_CLI[1:], FIRST + CLIENT),
     "ours-full": Variant(OURS_CLI[:1] + ["--layout", "full"] + OURS_CLI[1:], FIRST + CLIENT),
+    # one zygote (one import of distributed) per rank instead of one per node
+    "ours-per-rank": Variant(OURS_CLI[:1] + ["--no-share-imports"] + OURS_CLI[1:],
+                             FIRST + CLIENT),
     # the same n-2 workers as ours-script, as 4 worker processes per rank
     "ours-k4": Variant(OURS_CLI[:1] + ["--worker-processes", "4"] + OURS_CLI[1:], FIRST + CLIENT,
                        ranks=lambda n: 2 + max(1, (n - 2) // 4)),
 }
+
+# An earlier version of the package side by side (a checkout or worktree of it), e.g.
+# DML_BENCH_BEFORE=/tmp/before bin/bench --variants floor before-script ours-script
+if os.environ.get("DML_BENCH_BEFORE"):
+    VARIANTS["before-script"] = Variant(
+        ["env", f"PYTHONPATH={os.environ['DML_BENCH_BEFORE']}"] + OURS_CLI, FIRST + CLIENT)
 
 # Open MPI as root and oversubscribed (see /work/shared/ANCHORS.md).
 OPENMPI_ENV = {
