@@ -103,6 +103,10 @@ def initialize(
     from .supervisor import Supervisor
 
     control = Control(comm)
+    if settings.protocol == "mpi":  # workers in the ranks, their data over MPI
+        from .inrank import InRankLauncher
+
+        launcher = InRankLauncher(launcher, comm.Dup())
     in_process = not exit and CLIENT in settings.layout_for(control.size).roles(control.rank)
     supervisor = Supervisor(settings, control, launcher, finalize=exit,
                             client_in_process=in_process)

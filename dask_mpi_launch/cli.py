@@ -39,7 +39,9 @@ CONTEXT = {
 @click.option("--interface", default=None, metavar="NAME",
               help=_help("Network interface of scheduler and workers, e.g. ib0 or lo.", "interface"))
 @click.option("--protocol", default=None, metavar="NAME",
-              help=_help("Comm protocol: tcp, tls, ucx...", "protocol"))
+              help=_help("Comm protocol: tls, tcp, ucx..., or mpi (workers run in their "
+                         "ranks and move data between them over MPI; the scheduler and "
+                         "clients keep TLS).", "protocol"))
 @click.option("--tls/--no-tls", default=None,
               help=_help("Secure the cluster with TLS credentials made for this job and passed "
                          "between ranks in memory; --no-tls (or --protocol tcp) opts out.",
@@ -156,6 +158,10 @@ def run(settings, check: bool = False) -> int:
     except BaseException:
         launcher.close()
         raise
+    if settings.protocol == "mpi":  # workers in the ranks, their data over MPI
+        from .inrank import InRankLauncher
+
+        launcher = InRankLauncher(launcher, control.comm.Dup())
     return Supervisor(settings, control, launcher).run()
 
 

@@ -56,6 +56,14 @@ class Settings:
     share_imports: bool = True  # one zygote per node (the CLI), not one per rank
 
     @property
+    def door_protocol(self) -> str | None:
+        """The protocol of the scheduler and of everything that talks to it (with --protocol
+        mpi only the workers' data between them goes over MPI)."""
+        if self.protocol == "mpi":
+            return "tls" if self.tls else "tcp"
+        return self.protocol
+
+    @property
     def has_client(self) -> bool:
         return (self.in_process or self.jupyter or self.script is not None
                 or self.module is not None)
@@ -139,6 +147,12 @@ def resolve(**options) -> Settings:
         scheduler_file=os.path.abspath(s.scheduler_file) if s.scheduler_file else None,
         args=tuple(s.args),
     )
+    if s.protocol == "mpi":
+        if s.worker_processes != 1:
+            raise UsageError("--protocol mpi runs one worker in each rank: drop "
+                             "--worker-processes (or start more ranks)")
+        if s.bootstrap == "slurm":
+            raise UsageError("--protocol mpi needs MPI: drop --bootstrap slurm")
     if not s.scheduler:
         if not s.scheduler_file:
             raise UsageError("--no-scheduler joins the cluster of a scheduler file: "
@@ -150,7 +164,10 @@ def resolve(**options) -> Settings:
 
 
 def _tls(explicit, protocol):
-    """(tls, protocol): TLS unless another protocol is asked for, or --no-tls."""
+    """(tls, protocol): TLS unless another protocol is asked for, or --no-tls. With the
+    ``mpi`` protocol (workers' data over MPI) the cluster's door stays TLS unless --no-tls."""
+    if protocol == "mpi":
+        return (explicit if explicit is not None else bool(config.get("tls"))), protocol
     if protocol not in (None, "tls"):
         if explicit:
             raise UsageError(f"--tls needs the tls protocol, not --protocol {protocol}")
