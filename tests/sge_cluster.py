@@ -14,10 +14,11 @@ Recipe (Debian gridengine 8.1.9; facts in shared/ANCHORS.md, "Grid Engine on one
 
 1. Install: preseed debconf (``gridengine-common shared/gridengineconfig boolean true``,
    ``shared/gridenginecell string default``, ``shared/gridenginemaster string <hostname>``),
-   then ``apt-get install -y gridengine-master gridengine-exec gridengine-client``.  The
-   packages' postinst creates the cell (``SGE_ROOT=/var/lib/gridengine``, ``SGE_CELL=default``,
-   berkeleydb spool under /var/spool/gridengine); their service start is refused here, which
-   is fine: the daemons are started by hand.
+   then ``apt-get install -y --no-install-recommends gridengine-master gridengine-exec
+   gridengine-client`` (~14 s).  The packages' postinst creates the cell
+   (``SGE_ROOT=/var/lib/gridengine``, ``SGE_CELL=default``, berkeleydb spool under
+   /var/spool/gridengine); their service start is refused here, which is fine: the daemons
+   are started by hand.
 2. Before qmaster starts: the hostname resolves to 127.0.0.1, which reverse-resolves to
    ``localhost``, and commlib refuses such clients ("access denied (client IP resolved to host
    name localhost ...)").  ``$SGE_ROOT/default/common/host_aliases`` gets the line
@@ -115,7 +116,8 @@ def _ensure_sge_installed(timeout: float) -> str | None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     deadline = time.monotonic() + timeout
     for cmd, stdin in ((["debconf-set-selections"], preseed), (["apt-get", "update"], ""),
-                       (["apt-get", "install", "-y", *SGE_PACKAGES], "")):
+                       (["apt-get", "install", "-y", "--no-install-recommends",
+                         *SGE_PACKAGES], "")):
         try:
             proc = subprocess.run(cmd, env=env, input=stdin, capture_output=True, text=True,
                                   timeout=max(deadline - time.monotonic(), 1.0))
