@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PBS = ROOT / "pbs-examples"
 LSF = ROOT / "lsf-examples"
 HOST = socket.gethostname()
-TIMEOUT = 60
+TIMEOUT = 120  # seconds per launch: generous, the machine may be loaded
 ONES = str(2000 * 2000)
 PBS_JOBID, LSB_JOBID = "4711.pbs01", "4242"
 # variables of any batch system, dropped from the test's own environment first

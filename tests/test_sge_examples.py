@@ -27,7 +27,7 @@ from sge_cluster import GridEngine, SGEError, ensure_sge_installed  # noqa: E402
 pytestmark = [pytest.mark.mpi]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "sge-examples"
-JOB_TIMEOUT = 60  # seconds per job (a 4-rank job takes ~3-5 s here)
+JOB_TIMEOUT = 120  # seconds per job (a 4-rank job takes ~3-5 s here, ~16 s at load 20)
 GIB = 2**30
 
 
