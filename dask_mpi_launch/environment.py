@@ -5,34 +5,34 @@ Pure: stdlib only, reads nothing but the mapping it is given.
 Variables read (and only these):
 
 Slurm (``SLURM_JOB_ID``), memory values in MiB (Slurm's "MB")
-    *threads*: ``SLURM_CPUS_PER_TASK``; else ``SLURM_CPUS_ON_NODE`` / local ranks; else
-    the first node of ``SLURM_JOB_CPUS_PER_NODE`` ("16(x2),8" -> 16) / local ranks.
-    *memory*: ``SLURM_MEM_PER_CPU`` x cpus of the rank; else ``SLURM_MEM_PER_NODE`` / local
-    ranks (0 means "the whole node": ignored).  Inside an ``srun`` step SLURM_CPUS_ON_NODE
-    and SLURM_MEM_PER_NODE are still the job's per node values (checked on Slurm 22.05), so
-    dividing by the ranks on the node is right.
+    - *threads*: ``SLURM_CPUS_PER_TASK``; else ``SLURM_CPUS_ON_NODE`` / local ranks; else
+      the first node of ``SLURM_JOB_CPUS_PER_NODE`` ("16(x2),8" -> 16) / local ranks.
+    - *memory*: ``SLURM_MEM_PER_CPU`` x cpus of the rank; else ``SLURM_MEM_PER_NODE`` / local
+      ranks (0 means "the whole node": ignored).  Inside an ``srun`` step SLURM_CPUS_ON_NODE
+      and SLURM_MEM_PER_NODE are still the job's per node values (checked on Slurm 22.05), so
+      dividing by the ranks on the node is right.
 
 PBS Pro / OpenPBS / Torque (``PBS_JOBID``)
-    *threads*: ``NCPUS`` / local ranks (PBS sets NCPUS to the chunk's ``ompthreads``, which
-    defaults to the chunk's ``ncpus``); else ``OMP_NUM_THREADS`` (set by PBS the same way,
-    per process); else Torque's ``PBS_NUM_PPN`` / local ranks.
-    *memory*: PBS exports no memory variable: share of the node's memory.
+    - *threads*: ``NCPUS`` / local ranks (PBS sets NCPUS to the chunk's ``ompthreads``, which
+      defaults to the chunk's ``ncpus``); else ``OMP_NUM_THREADS`` (set by PBS the same way,
+      per process); else Torque's ``PBS_NUM_PPN`` / local ranks.
+    - *memory*: PBS exports no memory variable: share of the node's memory.
 
 LSF (``LSB_JOBID``)
-    *threads*: first host's slots in ``LSB_MCPU_HOSTS`` ("hostA 4 hostB 4") / local ranks;
-    else ``LSB_DJOB_NUMPROC`` (slots of the whole job) / local ranks.
-    *memory*: LSF exports no memory limit variable (the -R rusage string's units depend on
-    the site's LSF_UNIT_FOR_LIMITS): share of the node's memory.
+    - *threads*: first host's slots in ``LSB_MCPU_HOSTS`` ("hostA 4 hostB 4") / local ranks;
+      else ``LSB_DJOB_NUMPROC`` (slots of the whole job) / local ranks.
+    - *memory*: LSF exports no memory limit variable (the -R rusage string's units depend on
+      the site's LSF_UNIT_FOR_LIMITS): share of the node's memory.
 
 Grid Engine (``JOB_ID`` with ``SGE_ROOT``, ``SGE_CELL``, ``PE_HOSTFILE`` or ``SGE_JOB_SPOOL_DIR``)
-    *threads*: slots of the job on this host / local ranks: from the text of
-    ``$PE_HOSTFILE`` (``pe_hostfile=``, lines "host slots queue processors") for
-    ``hostname=``; else ``NSLOTS`` when ``NHOSTS`` is 1 (or unset); else ``NSLOTS`` /
-    ``NHOSTS``.
-    *memory*: Grid Engine exports no memory variable: ``h_vmem`` (per slot) becomes the
-    soft RLIMIT_AS of every process of the job, multiplied by the job's slots on the host
-    (``qsub -pe mpi 4 -l h_vmem=1G``: 4 GiB).  Pass it as ``address_space_limit=`` (bytes,
-    0 = none): each rank gets that / local ranks.
+    - *threads*: slots of the job on this host / local ranks: from the text of
+      ``$PE_HOSTFILE`` (``pe_hostfile=``, lines "host slots queue processors") for
+      ``hostname=``; else ``NSLOTS`` when ``NHOSTS`` is 1 (or unset); else ``NSLOTS`` /
+      ``NHOSTS``.
+    - *memory*: Grid Engine exports no memory variable: ``h_vmem`` (per slot) becomes the
+      soft RLIMIT_AS of every process of the job, multiplied by the job's slots on the host
+      (``qsub -pe mpi 4 -l h_vmem=1G``: 4 GiB).  Pass it as ``address_space_limit=`` (bytes,
+      0 = none): each rank gets that / local ranks.
 
 MPI launcher only, or nothing
     ``cpu_count // local_ranks`` threads and ``total_memory // local_ranks`` bytes.
