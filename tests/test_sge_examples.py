@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import unavailable  # noqa: E402
-from launch import Venv, run  # noqa: E402
+from launch import Venv, run, wait_no_leftovers  # noqa: E402
 from sge_cluster import GridEngine, SGEError, ensure_sge_installed  # noqa: E402
 
 pytestmark = [pytest.mark.mpi]
@@ -140,6 +140,29 @@ def test_cluster_only_template(sge, venv, workdir, tmp_path):
     finally:
         if job.proc.poll() is None:
             sge.wait(job, 1)  # kills qsub's group, deletes the job, raises
+
+
+def test_qdel_of_a_cluster_only_job_leaves_nothing_running(sge, venv, workdir, tmp_path):
+    """qdel kills the job's processes (SIGKILL by default): none is left; the scheduler file
+    and its credentials (readable by the owner only) stay behind, as the templates say."""
+    files = tmp_path / "files"
+    files.mkdir(mode=0o700)
+    job = sge.submit(workdir / "cluster-only.sge", cwd=workdir,
+                     env=venv.env({"DASK_SCHEDULER_DIR": str(files)}))
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not list(files.glob("scheduler-*.json")):
+            assert job.proc.poll() is None, f"job ended before its file:\n{job.output()}"
+            assert time.monotonic() < deadline, f"no scheduler file:\n{job.output()}"
+            time.sleep(0.2)
+        assert sge.run(["qdel", job.name], timeout=10).returncode == 0
+        sge.wait(job, JOB_TIMEOUT)
+        assert wait_no_leftovers(str(files)) == [], "processes of the job left running"
+        (credentials,) = files.glob("*.credentials")
+        assert credentials.stat().st_mode & 0o077 == 0
+    finally:
+        if job.proc.poll() is None:
+            sge.wait(job, 1)
 
 
 # ----------------------------------------------------------------------------- Hydra
