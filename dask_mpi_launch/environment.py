@@ -4,25 +4,38 @@ Pure: stdlib only, reads nothing but the mapping it is given.
 
 Variables read (and only these):
 
-Slurm (``SLURM_JOB_ID``), memory values are in MiB (Slurm's "MB"):
-  threads  ``SLURM_CPUS_PER_TASK``; else ``SLURM_CPUS_ON_NODE`` / local ranks; else the first
-           node of ``SLURM_JOB_CPUS_PER_NODE`` ("16(x2),8" -> 16) / local ranks.
-  memory   ``SLURM_MEM_PER_CPU`` x cpus of the rank; else ``SLURM_MEM_PER_NODE`` / local ranks
-           (0 means "the whole node": ignored).
-  Inside an ``srun`` step SLURM_CPUS_ON_NODE and SLURM_MEM_PER_NODE are still the job's per
-  node values (checked on Slurm 22.05), so dividing by the ranks on the node is right.
-PBS Pro / OpenPBS / Torque (``PBS_JOBID``):
-  threads  ``NCPUS`` / local ranks (PBS sets NCPUS to the chunk's ``ompthreads``, which
-           defaults to the chunk's ``ncpus``); else ``OMP_NUM_THREADS`` (set by PBS the same
-           way, per process); else Torque's ``PBS_NUM_PPN`` / local ranks.
-  memory   PBS exports no memory variable: share of the node's memory.
-LSF (``LSB_JOBID``):
-  threads  first host's slots in ``LSB_MCPU_HOSTS`` ("hostA 4 hostB 4") / local ranks; else
-           ``LSB_DJOB_NUMPROC`` (slots of the whole job) / local ranks.
-  memory   LSF exports no memory limit variable (the -R rusage string's units depend on the
-           site's LSF_UNIT_FOR_LIMITS): share of the node's memory.
-MPI launcher only, or nothing: ``cpu_count // local_ranks`` threads and
-``total_memory // local_ranks`` bytes.
+Slurm (``SLURM_JOB_ID``), memory values in MiB (Slurm's "MB")
+    - *threads*: ``SLURM_CPUS_PER_TASK``; else ``SLURM_CPUS_ON_NODE`` / local ranks; else
+      the first node of ``SLURM_JOB_CPUS_PER_NODE`` ("16(x2),8" -> 16) / local ranks.
+    - *memory*: ``SLURM_MEM_PER_CPU`` x cpus of the rank; else ``SLURM_MEM_PER_NODE`` / local
+      ranks (0 means "the whole node": ignored).  Inside an ``srun`` step SLURM_CPUS_ON_NODE
+      and SLURM_MEM_PER_NODE are still the job's per node values (checked on Slurm 22.05), so
+      dividing by the ranks on the node is right.
+
+PBS Pro / OpenPBS / Torque (``PBS_JOBID``)
+    - *threads*: ``NCPUS`` / local ranks (PBS sets NCPUS to the chunk's ``ompthreads``, which
+      defaults to the chunk's ``ncpus``); else ``OMP_NUM_THREADS`` (set by PBS the same way,
+      per process); else Torque's ``PBS_NUM_PPN`` / local ranks.
+    - *memory*: PBS exports no memory variable: share of the node's memory.
+
+LSF (``LSB_JOBID``)
+    - *threads*: first host's slots in ``LSB_MCPU_HOSTS`` ("hostA 4 hostB 4") / local ranks;
+      else ``LSB_DJOB_NUMPROC`` (slots of the whole job) / local ranks.
+    - *memory*: LSF exports no memory limit variable (the -R rusage string's units depend on
+      the site's LSF_UNIT_FOR_LIMITS): share of the node's memory.
+
+Grid Engine (``JOB_ID`` with ``SGE_ROOT``, ``SGE_CELL``, ``PE_HOSTFILE`` or ``SGE_JOB_SPOOL_DIR``)
+    - *threads*: slots of the job on this host / local ranks: from the text of
+      ``$PE_HOSTFILE`` (``pe_hostfile=``, lines "host slots queue processors") for
+      ``hostname=``; else ``NSLOTS`` when ``NHOSTS`` is 1 (or unset); else ``NSLOTS`` /
+      ``NHOSTS``.
+    - *memory*: Grid Engine exports no memory variable: ``h_vmem`` (per slot) becomes the
+      soft RLIMIT_AS of every process of the job, multiplied by the job's slots on the host
+      (``qsub -pe mpi 4 -l h_vmem=1G``: 4 GiB).  Pass it as ``address_space_limit=`` (bytes,
+      0 = none): each rank gets that / local ranks.
+
+MPI launcher only, or nothing
+    ``cpu_count // local_ranks`` threads and ``total_memory // local_ranks`` bytes.
 
 A memory figure from the batch system is capped at the rank's share of ``total_memory``
 (physical), so a node configured with more memory than it has cannot overcommit.  Threads
@@ -47,7 +60,7 @@ class Resources:
     nthreads: int  # threads per worker process, >= 1
     memory_limit: int | None  # bytes per worker process; None = let Dask decide
     job_id: str | None
-    scheduler: str  # "slurm" | "pbs" | "lsf" | "mpi" | "none"
+    scheduler: str  # "slurm" | "pbs" | "lsf" | "sge" | "mpi" | "none"
     source: str  # how the numbers were found, e.g. "SLURM_CPUS_PER_TASK=2; ..."
 
 
@@ -105,6 +118,32 @@ def _first_lsf_host_slots(value: str) -> int | None:
     return int(fields[1])
 
 
+def _short(host: str) -> str:
+    return host.strip().split(".")[0].lower()
+
+
+def parse_pe_hostfile(text: str) -> list[tuple[str, int]] | None:
+    """Grid Engine's $PE_HOSTFILE, "host slots queue processors" a line -> [(host, slots)].
+
+    A host may appear once per queue: its slots are added up.  None if a line is bad.
+    """
+    slots: dict[str, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 2 or not fields[1].isdigit() or int(fields[1]) <= 0:
+            return None
+        slots[fields[0]] = slots.get(fields[0], 0) + int(fields[1])
+    return list(slots.items()) or None
+
+
+def is_grid_engine(env: Mapping[str, str]) -> bool:
+    """JOB_ID alone is too common a name: Grid Engine also sets SGE_ROOT/SGE_CELL/PE_HOSTFILE."""
+    return bool(env.get("JOB_ID")) and any(
+        env.get(k) for k in ("SGE_ROOT", "SGE_CELL", "PE_HOSTFILE", "SGE_JOB_SPOOL_DIR"))
+
+
 def detect_resources(
     env: Mapping[str, str],
     *,
@@ -112,6 +151,9 @@ def detect_resources(
     cpu_count: int,
     total_memory: int,
     worker_processes: int = 1,
+    pe_hostfile: str | None = None,
+    hostname: str | None = None,
+    address_space_limit: int = 0,
 ) -> Resources:
     """Threads and memory for each of ``worker_processes`` Dask worker processes of one rank.
 
@@ -119,6 +161,9 @@ def detect_resources(
     is then taken from the first node of SLURM_STEP_TASKS_PER_NODE (inside srun), else
     SLURM_TASKS_PER_NODE, else SLURM_NTASKS_PER_NODE, else 1).
     ``cpu_count`` and ``total_memory`` (bytes) describe the node (0 = unknown).
+    Grid Engine only: ``pe_hostfile`` is the text of the file ``$PE_HOSTFILE`` names and
+    ``hostname`` this host's name (slots on this host); ``address_space_limit`` is this
+    process's soft RLIMIT_AS in bytes (0 = unlimited), which is how h_vmem reaches a job.
     """
     r = _Reader(env)
     used: list[str] = []
@@ -173,6 +218,32 @@ def detect_resources(
             threads = max(1, slots // ranks)
         else:
             threads = per_rank("LSB_DJOB_NUMPROC", r.int("LSB_DJOB_NUMPROC"))
+    elif is_grid_engine(env):
+        scheduler, job_id = "sge", env["JOB_ID"]
+        host_slots = None
+        if pe_hostfile is not None and hostname:
+            hosts = parse_pe_hostfile(pe_hostfile)
+            if hosts is None:
+                r.notes.append(f"ignored PE_HOSTFILE {pe_hostfile.strip()[:80]!r}")
+            else:
+                host_slots = dict((_short(h), n) for h, n in hosts).get(_short(hostname))
+                if host_slots:
+                    used.append(f"PE_HOSTFILE {host_slots} slots on {hostname} "
+                                f"/ {ranks} local ranks")
+                else:
+                    r.notes.append(f"{hostname} not in PE_HOSTFILE")
+        if host_slots is None:
+            nslots, nhosts = r.int("NSLOTS"), r.int("NHOSTS") or 1
+            if nslots:
+                host_slots = max(1, nslots // nhosts)
+                used.append(f"NSLOTS={nslots}" + (f" / NHOSTS={nhosts}" if nhosts > 1 else "")
+                            + f" / {ranks} local ranks")
+        if host_slots:
+            threads = max(1, host_slots // ranks)
+        if address_space_limit > 0:
+            memory = address_space_limit // ranks
+            used.append(f"RLIMIT_AS (h_vmem x slots) {address_space_limit} bytes "
+                        f"/ {ranks} local ranks")
     else:
         scheduler = "mpi" if any(env.get(k) for k in _MPI_MARKERS) else "none"
         job_id = None

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dask_mpi_launch.environment import MIB, Resources, detect_resources, parse_slurm_counts
+from dask_mpi_launch.environment import (
+    MIB, Resources, detect_resources, is_grid_engine, parse_pe_hostfile, parse_slurm_counts,
+)
 
 GIB = 1024 * MIB
 NODE = dict(cpu_count=2, total_memory=24 * GIB)  # this machine
@@ -210,6 +212,71 @@ def test_lsf_numproc_when_hosts_list_is_bad():
     res = detect_resources(env, local_ranks=2, cpu_count=40, total_memory=8 * GIB)
     assert (res.nthreads, res.memory_limit) == (3, 4 * GIB)
     assert "ignored LSB_MCPU_HOSTS='node01'" in res.source
+
+
+# Grid Engine 8.1.9 (tests/sge_cluster.py), `qsub -pe mpi 4 -l h_vmem=1G`: the job's
+# variables (memory is not among them: h_vmem becomes RLIMIT_AS = 4 GiB, 1G x 4 slots)
+SGE_PE4 = {
+    "JOB_ID": "1", "NSLOTS": "4", "NHOSTS": "1", "NQUEUES": "1", "PE": "mpi", "QUEUE": "all.q",
+    "PE_HOSTFILE": "/var/spool/gridengine/execd/localhost/active_jobs/1.1/pe_hostfile",
+    "SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default", "RESTARTED": "0",
+    "SGE_TASK_ID": "undefined",
+}
+SGE_PE4_HOSTFILE = "vm 4 all.q@vm UNDEFINED\n"
+
+
+def test_sge_nslots_shared_by_ranks():
+    res = detect_resources(SGE_PE4, local_ranks=2, **NODE)
+    assert res == Resources(nthreads=2, memory_limit=12 * GIB, job_id="1", scheduler="sge",
+                            source="NSLOTS=4 / 2 local ranks; "
+                                   f"{24 * GIB} bytes of node memory / 2 local ranks")
+
+
+def test_sge_h_vmem_from_address_space_limit():
+    res = detect_resources(SGE_PE4, local_ranks=4, address_space_limit=4 * GIB,
+                           pe_hostfile=SGE_PE4_HOSTFILE, hostname="vm", **NODE)
+    assert (res.nthreads, res.memory_limit) == (1, GIB)
+    assert res.source == ("PE_HOSTFILE 4 slots on vm / 4 local ranks; RLIMIT_AS (h_vmem x "
+                          f"slots) {4 * GIB} bytes / 4 local ranks")
+    res = detect_resources(SGE_PE4, local_ranks=2, address_space_limit=4 * GIB,
+                           worker_processes=2, **NODE)
+    assert (res.nthreads, res.memory_limit) == (1, GIB)
+
+
+def test_sge_slots_of_this_host_from_pe_hostfile():
+    env = {**SGE_PE4, "NSLOTS": "24", "NHOSTS": "2"}
+    hostfile = ("n01.cluster 16 all.q@n01.cluster UNDEFINED\n"
+                "n02.cluster 6 all.q@n02.cluster UNDEFINED\n"
+                "n02.cluster 2 long.q@n02.cluster UNDEFINED\n")
+    assert parse_pe_hostfile(hostfile) == [("n01.cluster", 16), ("n02.cluster", 8)]
+    for host, threads in (("n01", 4), ("n02.cluster", 2)):
+        res = detect_resources(env, local_ranks=4, pe_hostfile=hostfile, hostname=host,
+                               cpu_count=16, total_memory=64 * GIB)
+        assert res.nthreads == threads, res.source
+    # no hostfile text: NSLOTS spread evenly over NHOSTS
+    res = detect_resources(env, local_ranks=4, cpu_count=16, total_memory=64 * GIB)
+    assert res.nthreads == 3
+    assert "NSLOTS=24 / NHOSTS=2 / 4 local ranks" in res.source
+
+
+def test_sge_bad_hostfile_or_unknown_host_falls_back_to_nslots():
+    res = detect_resources(SGE_PE4, local_ranks=2, pe_hostfile="vm four all.q\n",
+                           hostname="vm", **NODE)
+    assert res.nthreads == 2
+    assert "ignored PE_HOSTFILE 'vm four all.q'" in res.source
+    res = detect_resources(SGE_PE4, local_ranks=2, pe_hostfile=SGE_PE4_HOSTFILE,
+                           hostname="elsewhere", **NODE)
+    assert res.nthreads == 2 and "elsewhere not in PE_HOSTFILE" in res.source
+    res = detect_resources({**SGE_PE4, "NSLOTS": "x"}, local_ranks=2, **NODE)
+    assert (res.nthreads, res.scheduler) == (1, "sge")  # 2 cpus / 2 ranks
+    assert "ignored NSLOTS='x'" in res.source
+
+
+def test_job_id_alone_is_not_grid_engine():
+    assert not is_grid_engine({"JOB_ID": "5"})
+    assert is_grid_engine({"JOB_ID": "5", "SGE_ROOT": "/opt/sge"})
+    res = detect_resources({"JOB_ID": "5", "NSLOTS": "8"}, local_ranks=1, **NODE)
+    assert (res.scheduler, res.job_id, res.nthreads) == ("none", None, 2)
 
 
 @pytest.mark.parametrize("env", [
