@@ -51,15 +51,29 @@ def start_workers(sup) -> None:
 
 def worker_resources(settings):
     """Threads and memory per worker process: the options, else the batch job's share."""
+    import resource
+    import socket
+
     import psutil
 
     from .environment import detect_resources
 
     s = settings
+    pe_hostfile = None
+    if os.environ.get("PE_HOSTFILE"):  # Grid Engine: this host's slots
+        try:
+            with open(os.environ["PE_HOSTFILE"]) as f:
+                pe_hostfile = f.read()
+        except OSError:
+            pass
     found = detect_resources(os.environ, local_ranks=local_ranks(),
                              cpu_count=os.cpu_count() or 1,
                              total_memory=psutil.virtual_memory().total,
-                             worker_processes=s.worker_processes)
+                             worker_processes=s.worker_processes,
+                             pe_hostfile=pe_hostfile, hostname=socket.gethostname(),
+                             # Grid Engine's h_vmem is the job's address-space limit
+                             address_space_limit=max(resource.getrlimit(resource.RLIMIT_AS)[0],
+                                                     0))
     nthreads = s.nthreads or found.nthreads
     memory_limit = s.memory_limit
     if memory_limit == "auto" and found.memory_limit:

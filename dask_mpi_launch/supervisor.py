@@ -55,7 +55,11 @@ def _open_mpi(env=os.environ) -> bool:
 
 
 def job_id(env=os.environ) -> str | None:
-    for key in ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID"):
+    from .environment import is_grid_engine
+
+    keys = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID") + (("JOB_ID",) if is_grid_engine(env)
+                                                        else ())
+    for key in keys:
         if env.get(key):
             return env[key].split(".")[0]
     return None

@@ -227,11 +227,6 @@ def test_workers_get_the_jobs_slots_and_h_vmem(sge, venv, tmp_path):
     workers = re.findall(r"^worker nthreads=(\d+) memory_limit=(\d+)$", out, re.MULTILINE)
     assert len(workers) == 2, out
     assert {n for n, _ in workers} == {"2"}, out
-    import dask_mpi_launch.lifecycle as lifecycle
-    import inspect
-    if "address_space_limit" not in inspect.getsource(lifecycle):
-        unavailable("lifecycle.py does not pass RLIMIT_AS (h_vmem) to detect_resources yet: "
-                    f"workers got memory_limit {workers[0][1]}, want {4 * GIB}")
     assert {m for _, m in workers} == {str(4 * GIB)}, out
 
 
