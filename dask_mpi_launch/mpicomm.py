@@ -93,7 +93,9 @@ DATA_TAG_BASE = 1024
 CHUNK = 2**30  # bytes per MPI message: well below the C int count limit (2**31 - 1)
 INLINE_MAX = 64 * 2**10  # frames up to this size travel inside the header ...
 INLINE_TOTAL = 2**20  # ... while the header's inline bytes stay below this
-IDLE_MAX_SLEEP = 0.005  # seconds: the longest back-off of an idle progress thread
+BUSY_MAX_SLEEP = 0.002  # seconds: longest back-off in the first IDLE_AFTER s of quiet
+IDLE_AFTER = 0.5
+IDLE_MAX_SLEEP = 0.02  # seconds: the longest back-off of an idle progress thread
 RATE_FLOOR = 100e6  # bytes/s a transfer is granted on top of the stall timeout
 
 MAGIC = b"DMLM"
@@ -215,6 +217,9 @@ def transfer_deadline(nbytes: int, stall: float) -> float:
 
 # --- the progress engine (one per process) -------------------------------------------------
 
+SPIN_RATE = 5e8  # bytes/s: the progress thread spins while transfers may still run at this
+
+
 class _Op:
     """MPI requests in flight, with what to do when they all complete or fail."""
 
@@ -256,6 +261,7 @@ class Engine:
         self.chunk = int(chunk)
         self.stats = {"sent_bytes": 0, "received_bytes": 0, "sent_messages": 0,
                       "received_messages": 0, "connections": 0}
+        self.spin_until = 0.0  # poll without pause until then (transfers expected to run)
         self.cpu_seconds = 0.0  # CPU time of the progress thread, updated when it idles
         self.lock = threading.Lock()
         self.todo: collections.deque = collections.deque()
@@ -304,7 +310,7 @@ class Engine:
     def _run(self) -> None:
         MPI = self.MPI
         status = MPI.Status()
-        sleep = 0.0
+        sleep = idle_since = 0.0
         while not self.stopping:
             busy = False
             while True:
@@ -319,6 +325,16 @@ class Engine:
                 except Exception:  # noqa: BLE001 - keep the engine alive
                     logger.exception("MPI data plane: %s failed", getattr(fn, "__name__", fn))
             try:
+                if not (self.ops or busy) and not self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG):
+                    # idle: one MPI call per wake-up, then back off (further after a while)
+                    now = time.monotonic()
+                    if sleep == 0.0:
+                        idle_since = now
+                    cap = IDLE_MAX_SLEEP if now - idle_since > IDLE_AFTER else BUSY_MAX_SLEEP
+                    sleep = min(max(sleep * 2, 20e-6), cap)
+                    self.cpu_seconds = time.thread_time()
+                    self.wake.wait(sleep)
+                    continue
                 for tag, handler in ((TAG_HEADER, self._on_header),
                                      (TAG_CONNECT, self._on_connect),
                                      (TAG_ACCEPT, self._on_accept)):
@@ -334,11 +350,10 @@ class Engine:
                 logger.exception("MPI data plane: progress failed")
             if busy:
                 sleep = 0.0
-            elif self.ops:
+            elif self.ops and time.monotonic() < self.spin_until:
                 time.sleep(0)  # transfers in flight: keep MPI progressing, let others run
-            else:
-                sleep = min(max(sleep * 2, 20e-6), IDLE_MAX_SLEEP)
-                self.cpu_seconds = time.thread_time()
+            else:  # something slow or stuck: keep polling, gently
+                sleep = min(max(sleep * 2, 20e-6), BUSY_MAX_SLEEP)
                 self.wake.wait(sleep)
 
     def _test_ops(self) -> bool:
@@ -372,6 +387,9 @@ class Engine:
                 keep.append(op)
         self.ops = keep
         return changed
+
+    def _spin(self, nbytes: int) -> None:
+        self.spin_until = max(self.spin_until, time.monotonic() + 0.05 + nbytes / SPIN_RATE)
 
     @staticmethod
     def _call_safely(fn, *args):
@@ -457,6 +475,8 @@ class Engine:
             comm._broken = True
             loop.call_soon_threadsafe(_fail, fut, exc)
 
+        self._spin(nbytes)
+
         def sent():
             self.stats["sent_bytes"] += nbytes
             self.stats["sent_messages"] += 1
@@ -523,6 +543,8 @@ class Engine:
             nbytes += sizes[i]
             for a, b in chunk_spans(sizes[i], chunk):
                 reqs.append(self.comm.Irecv([out[a:b], MPI.BYTE], source=source, tag=tag))
+
+        self._spin(nbytes)
 
         def done():
             item.left = 0
