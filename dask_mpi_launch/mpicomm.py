@@ -93,9 +93,9 @@ DATA_TAG_BASE = 1024
 CHUNK = 2**30  # bytes per MPI message: well below the C int count limit (2**31 - 1)
 INLINE_MAX = 64 * 2**10  # frames up to this size travel inside the header ...
 INLINE_TOTAL = 2**20  # ... while the header's inline bytes stay below this
-BUSY_MAX_SLEEP = 0.002  # seconds: longest back-off in the first IDLE_AFTER s of quiet
-IDLE_AFTER = 0.5
-IDLE_MAX_SLEEP = 0.02  # seconds: the longest back-off of an idle progress thread
+BUSY_MAX_SLEEP = 0.001  # seconds: longest back-off in the first IDLE_AFTER s of quiet
+IDLE_AFTER = 2.0
+IDLE_MAX_SLEEP = 0.01  # seconds: the longest back-off of an idle progress thread
 RATE_FLOOR = 100e6  # bytes/s a transfer is granted on top of the stall timeout
 
 MAGIC = b"DMLM"
