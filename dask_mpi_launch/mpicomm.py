@@ -521,10 +521,9 @@ class Engine:
             item = _Incoming(None, 0)
             item.error = CommClosedError("the MPI peer closed the connection")
             queue.append(item)
-            self.conns.pop(cid, None)
             if comm is not None:
                 comm._broken = True
-            self._deliver(cid)
+            self._deliver(cid)  # after what came before it; forgets the connection
             return
         self.stats["received_messages"] += 1
         self.stats["received_bytes"] += len(buf) + sum(sizes[i] for i in big)

@@ -58,6 +58,10 @@ pems = world.bcast(pems, root=0)
 security = security_from(pems)
 
 if rank == 0:
+    import dask
+
+    # replicas made by client.replicate stay until the test looks (the AMM would trim them)
+    dask.config.set({"distributed.scheduler.active-memory-manager.start": False})
     addresses: queue.Queue = queue.Queue()
 
     def scheduler_thread():

@@ -165,3 +165,17 @@ def test_worker_rank_killed_mid_transfer_ends_the_job_promptly(venv):
         assert r.status == 0 and res["completed"] == 4, r
     else:  # the launcher ends the job: not a hang, not success
         assert r.status != 0, r
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(200)
+def test_stalled_transfer_and_closed_peer_become_comm_closed_errors(venv):
+    r = venv.launch_python(2, HERE / "mpicomm_stall.py", timeout=150, cwd=HERE)
+    assert r.status == 0, r
+    res = results(r)
+    assert res["comm_class"] == "MPIComm", r  # over MPI, not the TCP door
+    stalled, closed = res["stalled"], res["closed"]
+    assert stalled["first"] == {"hello": 1} and stalled["error"].startswith("CommClosedError"), r
+    assert "stalled" in stalled["error"] and 1.5 < stalled["seconds"] < 30, r
+    assert closed["first"] == {"hello": 2} and closed["error"].startswith("CommClosedError"), r
+    assert closed["seconds"] < 10, r
