@@ -70,6 +70,7 @@ import collections
 import itertools
 import json
 import logging
+import os
 import struct
 import threading
 import time
@@ -250,6 +251,7 @@ class Engine:
                 f"(this MPI gave level {MPI.Query_thread()}); leave mpi4py.rc.thread_level "
                 "at its default 'multiple'")
         self.comm = comm
+        self.pid = os.getpid()
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         tag_ub = comm.Get_attr(MPI.TAG_UB) or 32767
@@ -631,7 +633,9 @@ def join(comm, stall_timeout: float | None = None, chunk: int = CHUNK) -> Engine
 def engine() -> Engine | None:
     """The process's data-plane engine, or None when this process is not a peer."""
     e = _ENGINE
-    return None if e is None or e.stopping else e
+    if e is None or e.stopping or e.pid != os.getpid():  # a forked child is not a peer
+        return None
+    return e
 
 
 def shutdown(timeout: float = 5.0) -> None:
@@ -742,6 +746,11 @@ class MPIComm(Comm):
     @property
     def extra_info(self):
         return {"mpi_peer_rank": self.peer}
+
+    def handshake_info(self):
+        info = super().handshake_info()
+        info["compression"] = None  # MPI moves bytes faster than lz4 squeezes them
+        return info
 
 
 def _finalize(eng, local_id, peer):

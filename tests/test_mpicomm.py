@@ -19,6 +19,12 @@ from dask_mpi_launch import mpicomm  # noqa: E402
 
 # --- pure parts ---------------------------------------------------------------------------
 
+def test_doctests():
+    import doctest
+
+    assert doctest.testmod(mpicomm).failed == 0
+
+
 @pytest.mark.parametrize("loc, expected", [
     ("127.0.0.1:8786/3", ("127.0.0.1", 8786, 3)),
     ("node12:0", ("node12", 0, None)),
