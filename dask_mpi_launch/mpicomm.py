@@ -808,8 +808,16 @@ class MPIConnector(Connector):
         try:
             got = await fut
         except BaseException:
-            # given up (timeout, cancel): a late accept is answered with a close
-            eng.call(lambda: eng.connecting.pop(local_id, None))
+            # given up (timeout, cancel): a late accept is answered with a close, and an
+            # accept that came just before is closed here
+            def give_up():
+                if eng.connecting.pop(local_id, None) is None and local_id in eng.conns:
+                    eng._close(eng.conns[local_id], True)
+
+            try:
+                eng.call(give_up)
+            except CommClosedError:
+                pass
             raise
         if got is None:
             return None  # refused: not this job's listener at that address
