@@ -47,14 +47,11 @@ MIB = 2**20
 
 # --- the scripts run under MPI -------------------------------------------------------------
 
-DASK_SCRIPT = r'''
-"""Client script, run on rank 1 by dask-mpi-launch: argv = SIZES_BYTES REPEAT WARMUP."""
+DASK_BODY = r'''
+"""Worker A -> worker B transfers; bench(client, [SIZES_BYTES, REPEAT, WARMUP])."""
 import json, sys, time
 import numpy as np
 from distributed import Client, wait
-
-sizes = [int(s) for s in sys.argv[1].split(",")]
-repeat, warmup = int(sys.argv[2]), int(sys.argv[3])
 
 
 def nbytes(x):
@@ -66,37 +63,149 @@ def incoming(dask_worker):
             for e in dask_worker.transfer_incoming_log]
 
 
-client = Client()
-workers = sorted(client.scheduler_info()["workers"].items(), key=lambda kv: str(kv[1]["name"]))
-(a, ia), (b, ib) = workers[0], workers[1]
-out = {"worker_a": [a, ia["name"]], "worker_b": [b, ib["name"]], "protocol": a.split("://")[0],
-       "sizes": {}}
-for size in sizes:
-    n = max(1, size // 8)
-    task, keys = [], []
-    for rep in range(warmup + repeat):
-        src = client.submit(np.ones, n, workers=[a], pure=False)
-        wait(src)
+def bench(client, argv):
+    sizes = [int(s) for s in argv[0].split(",")]
+    repeat, warmup = int(argv[1]), int(argv[2])
+    workers = sorted(client.scheduler_info()["workers"].items(),
+                       key=lambda kv: str(kv[1]["name"]))
+    (a, ia), (b, ib) = workers[0], workers[1]
+    out = {"worker_a": [a, ia["name"]], "worker_b": [b, ib["name"]],
+           "protocol": a.split("://")[0], "sizes": {}}
+    for size in sizes:
+        n = max(1, size // 8)
+        task, keys = [], []
+        for rep in range(warmup + repeat):
+            src = client.submit(np.ones, n, workers=[a], pure=False)
+            wait(src)
+            t0 = time.perf_counter()
+            dst = client.submit(nbytes, src, workers=[b], pure=False)
+            got = dst.result()
+            dt = time.perf_counter() - t0
+            assert got == n * 8, got
+            if rep >= warmup:
+                task.append(dt)
+                keys.append(src.key)
+            if rep == 0:
+                out.setdefault("moved", client.who_has(src)[src.key])
+            del src, dst
+            time.sleep(0.05)  # let the release reach the workers before the next array
+        log = client.run(incoming, workers=[b])[b]
+        transfer = []
+        for k in keys:
+            durs = [e["duration"] for e in log
+                    if k in e["keys"] or str(k) in map(str, e["keys"])]
+            if durs:
+                transfer.append(durs[-1])
+        out["sizes"][str(size)] = {"bytes": n * 8, "task": task, "transfer": transfer}
+    print("DATAPLANE_JSON=" + json.dumps(out), flush=True)
+'''
+
+# run on rank 1 by dask-mpi-launch: argv = SIZES_BYTES REPEAT WARMUP
+CLI_MAIN = """
+bench(Client(), sys.argv[1:])
+"""
+DASK_SCRIPT = DASK_BODY + CLI_MAIN
+
+# End to end: wall time of a >= 2 GB dask.array rechunk and of a p2p dataframe shuffle.
+E2E_BODY = r'''
+import json, sys, time
+import numpy as np
+from distributed import Client
+
+
+def bench(client, argv):
+    import dask
+    import dask.array as da
+    import dask.dataframe as dd
+    from distributed import wait
+
+    n, rows, repeat = int(argv[0]), int(argv[1]), int(argv[2])
+    out = {"protocol": next(iter(client.scheduler_info()["workers"])).split("://")[0],
+           "workers": len(client.scheduler_info()["workers"]), "array_bytes": n * n * 8,
+           "rows": rows, "rechunk": [], "shuffle": []}
+    for rep in range(repeat + 1):  # the first is a warm-up
+        x = da.random.RandomState(rep).random((n, n), chunks=(n, max(1, n // 32))).persist()
+        wait(x)
         t0 = time.perf_counter()
-        dst = client.submit(nbytes, src, workers=[b], pure=False)
-        got = dst.result()
+        y = x.rechunk((max(1, n // 32), n)).persist()
+        wait(y)
         dt = time.perf_counter() - t0
-        assert got == n * 8, got
-        if rep >= warmup:
-            task.append(dt)
-            keys.append(src.key)
-        if rep == 0:
-            out.setdefault("moved", client.who_has(src)[src.key])
-        del src, dst
-        time.sleep(0.05)  # let the release reach the workers before the next array
-    log = client.run(incoming, workers=[b])[b]
-    transfer = []
-    for k in keys:
-        durs = [e["duration"] for e in log if k in e["keys"] or str(k) in map(str, e["keys"])]
-        if durs:
-            transfer.append(durs[-1])
-    out["sizes"][str(size)] = {"bytes": n * 8, "task": task, "transfer": transfer}
-print("DATAPLANE_JSON=" + json.dumps(out), flush=True)
+        del x, y
+        if rep:
+            out["rechunk"].append(dt)
+        df = dd.from_dict({"k": np.arange(rows) % 10007, "v": np.ones(rows)},
+                          npartitions=48).persist()
+        wait(df)
+        t0 = time.perf_counter()
+        s = df.shuffle("k", shuffle_method="p2p").persist()
+        wait(s)
+        dt = time.perf_counter() - t0
+        assert int(s.v.sum().compute()) == rows
+        del df, s
+        if rep:
+            out["shuffle"].append(dt)
+        time.sleep(0.2)
+    print("DATAPLANE_E2E_JSON=" + json.dumps(out), flush=True)
+'''
+E2E_SCRIPT = E2E_BODY + CLI_MAIN
+
+# Dask over MPI (dask_mpi_launch.mpicomm), until the CLI runs it: rank 0 is the scheduler (a
+# thread, TLS door with Security.temporary() credentials sent to the ranks in memory) and the
+# client; every other rank runs a worker in a thread of the rank over ``mpi``.
+# argv = BODY_FILE NTHREADS ARGS...
+MPI_CLUSTER = r'''
+import asyncio, queue, sys, threading
+from mpi4py import MPI
+from dask_mpi_launch import mpicomm
+from distributed.security import Security
+
+world = MPI.COMM_WORLD
+rank = world.Get_rank()
+dp = world.Dup()
+pems = None
+if rank == 0:
+    t = Security.temporary()
+    pems = {"ca": t.tls_ca_file, "cert": t.tls_scheduler_cert, "key": t.tls_scheduler_key}
+pems = world.bcast(pems, root=0)
+roles = ("scheduler", "worker", "client")
+sec = Security(require_encryption=True, tls_ca_file=pems["ca"],
+               **{f"tls_{r}_{k}": pems[v] for r in roles for k, v in (("cert", "cert"),
+                                                                      ("key", "key"))})
+address = None
+if rank == 0:
+    q = queue.Queue()
+
+    def run_scheduler():
+        from distributed import Scheduler
+
+        async def main():
+            s = await Scheduler(host="127.0.0.1", port=0, protocol="tls", security=sec,
+                                dashboard=False, dashboard_address=None)
+            q.put(s.address)
+            await s.finished()
+        asyncio.run(main())
+
+    th = threading.Thread(target=run_scheduler, daemon=True)
+    th.start()
+    address = q.get(timeout=120)
+address = world.bcast(address, root=0)
+if rank > 0:
+    h = mpicomm.start_worker_thread(dp, address, name=f"w{rank:04d}", nthreads=int(sys.argv[2]),
+                                    memory_limit=0, security=sec, host="127.0.0.1")
+    h.wait_started(300)
+    h.join()
+    mpicomm.shutdown()
+    sys.exit(0 if h.status == "closed" else 1)
+from distributed import Client
+ns = {}
+exec(open(sys.argv[1]).read(), ns)
+client = Client(address, security=sec, timeout=120)
+client.wait_for_workers(world.Get_size() - 1, timeout=300)
+try:
+    ns["bench"](client, sys.argv[3:])
+finally:
+    client.shutdown()
+    client.close()
 '''
 
 MPI_SCRIPT = r'''
@@ -145,6 +254,16 @@ def one(kind, buf):
         else:
             comm.Recv(buf, source=0, tag=1)
             comm.Send(ack, dest=0, tag=2)
+    elif kind == "Send_fresh":  # into new memory, as a Dask transfer's result must be
+        if rank == 0:
+            comm.Send(buf, dest=1, tag=5)
+            comm.Recv(ack, source=1, tag=6)
+        else:
+            fresh = np.empty_like(buf)
+            comm.Recv(fresh, source=0, tag=5)
+            comm.Send(ack, dest=0, tag=6)
+            assert fresh[-1] == 1.0
+            del fresh
     elif kind == "send":
         if rank == 0:
             comm.send(buf, dest=1, tag=3)
@@ -168,7 +287,7 @@ for size in sizes:
     n = max(1, size // 8)
     buf = np.ones(n) if rank == 0 else np.empty(n)
     res = {"bytes": n * 8}
-    for kind in ("Send", "send", "socket"):
+    for kind in ("Send_fresh", "Send", "send", "socket"):
         times = [one(kind, buf) for _ in range(warmup + repeat)][warmup:]
         res[kind] = times
     if rank == 0:  # the machine's ceiling: one copy within one process
@@ -190,6 +309,7 @@ if rank == 0:
 '''
 
 TLS_UNSUPPORTED = "tls: not supported yet by dask-mpi-launch"
+REF = "mpi4py"  # the variant holding the mpi4py/socket reference
 
 
 # --- pure helpers ---------------------------------------------------------------------------
@@ -245,8 +365,9 @@ def columns(protocols: dict) -> list[tuple[str, str, str]]:
         if res.get("payload"):
             cols += [(f"dask {proto} task", proto, "task"),
                      (f"dask {proto} transfer", proto, "transfer")]
-    return cols + [("raw TCP socket", "mpi", "socket"), ("mpi4py send (pickle)", "mpi", "send"),
-                   ("**mpi4py Send/Recv**", "mpi", "Send"), ("memcpy", "mpi", "memcpy")]
+    return cols + [("raw TCP socket", REF, "socket"), ("mpi4py send (pickle)", REF, "send"),
+                   ("**mpi4py Send/Recv fresh**", REF, "Send_fresh"),
+                   ("mpi4py Send/Recv reused", REF, "Send"), ("memcpy", REF, "memcpy")]
 
 
 def cell(results: dict, source: str, key: str, size: str, unit: str) -> str:
@@ -297,7 +418,7 @@ def merge(runs: list[dict]) -> dict:
 
 
 def render_markdown(meta: dict, results: dict, command: str) -> str:
-    protos = {p: r for p, r in results.items() if p != "mpi"}
+    protos = {p: r for p, r in results.items() if p != REF}
     cols = columns(protos)
     sizes = sorted({s for r in results.values() if r.get("payload")
                     for s in r["payload"]["sizes"]}, key=int)
@@ -315,8 +436,11 @@ def render_markdown(meta: dict, results: dict, command: str) -> str:
         "transfer A → B plus scheduling of one task. **dask transfer**: worker B's own log of "
         "the transfer (get_data request → data deserialised). **raw TCP socket**: Python "
         "`sendall`/`recv_into` over 127.0.0.1. **mpi4py send (pickle)**: lowercase "
-        "`comm.send`. **mpi4py Send/Recv**: buffer-protocol `Comm.Send`/`Recv` (the "
-        "reference). MPI and socket times are one-way after a Barrier, closed by a 1-byte "
+        "`comm.send`. **mpi4py Send/Recv fresh**: buffer-protocol `Comm.Send`/`Recv` into a "
+        "freshly allocated array each time (the reference: a Dask transfer's result must live in "
+        "new memory); **reused**: into the same array every time. "
+        "**dask mpi**: `dask_mpi_launch.mpicomm` (workers in their ranks, frames over MPI "
+        "point-to-point; scheduler and client over TLS). MPI and socket times are one-way after a Barrier, closed by a 1-byte "
         "ack. **memcpy**: `np.copyto` within one process, the machine's ceiling. "
         "tcp runs pass `--protocol tcp`; tls runs "
         + ("`--tls` (dask-mpi-launch's own job credentials, in memory)"
@@ -330,20 +454,22 @@ def render_markdown(meta: dict, results: dict, command: str) -> str:
     notes = [res.get("note") or f"{name}: no result" for name, res in results.items()
              if res.get("note") or not res.get("payload")]
     if notes:
-        lines += [f"- {'mpi4py: ' if n == results.get('mpi', {}).get('note') else ''}{n}"
+        lines += [f"- {'mpi4py: ' if n == results.get(REF, {}).get('note') else ''}{n}"
                   for n in notes] + [""]
     if big:
-        lines += ["| size | " + " | ".join(c[0] for c in cols) + " | dask task ÷ Send/Recv |",
-                  "|---|" + "---|" * len(cols) + "---:|"]
-        first = next(iter(protos), None)
+        ratios = [p for p in protos if results[p].get("payload")]
+        lines += ["| size | " + " | ".join(c[0] for c in cols) + " | "
+                  + " | ".join(f"dask {p} transfer ÷ Send/Recv fresh" for p in ratios) + " |",
+                  "|---|" + "---|" * len(cols) + "---:|" * len(ratios)]
         for s in big:
-            ratio = "–"
-            d, m = median_rate(results, first, "task", s), median_rate(results, "mpi", "Send", s)
-            if d and m:
-                ratio = f"{d / m:.2f}×"
+            cells = []
+            for p in ratios:
+                d = median_rate(results, p, "transfer", s)
+                m = median_rate(results, REF, "Send_fresh", s)
+                cells.append(f"{d / m:.2f}×" if d and m else "–")
             lines.append(f"| {size_label(int(s))} | "
                          + " | ".join(cell(results, src, key, s, "GB/s") for _, src, key in cols)
-                         + f" | {ratio} |")
+                         + " | " + " | ".join(cells) + " |")
         lines.append("")
     if small:
         lines += ["Latency of the same exchange with an 8-byte array, ms:", "",
@@ -397,23 +523,86 @@ def cli_has_tls(venv: Path) -> bool:
     return "--tls" in out
 
 
-def run_dask(proto: str, args, venv: Path, env: dict, tmp: Path, sizes: str) -> dict:
+def dask_argv(proto: str, args, venv: Path, tmp: Path, body: str, workers: int, nthreads: int,
+              script_args: list[str]) -> tuple[list[str] | None, dict, str]:
+    """(argv, extra environment, note) of one Dask run: through the CLI for tcp/tls (rank 0
+    scheduler, rank 1 the script, then the workers), through MPI_CLUSTER for mpi (rank 0
+    scheduler and client, then the workers in their ranks)."""
+    if proto == "mpi":
+        (tmp / "bench_body.py").write_text(body)
+        (tmp / "bench_mpi_cluster.py").write_text(MPI_CLUSTER)
+        return ([str(venv / "bin" / "mpiexec"), "-n", str(workers + 1), str(venv / "bin" / "python"),
+                 str(tmp / "bench_mpi_cluster.py"), str(tmp / "bench_body.py"), str(nthreads),
+                 *script_args], {}, "")
     script = tmp / "bench_dataplane_client.py"
-    script.write_text(DASK_SCRIPT)
-    run_env = dict(env)
+    script.write_text(body + CLI_MAIN)
+    extra: dict = {}
     if proto == "tls" and args.tls_method == "cli":
         opts = ["--tls"]  # the package's own credentials, passed between ranks in memory
     elif proto == "tls":
         extra, note = tls_env(tmp, venv / "bin" / "python")
         if extra is None:
-            return {"payload": None, "note": note, "skip": True}
-        run_env.update(extra)
+            return None, {}, note
         opts = ["--protocol", "tls"]
     else:
         opts = ["--protocol", proto]  # explicit: newer CLIs default to TLS
-    argv = [str(venv / "bin" / "mpiexec"), "-n", "4", str(venv / "bin" / "dask-mpi-launch"),
-            "--interface", "lo", "--no-dashboard", "--nthreads", "1", *opts,
-            str(script), sizes, str(args.repeat), str(args.warmup)]
+    return ([str(venv / "bin" / "mpiexec"), "-n", str(workers + 2),
+             str(venv / "bin" / "dask-mpi-launch"), "--interface", "lo", "--no-dashboard",
+             "--nthreads", str(nthreads), *opts, str(script), *script_args], extra, "")
+
+
+def run_e2e(proto: str, args, venv: Path, env: dict, tmp: Path) -> dict:
+    """End to end on --e2e-workers workers: rechunk of an n x n float64 array, p2p shuffle."""
+    argv, extra, note = dask_argv(proto, args, venv, tmp, E2E_BODY, args.e2e_workers, 1,
+                                  [str(args.e2e_n), str(args.e2e_rows), str(args.e2e_repeat)])
+    if argv is None:
+        return {"payload": None, "note": note, "skip": True}
+    raw = run_once(argv, {**env, **extra}, str(tmp), args.timeout)
+    payload = None
+    for line in raw["stdout"].splitlines():
+        if line.startswith("DATAPLANE_E2E_JSON="):
+            payload = json.loads(line.split("=", 1)[1])
+    res = {"argv": argv[1:], "rc": raw["rc"], "timed_out": raw["timed_out"],
+           "wall": round(raw["t1"] - raw["t0"], 2), "payload": payload}
+    if payload is None:
+        res["stderr_tail"] = raw["stderr"].strip().splitlines()[-3:]
+        res["note"] = f"e2e {proto}: failed (rc {raw['rc']}, timed out {raw['timed_out']})"
+    return res
+
+
+def render_e2e(e2e: dict) -> str:
+    """Markdown table of the end-to-end wall times (median (min–max) seconds)."""
+    rows = []
+    for proto, runs in e2e.items():
+        ok = [r["payload"] for r in runs if r.get("payload")]
+        if not ok:
+            rows.append(f"| {proto} | – | – | {runs[0].get('note', 'failed') if runs else ''} |")
+            continue
+        rec = [t for p in ok for t in p["rechunk"]]
+        shu = [t for p in ok for t in p["shuffle"]]
+        st = [_stats(x) for x in (rec, shu)]
+        rows.append(f"| {proto} | " + " | ".join(fmt_stat(x, 2) for x in st) + " | |")
+    first = next((r["payload"] for runs in e2e.values() for r in runs if r.get("payload")), None)
+    head = ["", "## End to end", ""]
+    if first:
+        head += [f"{first['workers']} workers (1 thread each): rechunk of a "
+                 f"{first['array_bytes'] / 1e9:.1f} GB float64 array from column to row blocks "
+                 f"(persisted), and a p2p `DataFrame.shuffle` of {first['rows']:,} rows; wall "
+                 "time in seconds, median (min–max).", ""]
+    return "\n".join(head + ["| protocol | rechunk s | p2p shuffle s | note |",
+                              "|---|---:|---:|---|", *rows, ""])
+
+
+def run_dask(proto: str, args, venv: Path, env: dict, tmp: Path, sizes: str) -> dict:
+    """Transfers between two workers (1 thread each) over ``proto``."""
+    argv, extra, note = dask_argv(proto, args, venv, tmp, DASK_BODY, 2, 1,
+                                  [sizes, str(args.repeat), str(args.warmup)])
+    if argv is None:
+        return {"payload": None, "note": note, "skip": True}
+    return _finish_dask(proto, args, argv, {**env, **extra}, tmp)
+
+
+def _finish_dask(proto, args, argv, run_env, tmp) -> dict:
     raw = run_once(argv, run_env, str(tmp), args.timeout)
     payload = parse_payload(raw["stdout"])
     res = {"argv": argv[1:], "rc": raw["rc"], "timed_out": raw["timed_out"],
@@ -449,15 +638,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: bin/bench-data --sizes 8 64 256 --repeat 5 --protocols tcp tls")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 256], help="array sizes, MiB (default 8 64 256)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 256, 1024],
+                    help="array sizes, MiB (default 8 64 256 1024)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds; each runs every variant once (one mpiexec), interleaved")
     ap.add_argument("--repeat", type=int, default=3,
                     help="timed runs per size, variant and round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per size and round")
     ap.add_argument("--no-latency", action="store_true", help="skip the 8-byte latency row")
-    ap.add_argument("--protocols", nargs="+", default=["tcp"], choices=["tcp", "tls"],
-                    help="Dask comm protocols to measure (tls needs `cryptography`)")
+    ap.add_argument("--protocols", nargs="+", default=["tcp", "tls", "mpi"],
+                    choices=["tcp", "tls", "mpi"],
+                    help="Dask comm protocols to measure (tls needs `cryptography`; mpi: "
+                         "dask_mpi_launch.mpicomm, workers in their ranks)")
+    ap.add_argument("--e2e", action="store_true",
+                    help="also run the end-to-end rechunk and p2p shuffle per protocol")
+    ap.add_argument("--e2e-workers", type=int, default=6, help="workers of the e2e runs")
+    ap.add_argument("--e2e-n", type=int, default=16384,
+                    help="e2e array side (float64; 16384 -> 2.1 GB)")
+    ap.add_argument("--e2e-rows", type=int, default=20_000_000, help="e2e shuffle rows")
+    ap.add_argument("--e2e-repeat", type=int, default=2, help="timed e2e runs per round")
     ap.add_argument("--tls-method", choices=["auto", "cli", "config"], default="auto",
                     help="tls through dask-mpi-launch --tls (cli), or through Dask's config "
                          "with Security.temporary() certificates in files (config); auto: "
@@ -485,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     size_arg = ",".join(map(str, sizes))
     print(f"MPI: {meta['mpi_library']}; venv {venv}; load {_load()}", file=sys.stderr)
 
-    variants = list(args.protocols) + ([] if args.no_mpi else ["mpi"])
+    variants = list(args.protocols) + ([] if args.no_mpi else [REF])
     rounds: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="dml-bench-data-") as tmp:
         for rnd in range(args.rounds):
@@ -493,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
                 if rounds[v] and rounds[v][-1].get("skip"):
                     continue  # tls that cannot work: once is enough
                 t = time.time()
-                if v == "mpi":
+                if v == REF:
                     res = run_mpi(args, venv, env, Path(tmp), size_arg)
                 else:
                     res = run_dask(v, args, venv, env, Path(tmp), size_arg)
@@ -502,18 +701,31 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[round {rnd + 1}/{args.rounds}] {v}: {time.time() - t:.1f} s "
                       f"{res.get('note') or 'ok'}; load {_load()}", file=sys.stderr)
     results = {v: merge(rs) for v, rs in rounds.items()}
+    e2e: dict[str, list[dict]] = {}
+    if args.e2e:
+        with tempfile.TemporaryDirectory(prefix="dml-bench-e2e-") as tmp:
+            for rnd in range(args.rounds):
+                for v in args.protocols:
+                    if e2e.get(v) and e2e[v][-1].get("skip"):
+                        continue
+                    t = time.time()
+                    res = run_e2e(v, args, venv, env, Path(tmp))
+                    res["load1"] = os.getloadavg()[0]
+                    e2e.setdefault(v, []).append(res)
+                    print(f"[e2e round {rnd + 1}/{args.rounds}] {v}: {time.time() - t:.1f} s "
+                          f"{res.get('note') or 'ok'}; load {_load()}", file=sys.stderr)
 
     meta["load_end"] = _load()
     args.out.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(meta, results, command)
+    md = render_markdown(meta, results, command) + (render_e2e(e2e) if e2e else "")
     (args.out / "dataplane.md").write_text(md)
     (args.out / "dataplane.json").write_text(json.dumps(
         {"meta": meta, "command": command,
          "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-         "results": results}, indent=1) + "\n")
+         "results": results, "e2e": e2e}, indent=1) + "\n")
     print(md)
     print(f"wrote {args.out / 'dataplane.md'}, {args.out / 'dataplane.json'}")
-    return 0 if all(r.get("payload") for p, r in results.items() if p in ("tcp", "mpi")) else 1
+    return 0 if all(r.get("payload") for p, r in results.items() if p in ("tcp", "mpi", REF)) else 1
 
 
 if __name__ == "__main__":
