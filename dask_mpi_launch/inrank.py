@@ -57,9 +57,11 @@ class InRankLauncher:
         if spec.get("run") != "worker":
             return self.base.start(role, label, spec, stdin=stdin, returns=returns)
         from . import mpicomm
+        from .roles import _quiet
         from .security import security_from
 
         s = spec["settings"]
+        _quiet(s.log_level)  # as in a worker process: this rank is one now
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         handle = mpicomm.start_worker_thread(
