@@ -76,6 +76,7 @@ SWEEP = {
     "conns=1000": {"distributed.worker.connections.outgoing": 1000,
                    "distributed.worker.connections.incoming": 1000},
     "ramp=2s": {},
+    "scaled": {},  # dask_mpi_launch.scale.for_job(--at): the launcher's defaults for that size
 }
 # Short names usable in --sweep as NAME=VALUE (e.g. backlog=16, connect=10s).
 ALIASES = {
@@ -365,13 +366,16 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
 
 # --- child: the launcher's real worker role, forked -----------------------------------------
 
-def child_real(address: str, count: int, index: int, timeout: float, tls_file: str) -> int:
+def child_real(address: str, count: int, index: int, timeout: float, tls_file: str,
+               config: dict) -> int:
     """``count`` processes running ``roles.run_worker`` unchanged (one worker each, forked
     after the imports as a rank forks its role processes), reporting through its channel."""
     import select
 
     os.nice(WORKER_NICE)
     _raise_nofile()
+    import dask
+    dask.config.set(config)
     from dask_mpi_launch import roles
     from dask_mpi_launch.process import Channel
     from dask_mpi_launch.security import security_from
@@ -533,7 +537,7 @@ def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
             _LIVE.append(c)
         if real:
             c = Child([py, me, "_real", address, str(real), "0", str(args.timeout),
-                       args.tls_file or "-"], env, str(tmp))
+                       args.tls_file or "-", json.dumps(config)], env, str(tmp))
             children.append(c)
             _LIVE.append(c)
         for c in children[1:]:
@@ -560,7 +564,7 @@ def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
         # scheduler, which may need a moment to write its profile
         for c in children[1:] + children[:1]:
             c.send("STOP\n")
-            c.kill(grace=10.0 if c is children[0] and os.environ.get("BENCH_SCALE_PROFILE")
+            c.kill(grace=60.0 if c is children[0] and os.environ.get("BENCH_SCALE_PROFILE")
                    else 0.0)
             if c in _LIVE:
                 _LIVE.remove(c)
@@ -1109,7 +1113,8 @@ def main(argv: list[str] | None = None) -> int:
         return child_scheduler(int(argv[1]), json.loads(argv[2]), float(argv[3]), float(argv[4]),
                                argv[5], argv[6])
     if argv and argv[0] == "_real":
-        return child_real(argv[1], int(argv[2]), int(argv[3]), float(argv[4]), argv[5])
+        return child_real(argv[1], int(argv[2]), int(argv[3]), float(argv[4]), argv[5],
+                          json.loads(argv[6]))
     if argv and argv[0] == "_model":
         return child_model([int(x) for x in argv[1:]])
     if argv and argv[0] == "_workers":
@@ -1168,6 +1173,13 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as e:
         ap.error(f"--sweep: {e}")
     at = args.at or max(args.workers)
+    if "scaled" in variants:
+        import distributed  # noqa: F401 - its defaults, as in a role process
+
+        import dask_mpi_launch.config  # noqa: F401
+        from dask_mpi_launch.scale import for_job
+        variants["scaled"] = (for_job(at), 0.0)
+        print(f"scaled for {at} workers: {variants['scaled'][0]}", file=sys.stderr)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda s, f: (_kill_all(), sys.exit(128 + s)))
