@@ -703,8 +703,8 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
         "",
         ("The launcher's scheduler role (`roles.run_scheduler`, Dask's defaults otherwise; "
          "variant `ours`: our Scheduler subclass, `upstream`: `distributed.Scheduler`) "
-         f"{'with TLS (one job' + chr(39) + 's throw-away credentials) ' if meta.get('tls') else ''}"
-         f"and {meta.get('procs')} processes holding simulated workers built with the "
+         + ("with TLS (one job's throw-away credentials) " if meta.get("tls") else "")
+         + f"and {meta.get('procs')} processes holding simulated workers built with the "
          "worker role's options (its worker class, interface lo, "
          f"{'TLS, ' if meta.get('tls') else ''}nthreads=1, memory_limit=0, no nanny)"
          + (f", plus {meta.get('real')} processes running the launcher's worker role "

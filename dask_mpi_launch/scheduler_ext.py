@@ -89,9 +89,11 @@ class VersionIndex(SchedulerPlugin):
 def _patched_add_worker():
     """Upstream's ``add_worker`` with the O(workers) expression replaced, or None."""
     try:
-        source = textwrap.dedent(inspect.getsource(_upstream.Scheduler.add_worker))
+        lines, first = inspect.getsourcelines(_upstream.Scheduler.add_worker)
     except (OSError, TypeError):
         return None
+    # upstream's line numbers in tracebacks
+    source = "\n" * (first - 1) + textwrap.dedent("".join(lines))
     if source.count(UPSTREAM_EXPRESSION) != 1:
         return None
     namespace: dict = {}
