@@ -97,9 +97,8 @@ def _patched_add_worker():
     if source.count(UPSTREAM_EXPRESSION) != 1:
         return None
     namespace: dict = {}
-    code = compile(source.replace(UPSTREAM_EXPRESSION, REPLACEMENT),
-                   inspect.getsourcefile(_upstream.Scheduler.add_worker) or "<add_worker>",
-                   "exec")
+    filename = inspect.unwrap(_upstream.Scheduler.add_worker).__code__.co_filename
+    code = compile(source.replace(UPSTREAM_EXPRESSION, REPLACEMENT), filename, "exec")
     exec(code, vars(_upstream), namespace)  # upstream's globals: its names resolve as before
     function = namespace.get("add_worker")
     if function is None:
