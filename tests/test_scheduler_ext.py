@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 import logging
 import random
 import re
@@ -21,6 +22,10 @@ def test_the_change_applies_to_the_installed_distributed():
     assert scheduler_ext.PATCHED, distributed.__version__
     assert scheduler_ext.Scheduler.add_worker is not distributed.Scheduler.add_worker
     assert issubclass(scheduler_ext.Scheduler, distributed.Scheduler)
+    patched = inspect.unwrap(scheduler_ext.Scheduler.add_worker).__code__
+    assert "_distinct_worker_versions" in patched.co_names
+    assert "_distinct_worker_versions" not in \
+        inspect.unwrap(distributed.Scheduler.add_worker).__code__.co_names
 
 
 class _WS:
