@@ -76,6 +76,7 @@ SWEEP = {
     "conns=1000": {"distributed.worker.connections.outgoing": 1000,
                    "distributed.worker.connections.incoming": 1000},
     "ramp=2s": {},
+    "scaled": {},  # dask_mpi_launch.scale.for_job(--at): the launcher's defaults for that size
 }
 # Short names usable in --sweep as NAME=VALUE (e.g. backlog=16, connect=10s).
 ALIASES = {
@@ -163,16 +164,50 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def child_scheduler(expect: int, config: dict, timeout: float, settle: float) -> int:
+def child_scheduler(expect: int, config: dict, timeout: float, settle: float,
+                    tls_file: str, which: str) -> int:
+    """The launcher's own scheduler role (``roles.run_scheduler``: our Scheduler subclass,
+    TLS from the job's credentials, interface lo); this file is its preload, which times
+    the registrations (``dask_setup`` below).  ``which="upstream"``: the same role with
+    ``distributed.Scheduler`` instead of ours, for comparison."""
     import dask
-    dask.config.set(config)
+    dask.config.set({**config, "distributed.scheduler.preload": [str(Path(__file__).resolve())]})
     _raise_nofile()
+    os.environ.update(BENCH_SCALE_EXPECT=str(expect), BENCH_SCALE_TIMEOUT=str(timeout),
+                      BENCH_SCALE_SETTLE=str(settle))
+    import distributed
+
+    from dask_mpi_launch import roles, scheduler_ext
+    from dask_mpi_launch.process import Channel
+    from dask_mpi_launch.security import security_from
+    if which == "upstream":
+        scheduler_ext.Scheduler = distributed.Scheduler  # run_scheduler imports it at call
+    credentials = _read_credentials(tls_file)
+    settings = _role_settings(credentials)
+    prof_path = os.environ.get("BENCH_SCALE_PROFILE")
+    if prof_path:  # diagnostics: cProfile of the scheduler process, dumped at STOP
+        import cProfile
+        global _PROF
+        _PROF = cProfile.Profile()
+        _PROF.enable()
+    # the role reports its address as a JSON line on the channel: our stdout
+    return roles.run_scheduler(settings, Channel(sys.stdout.fileno()),
+                               security=security_from(credentials))
+
+
+_PROF = None
+
+
+def dask_setup(scheduler) -> None:
+    """Preload of the scheduler role: count registrations from GO (stdin), report DONE."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    expect = int(os.environ["BENCH_SCALE_EXPECT"])
+    timeout = float(os.environ["BENCH_SCALE_TIMEOUT"])
+    settle = float(os.environ["BENCH_SCALE_SETTLE"])
     counter: dict = {}
     keep: list = []
     _quiet_logging(counter, keep)
-    from distributed import Scheduler
-    from distributed.diagnostics.plugin import SchedulerPlugin
-
     arrivals: list[float] = []
 
     class Arrivals(SchedulerPlugin):
@@ -181,11 +216,10 @@ def child_scheduler(expect: int, config: dict, timeout: float, settle: float) ->
         def add_worker(self, scheduler, worker):
             arrivals.append(time.time())
 
-    async def main() -> None:
+    scheduler.add_plugin(Arrivals())
+
+    async def measure() -> None:
         loop = asyncio.get_running_loop()
-        s = await Scheduler(host="127.0.0.1", port=0, dashboard=False)
-        s.add_plugin(Arrivals())
-        print(f"ADDRESS={s.address}", flush=True)
         line = await loop.run_in_executor(None, sys.stdin.readline)
         go = float(line.split()[1])
         cpu0, drops0 = _cpu(), listen_drops()
@@ -196,7 +230,8 @@ def child_scheduler(expect: int, config: dict, timeout: float, settle: float) ->
         t_settle, cpu2 = time.time(), _cpu()
         out = {
             "arrivals": [round(a - go, 4) for a in arrivals],
-            "connected": len(s.workers),
+            "connected": len(scheduler.workers),
+            "scheduler_class": f"{type(scheduler).__module__}.{type(scheduler).__name__}",
             "cpu_reg": round(cpu1 - cpu0, 3), "wall_reg": round(t_done - go, 3),
             "cpu_settle": round(cpu2 - cpu1, 3), "wall_settle": round(t_settle - t_done, 3),
             "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -205,36 +240,62 @@ def child_scheduler(expect: int, config: dict, timeout: float, settle: float) ->
         }
         print("DONE=" + json.dumps(out), flush=True)
         await loop.run_in_executor(None, sys.stdin.readline)  # parent says stop (or kills)
+        prof = getattr(sys.modules.get("__main__"), "_PROF", None)
         if prof is not None:
             prof.disable()
-            prof.dump_stats(prof_path)
+            prof.dump_stats(os.environ["BENCH_SCALE_PROFILE"])
         os._exit(0)
 
-    prof_path = os.environ.get("BENCH_SCALE_PROFILE")
-    prof = None
-    if prof_path:  # diagnostics: cProfile of the scheduler process, dumped to this path
-        import cProfile
-        prof = cProfile.Profile()
-        prof.enable()
-    asyncio.run(main())
-    return 0
+    scheduler._bench_measure = asyncio.ensure_future(measure())
+
+
+def _read_credentials(path: str) -> dict | None:
+    return json.loads(Path(path).read_text()) if path and path != "-" else None
+
+
+def _role_settings(credentials):
+    """The launcher's settings for these roles: its defaults, loopback, no dashboard."""
+    from dask_mpi_launch.settings import resolve
+    return resolve(interface="lo", dashboard=False, tls=bool(credentials), nthreads=1,
+                   memory_limit="0")
 
 
 # --- child: the cost model ------------------------------------------------------------------
 
 def child_model(sizes: list[int]) -> int:
+    import copy
+
     from distributed.versions import error_message, get_versions
+    from sortedcontainers import SortedDict
+
+    from dask_mpi_launch.scheduler_ext import VersionIndex
+
+    class WS:
+        def __init__(self, versions):
+            self.versions = versions
+
+    class Sched:
+        pass
 
     versions = get_versions()
-    out = {}
+    out: dict = {"upstream": {}, "ours": {}}
     for n in sizes:
-        workers = {f"tcp://10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:1": versions
-                   for i in range(n)}
-        calls, t0 = 0, time.perf_counter()
-        while calls < 3 or time.perf_counter() - t0 < 0.3:
-            error_message(versions, workers, versions, source_name="bench")
-            calls += 1
-        out[str(n)] = (time.perf_counter() - t0) / calls
+        sched = Sched()
+        sched.workers = SortedDict(
+            (f"tls://10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:1", WS(copy.deepcopy(versions)))
+            for i in range(n))
+        index = VersionIndex()
+        for w in sched.workers:
+            index.add_worker(sched, w)
+        for name, workers in (
+                ("upstream", lambda: {w: ws.versions for w, ws in sched.workers.items()}),
+                ("ours", index.distinct)):
+            # CPU time of this process: other work on the machine does not count
+            calls, t0 = 0, time.process_time()
+            while calls < 3 or time.process_time() - t0 < 0.3:
+                error_message(versions, workers(), versions, source_name="bench")
+                calls += 1
+            out[name][str(n)] = (time.process_time() - t0) / calls
     print("MODEL=" + json.dumps(out), flush=True)
     return 0
 
@@ -242,7 +303,7 @@ def child_model(sizes: list[int]) -> int:
 # --- child: a process of workers ------------------------------------------------------------
 
 def child_workers(address: str, count: int, index: int, config: dict, timeout: float,
-                  ramp: float, local_dir: str) -> int:
+                  ramp: float, local_dir: str, tls_file: str) -> int:
     import random
 
     import dask
@@ -254,7 +315,19 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
     counter: dict = {}
     keep: list = []
     _quiet_logging(counter, keep, debug_comm=True)
-    from distributed import Worker
+    from distributed.utils import import_term
+
+    from dask_mpi_launch.security import security_from
+
+    # what the launcher's worker role builds (roles.run_worker): its worker class, interface,
+    # protocol and the job's TLS credentials
+    settings = _role_settings(_read_credentials(tls_file))
+    Worker = import_term(settings.worker_class)
+    role_options = {"interface": settings.interface, "protocol": settings.protocol,
+                    "nthreads": 1, "memory_limit": 0, **settings.worker_options}
+    security = security_from(_read_credentials(tls_file))
+    if security is not None:
+        role_options["security"] = security
 
     print("READY", flush=True)
     go = float(sys.stdin.readline().split()[1])
@@ -270,8 +343,7 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
                 await asyncio.sleep(max(0.0, go + rnd.uniform(0, ramp) - time.time()))
             t0 = time.time()
             try:
-                w = Worker(address, nthreads=1, memory_limit=0, dashboard=False,
-                           host="127.0.0.1", name=f"sim-{index}-{i}",
+                w = Worker(address, **role_options, dashboard=False, name=f"sim-{index}-{i}",
                            # own directory each, like one node's /tmp: in a shared one every
                            # new worker scans all the others' lock files (O(N) each)
                            local_directory=os.path.join(local_dir, f"{index}-{i}"))
@@ -290,6 +362,67 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
         os._exit(0)  # closing 100s of workers politely is not what we measure
 
     asyncio.run(main())
+    return 0
+
+
+# --- child: the launcher's real worker role, forked -----------------------------------------
+
+def child_real(address: str, count: int, index: int, timeout: float, tls_file: str,
+               config: dict) -> int:
+    """``count`` processes running ``roles.run_worker`` unchanged (one worker each, forked
+    after the imports as a rank forks its role processes), reporting through its channel."""
+    import select
+
+    os.nice(WORKER_NICE)
+    _raise_nofile()
+    import dask
+    dask.config.set(config)
+    from dask_mpi_launch import roles
+    from dask_mpi_launch.process import Channel
+    from dask_mpi_launch.security import security_from
+
+    credentials = _read_credentials(tls_file)
+    settings = _role_settings(credentials)
+    print("READY", flush=True)
+    go = float(sys.stdin.readline().split()[1])
+    pipes: dict[int, tuple[int, float]] = {}
+    for i in range(count):
+        r, w = os.pipe()
+        t0 = time.time()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            status = 1
+            try:
+                status = roles.run_worker(settings, Channel(w), address, f"real-{index}-{i}",
+                                          1, 0, security=security_from(credentials))
+            finally:
+                os._exit(status)
+        os.close(w)
+        pipes[r] = (pid, t0)
+    lat, errors, buffers = [], [], {fd: b"" for fd in pipes}
+    while pipes and time.time() < go + timeout:
+        ready, _, _ = select.select(list(pipes), [], [], 0.5)
+        for fd in ready:
+            data = os.read(fd, 65536)
+            buffers[fd] += data
+            *lines, buffers[fd] = buffers[fd].split(b"\n")
+            events = [json.loads(x) for x in lines if x.strip()]
+            done = [e for e in events if e.get("event") in ("ready", "error")]
+            if done or not data:
+                pid, t0 = pipes.pop(fd)
+                if done and done[0]["event"] == "ready":
+                    lat.append(round(time.time() - t0, 4))
+                else:
+                    errors.append(done[0].get("message", "?")[:300] if done
+                                  else "ended without a word")
+    out = {"index": index, "real": True, "started": len(lat), "lat": lat,
+           "failed": {"role error": len(errors)} if errors else {},
+           "errors": errors[:5], "pending": len(pipes), "cpu": 0.0,
+           "wall": round(time.time() - go, 3), "log": {}, "log_sample": errors[:5]}
+    print("WORKERS=" + json.dumps(out), flush=True)
+    sys.stdin.readline()
+    os.killpg(0, signal.SIGKILL)  # the role processes with us
     return 0
 
 
@@ -374,27 +507,38 @@ def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
-def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path) -> dict:
+def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
+              which: str = "ours") -> dict:
     py = sys.executable
     me = str(Path(__file__).resolve())
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     local_dir = tempfile.mkdtemp(prefix="scratch-", dir=tmp)
     setup_deadline = time.time() + args.setup_timeout
     children: list[Child] = []
+    real = min(args.real, n)
     res: dict = {"n": n, "variant": variant, "config": config, "ramp": ramp,
-                 "procs": args.procs, "load1": os.getloadavg()[0]}
+                 "procs": args.procs, "scheduler": which, "tls": bool(args.tls_file),
+                 "real": real, "load1": os.getloadavg()[0]}
     try:
         sched = Child([py, me, "_scheduler", str(n), json.dumps(config), str(args.timeout),
-                       str(args.settle)], env, str(tmp))
+                       str(args.settle), args.tls_file or "-", which], env, str(tmp))
         children.append(sched)
         _LIVE.append(sched)
-        address = sched.expect("ADDRESS=", setup_deadline)
+        event = sched.expect('{"event": ', setup_deadline)  # the role's channel
+        event = json.loads('{"event": ' + event) if event else {}
+        address = event.get("address")
         if address is None:
-            return {**res, "status": "error", "why": "scheduler did not start",
-                    "stderr": sched.stderr_tail()}
-        for i, k in enumerate(split(n, args.procs)):
+            return {**res, "status": "error", "why": "scheduler did not start: "
+                    + event.get("message", ""), "stderr": sched.stderr_tail()}
+        for i, k in enumerate(split(n - real, args.procs)):
             c = Child([py, me, "_workers", address, str(k), str(i), json.dumps(config),
-                       str(args.timeout), str(ramp), local_dir], env, str(tmp))
+                       str(args.timeout), str(ramp), local_dir, args.tls_file or "-"],
+                      env, str(tmp))
+            children.append(c)
+            _LIVE.append(c)
+        if real:
+            c = Child([py, me, "_real", address, str(real), "0", str(args.timeout),
+                       args.tls_file or "-", json.dumps(config)], env, str(tmp))
             children.append(c)
             _LIVE.append(c)
         for c in children[1:]:
@@ -421,7 +565,7 @@ def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path) 
         # scheduler, which may need a moment to write its profile
         for c in children[1:] + children[:1]:
             c.send("STOP\n")
-            c.kill(grace=10.0 if c is children[0] and os.environ.get("BENCH_SCALE_PROFILE")
+            c.kill(grace=60.0 if c is children[0] and os.environ.get("BENCH_SCALE_PROFILE")
                    else 0.0)
             if c in _LIVE:
                 _LIVE.remove(c)
@@ -557,9 +701,20 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
         f"tcp_max_syn_backlog {meta.get('syn_backlog')}, open files {meta.get('nofile')}",
         f"- command: `{command}`",
         "",
-        "One `distributed.Scheduler` process (Dask defaults) and "
-        f"{meta.get('procs')} processes holding the `distributed.Worker` objects (nthreads=1, "
-        "no nanny/dashboard, memory_limit=0, 127.0.0.1), all started at once after every "
+        ("The launcher's scheduler role (`roles.run_scheduler`, Dask's defaults otherwise; "
+         "variant `ours`: our Scheduler subclass, `upstream`: `distributed.Scheduler`) "
+         + ("with TLS (one job's throw-away credentials) " if meta.get("tls") else "")
+         + f"and {meta.get('procs')} processes holding simulated workers built with the "
+         "worker role's options (its worker class, interface lo, "
+         f"{'TLS, ' if meta.get('tls') else ''}nthreads=1, memory_limit=0, no nanny)"
+         + (f", plus {meta.get('real')} processes running the launcher's worker role "
+            "unchanged (`roles.run_worker`, forked after the imports as a rank forks them)"
+            if meta.get("real") else "")
+         if "tls" in meta else
+         "One `distributed.Scheduler` process (Dask defaults) and "
+         f"{meta.get('procs')} processes holding the `distributed.Worker` objects (nthreads=1, "
+         "no nanny/dashboard, memory_limit=0, 127.0.0.1)")
+        + ", all started at once after every "
         "process had imported. Times in seconds from that start. **first**: first "
         "registration (before it, the simulated workers are being constructed, serialised in "
         "a few processes here, parallel on a cluster); **all/50 %/90 %**: until the "
@@ -584,7 +739,7 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
         "",
         summary,
         "",
-        "## Registration vs number of workers (defaults)",
+        "## Registration vs number of workers",
         "",
         *table(curve, timeout),
         "",
@@ -594,14 +749,19 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
                   "Each variant applied in every process (scheduler and workers); "
                   "`ramp=S`: the workers' starts spread uniformly over S s (a launcher-side "
                   "stagger, not a Dask setting).", "", *table(knobs, timeout), ""]
-    if model:
-        fit = fit_model(model)
+    upstream, ours = model_parts(model)
+    if upstream:
+        fit = fit_model(upstream)
         lines += ["## Scheduler-side cost model", "",
                   "`Scheduler.add_worker` compares the new worker's package versions with "
-                  "those of every connected worker (`distributed.versions.error_message`); "
-                  "timed alone, per registration:", "",
-                  "| connected workers | ms per registration |", "|---:|---:|"]
-        lines += [f"| {int(k):,} | {v * 1e3:.2f} |" for k, v in model.items()]
+                  "those of every connected worker (`distributed.versions.error_message` "
+                  "over `{w: ws.versions for w, ws in self.workers.items()}`, each worker's "
+                  "versions a separate dict as the scheduler holds them); ours "
+                  "(`dask_mpi_launch/scheduler_ext.py`) passes one representative per "
+                  "distinct version set. Timed alone (CPU time), per registration:", "",
+                  "| connected workers | upstream ms | ours ms |", "|---:|---:|---:|"]
+        lines += [f"| {int(k):,} | {v * 1e3:.2f} | "
+                  f"{_f(ours[k] * 1e3, 3) if k in ours else '–'} |" for k, v in upstream.items()]
         if fit:
             lines += ["", f"Fit: {fit['per_worker_us']:.2f} µs per connected worker, "
                       "so a burst of N workers spends "
@@ -699,28 +859,49 @@ def _changed(v: dict, base: dict) -> list[str]:
     return out
 
 
-def write_summary(curve: list[dict], knobs: list[dict], model: dict | None,
-                  meta: dict) -> str:
-    """The README-style paragraph ("Scaling"), from the numbers: 5-7 sentences."""
-    ok = representatives([r for r in curve if r["status"] == "ok" and r["t_all"]])
-    if not ok:
-        return "No trial completed; see the tables."
-    dist = meta.get("packages", {}).get("distributed", "?")
-    loads = [r["load1"] for r in curve + knobs if r.get("load1") is not None]
-    out = [
-        f"With Dask's defaults (distributed {dist}) one scheduler registered a simultaneous "
-        "start of " + ", ".join(f"{r['n']:,} workers in {r['t_all']:.1f} s" for r in ok)
-        + f" on a {meta.get('cores')}-core machine that also ran every simulated worker"
-        + (f" and other jobs (load average {min(loads):.0f}–{max(loads):.0f})." if loads
-           else ".")]
+def model_parts(model: dict | None) -> tuple[dict, dict]:
+    """(upstream, ours) seconds per version check by connected workers; older results
+    held upstream's only.
+
+    >>> model_parts({"1000": 0.5})
+    ({'1000': 0.5}, {})
+    >>> model_parts({"upstream": {"1000": 0.5}, "ours": {"1000": 0.1}})
+    ({'1000': 0.5}, {'1000': 0.1})
+    """
+    if not model:
+        return {}, {}
+    if "upstream" in model:
+        return model.get("upstream") or {}, model.get("ours") or {}
+    return model, {}
+
+
+def bend(rows: list[dict], factor: float = 2.0) -> dict | None:
+    """The first row whose scheduler CPU per registration exceeds ``factor`` × the
+    smallest size's: where the per-registration cost stops being flat.
+
+    >>> bend([{"n": 1000, "sched_ms": 2.0}, {"n": 3000, "sched_ms": 3.0},
+    ...       {"n": 10000, "sched_ms": 4.5}])["n"]
+    10000
+    >>> bend([{"n": 1000, "sched_ms": 2.0}, {"n": 3000, "sched_ms": 3.0}]) is None
+    True
+    """
+    pts = [r for r in rows if r.get("sched_ms")]
+    if len(pts) < 2:
+        return None
+    return next((r for r in pts[1:] if r["sched_ms"] > factor * pts[0]["sched_ms"]), None)
+
+
+def _variant_sentences(ok: list[dict], curve: list[dict], label: str) -> list[str]:
+    out = []
     best = max(r["rate"] for r in ok)
-    bend = next((r for r in ok if r["rate"] < 0.6 * best), None)
+    falls = next((r for r in ok if r["rate"] < 0.6 * best), None)
     retried = next((r for r in ok if r["retries"]), None)
     failed = sum(r["failed"] for r in curve)
     worst = min(r["rate"] for r in ok)
-    s2 = (f"Once registrations start, throughput falls from {best:.0f} to "
-          f"{ok[-1]['rate']:.0f} workers/s" if bend else
-          f"Once registrations start, throughput stays at {worst:.0f}–{best:.0f} workers/s")
+    s2 = (f"{label}once registrations start, throughput falls from {best:.0f} to "
+          f"{ok[-1]['rate']:.0f} workers/s" if falls else
+          f"{label}once registrations start, throughput stays at {worst:.0f}–{best:.0f} "
+          "workers/s")
     if retried:
         s2 += f"; connect retries appear at {retried['n']:,} workers ({retried['retries']:,}"
         drops = retried.get("listen_drops")
@@ -731,18 +912,57 @@ def write_summary(curve: list[dict], knobs: list[dict], model: dict | None,
     s2 += (f", and {failed} workers failed." if failed else
            (", yet no worker failed: none of them hit a timeout." if retried else
             " and none failed."))
-    out.append(s2)
-    ms = [(r["n"], r["sched_ms"]) for r in ok if r.get("sched_ms")]
-    fit = fit_model(model) if model else None
+    out.append(s2[0].upper() + s2[1:])
+    ms = [r for r in ok if r.get("sched_ms")]
     if len(ms) >= 2:
-        sent = (f"The scheduler's CPU per registration grows with the cluster ({ms[0][1]:.1f} ms "
-                f"at {ms[0][0]:,} workers, {ms[-1][1]:.1f} ms at {ms[-1][0]:,})")
-        if fit:
-            sent += (", mostly because each registration compares package versions with every "
-                     f"connected worker ({fit['per_worker_us']:.1f} µs each): the total is "
-                     f"quadratic, ≈{version_cost(fit, 10000):.0f} s of scheduler CPU for a "
-                     f"burst of 10,000 workers and ≈{version_cost(fit, 30000) / 60:.0f} min "
-                     "for 30,000")
+        b = bend(ms)
+        ratio = ms[-1]["sched_ms"] / ms[0]["sched_ms"]
+        sent = (f"The scheduler's CPU per registration is {ms[0]['sched_ms']:.1f} ms at "
+                f"{ms[0]['n']:,} workers and {ms[-1]['sched_ms']:.1f} ms at {ms[-1]['n']:,} "
+                f"({ratio:.1f}×: " + ("flat within 2×" if b is None else
+                                      f"beyond 2× from {b['n']:,} workers") + ")")
+        out.append(f"{label}{sent[0].lower()}{sent[1:]}." if label else sent + ".")
+    return out
+
+
+def write_summary(curve: list[dict], knobs: list[dict], model: dict | None,
+                  meta: dict) -> str:
+    """The README-style paragraph ("Scaling"), from the numbers."""
+    groups: dict[str, list[dict]] = {}
+    for r in curve:
+        groups.setdefault(r["variant"], []).append(r)
+    dist = meta.get("packages", {}).get("distributed", "?")
+    loads = [r["load1"] for r in curve + knobs if r.get("load1") is not None]
+    where = (f" on a {meta.get('cores')}-core machine that also ran every simulated worker"
+             + (f" and other jobs (load average {min(loads):.0f}–{max(loads):.0f})." if loads
+                else "."))
+    out = []
+    for variant, rows in groups.items():
+        ok = representatives([r for r in rows if r["status"] == "ok" and r["t_all"]])
+        label = f"`{variant}`: " if len(groups) > 1 else ""
+        bad = [r for r in rows if r["status"] != "ok"]
+        if not ok:
+            out.append(f"{label}no trial completed ({bad[0].get('why') if bad else '?'}).")
+            continue
+        first = (f"{label}one scheduler registered a simultaneous start of " if label else
+                 f"With Dask's defaults (distributed {dist}) one scheduler registered a "
+                 "simultaneous start of ")
+        out.append(first + ", ".join(f"{r['n']:,} workers in {r['t_all']:.1f} s" for r in ok)
+                   + (f"; {', '.join(str(r['n']) for r in bad)} workers did not all register "
+                      "within the bound" if bad else "") + (where if not out else "."))
+        out += _variant_sentences(ok, rows, label)
+    upstream, ours = model_parts(model)
+    fit = fit_model(upstream)
+    if fit:
+        sent = ("Upstream, each registration compares package versions with every connected "
+                f"worker ({fit['per_worker_us']:.1f} µs each): quadratic, "
+                f"≈{version_cost(fit, 10000):.0f} s of scheduler CPU for a burst of 10,000 "
+                f"workers and ≈{version_cost(fit, 30000) / 60:.0f} min for 30,000")
+        if ours:
+            n = max(ours, key=int)
+            sent += (f"; our scheduler role compares each distinct set of versions once: "
+                     f"{ours[n] * 1e3:.3f} ms per registration at {int(n):,} connected "
+                     f"workers instead of {upstream.get(n, 0) * 1e3:.1f} ms")
         out.append(sent + ".")
     if knobs:
         agg = by_variant(knobs)
@@ -766,14 +986,6 @@ def write_summary(curve: list[dict], knobs: list[dict], model: dict | None,
                 sent += ("; " if effects else ": ") + ", ".join(none) + \
                     " changed nothing beyond the machine's noise"
             out.append(sent + ".")
-    out.append("Timeouts cannot move this knee: the handshake after a TCP connect is no "
-               "longer subject to `distributed.comm.timeouts.connect` (the \"Timed out during "
-               "handshake\" of older versions), so a longer one rescues nothing and a shorter "
-               "one only turns a busy scheduler into retries; `timeouts.tcp` only bounds dead "
-               "connections and `worker.connections.*` only worker-to-worker transfers, while "
-               "a full accept queue (`socket-backlog`, capped by net.core.somaxconn) only "
-               "delays connects by SYN retransmits, which become retries once the scheduler "
-               "lags by more than a fifth of the connect timeout.")
     return " ".join(out)
 
 
@@ -899,25 +1111,41 @@ def rerender(path: Path, out: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_scheduler":
-        return child_scheduler(int(argv[1]), json.loads(argv[2]), float(argv[3]), float(argv[4]))
+        return child_scheduler(int(argv[1]), json.loads(argv[2]), float(argv[3]), float(argv[4]),
+                               argv[5], argv[6])
+    if argv and argv[0] == "_real":
+        return child_real(argv[1], int(argv[2]), int(argv[3]), float(argv[4]), argv[5],
+                          json.loads(argv[6]))
     if argv and argv[0] == "_model":
         return child_model([int(x) for x in argv[1:]])
     if argv and argv[0] == "_workers":
         return child_workers(argv[1], int(argv[2]), int(argv[3]), json.loads(argv[4]),
-                             float(argv[5]), float(argv[6]), argv[7])
+                             float(argv[5]), float(argv[6]), argv[7], argv[8])
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: bin/bench-scale --workers 250 500 1000 1500 --at 1500 "
                "--sweep default backlog=128 connect=5s ramp=2s")
+    ap.add_argument("sizes", type=int, nargs="*", metavar="N",
+                    help="worker counts of the curve (same as --workers)")
+    ap.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True,
+                    help="TLS with one job's throw-away credentials, like the launcher's "
+                         "default (--no-tls: plain TCP)")
+    ap.add_argument("--scheduler", nargs="+", choices=["ours", "upstream"], default=["ours"],
+                    help="the scheduler role with our Scheduler (scheduler_ext) or with "
+                         "distributed.Scheduler; several: interleaved at every size")
+    ap.add_argument("--real", type=int, default=8,
+                    help="of the N workers, this many run the launcher's worker role "
+                         "unchanged, one process each (the others are simulated, many per "
+                         "process, with the same options)")
     ap.add_argument("--workers", type=int, nargs="+", default=[250, 500, 1000, 1500],
                     help="worker counts of the curve (defaults)")
     ap.add_argument("--procs", type=int, default=8, help="processes holding the workers")
     ap.add_argument("--at", type=int, default=None,
                     help="worker count of the settings sweep (default: the largest --workers)")
-    ap.add_argument("--sweep", nargs="*", default=list(SWEEP),
+    ap.add_argument("--sweep", nargs="*", default=[],
                     help=f"variants at --at: {', '.join(SWEEP)}; or "
                          f"{'|'.join(ALIASES)}=VALUE, ramp=SECONDS, dask.config.key=VALUE, "
-                         "several joined by + (none: skip the sweep)")
+                         "several joined by + (default: no sweep)")
     ap.add_argument("--repeat", type=int, default=2,
                     help="trials per settings variant (order reversed every other round)")
     ap.add_argument("--curve-repeat", type=int, default=1, help="trials per curve point")
@@ -937,6 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", type=Path, default=None, metavar="SCALE_JSON",
                     help="only re-render scale.md/.png from an earlier scale.json")
     args = ap.parse_args(argv)
+    if args.sizes:
+        args.workers = args.sizes
     if args.from_json:
         return rerender(args.from_json, args.out)
     try:
@@ -944,6 +1174,13 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as e:
         ap.error(f"--sweep: {e}")
     at = args.at or max(args.workers)
+    if "scaled" in variants:
+        import distributed  # noqa: F401 - its defaults, as in a role process
+
+        import dask_mpi_launch.config  # noqa: F401
+        from dask_mpi_launch.scale import for_job
+        variants["scaled"] = (for_job(at), 0.0)
+        print(f"scaled for {at} workers: {variants['scaled'][0]}", file=sys.stderr)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda s, f: (_kill_all(), sys.exit(128 + s)))
@@ -964,15 +1201,28 @@ def main(argv: list[str] | None = None) -> int:
               f"unresp={r['unresponsive']} load {_load()}" + (f" ({r['why']})" if r.get('why')
                                                              else ""), file=sys.stderr)
 
-    with tempfile.TemporaryDirectory(prefix="dml-bench-scale-") as tmp:
+    meta.update(tls=args.tls, real=args.real)
+    proto = "tls" if args.tls else "tcp"
+    with tempfile.TemporaryDirectory(prefix="dml-bench-scale-") as tmp:  # 0700, ours
+        args.tls_file = None
+        if args.tls:  # one job's credentials, 0600, read by every child
+            from dask_mpi_launch.security import new_credentials
+            args.tls_file = str(Path(tmp) / "credentials.json")
+            fd = os.open(args.tls_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(new_credentials(), f)
         try:
-            print(f"curve: {args.workers} workers over {args.procs} processes", file=sys.stderr)
+            print(f"curve: {args.workers} workers over {args.procs} processes "
+                  f"(+{args.real} real worker roles), {proto}, scheduler {args.scheduler}",
+                  file=sys.stderr)
             for rep in range(args.curve_repeat):
                 for n in args.workers:
-                    t = run_trial(n, "default", {}, 0.0, args, Path(tmp))
-                    t["rep"] = rep
-                    curve_trials.append(t)
-                    show(t)
+                    order = args.scheduler if (rep + n) % 2 == 0 else args.scheduler[::-1]
+                    for which in order:
+                        t = run_trial(n, f"{proto} {which}", {}, 0.0, args, Path(tmp), which)
+                        t["rep"] = rep
+                        curve_trials.append(t)
+                        show(t)
             if variants:
                 print(f"settings at {at} workers: {list(variants)}", file=sys.stderr)
             for rep in range(args.repeat):
@@ -980,7 +1230,8 @@ def main(argv: list[str] | None = None) -> int:
                 if rep % 2:
                     order.reverse()  # A B C, C B A, ...: load drift cancels out in medians
                 for name, (config, ramp) in order:
-                    t = run_trial(at, name, config, ramp, args, Path(tmp))
+                    t = run_trial(at, name, config, ramp, args, Path(tmp),
+                                  args.scheduler[0])
                     t["rep"] = rep
                     knob_trials.append(t)
                     show(t)

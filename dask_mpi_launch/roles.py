@@ -108,7 +108,7 @@ def scheduler_start_error(settings: Settings, e: OSError) -> str:
 
 
 def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
-    from distributed import Scheduler
+    from .scheduler_ext import Scheduler  # registration in O(1): see scheduler_ext.py
 
     _quiet(settings.log_level)
 

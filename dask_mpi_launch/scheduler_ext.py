@@ -1,0 +1,134 @@
+"""Our scheduler role's one change to ``distributed.Scheduler``: registration in O(1).
+
+Every ``Scheduler.add_worker`` (distributed up to at least 2026.8) compares the new worker's
+package versions with those of *every* connected worker::
+
+    version_module.error_message(..., {w: ws.versions for w, ws in self.workers.items()}, ...)
+
+so a burst of N workers costs O(N^2) scheduler CPU: at 10,000 workers each registration
+spends tens of milliseconds there (``bin/bench-scale``'s cost model), and the scheduler's
+event loop stalls while thousands of workers wait (dask/distributed#3691: a 33-s stall at
+~5,500 workers on Summit; dask/dask-mpi#82: handshake timeouts at ~1,300 workers).
+
+The comparison depends only on the *distinct* version sets among the workers, not on how
+many workers share each one. This subclass counts the workers of each distinct set (a
+scheduler plugin updated on every add and remove) and gives ``error_message`` one
+representative per set instead of every worker. The warning is the same text, so a real
+mismatch is still reported to the worker (and the client) exactly as before; only the cost
+changes, from O(workers) to O(distinct version sets), normally 1.
+
+The change is made on upstream's own ``add_worker`` source, replacing that one expression;
+if a future ``distributed`` no longer contains it, ``Scheduler`` is upstream's method
+unchanged (``PATCHED`` is False, and tests/test_scheduler_ext.py says so). Upstream fix:
+the same index kept in ``Scheduler`` itself (add_worker/remove_worker), or compare the new
+worker against the scheduler's versions and the distinct sets only.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import textwrap
+
+import distributed
+import distributed.scheduler as _upstream
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+logger = logging.getLogger(__name__)
+
+UPSTREAM_EXPRESSION = "{w: ws.versions for w, ws in self.workers.items()}"
+REPLACEMENT = "self._distinct_worker_versions()"
+
+
+def version_key(versions) -> str:
+    """What ``distributed.versions.error_message`` looks at in one worker's versions, as a
+    hashable key: its ``packages`` (or "UNKNOWN" when the worker sent none).
+
+    >>> version_key({"packages": {"dask": "1", "python": "3"}, "host": {"OS": "x"}})
+    '{"dask": "1", "python": "3"}'
+    >>> version_key(None) == version_key({})
+    True
+    """
+    packages = versions.get("packages") if versions else "UNKNOWN"
+    return json.dumps(packages, sort_keys=True, default=repr)
+
+
+class VersionIndex(SchedulerPlugin):
+    """Workers per distinct version set, kept up to date on every add and remove."""
+
+    name = "dask-mpi-launch-version-index"
+
+    def __init__(self):
+        self.groups: dict[str, list] = {}  # key -> [number of workers, their versions]
+        self.key_of: dict[str, str] = {}  # worker address -> key
+
+    def add_worker(self, scheduler, worker: str) -> None:
+        ws = scheduler.workers.get(worker)
+        if ws is None or worker in self.key_of:
+            return
+        key = version_key(ws.versions)
+        self.key_of[worker] = key
+        group = self.groups.setdefault(key, [0, ws.versions])
+        group[0] += 1
+
+    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+        key = self.key_of.pop(worker, None)
+        if key is None:
+            return
+        group = self.groups[key]
+        group[0] -= 1
+        if group[0] <= 0:
+            del self.groups[key]
+
+    def distinct(self) -> dict:
+        """One entry per distinct version set: what ``error_message`` needs of the workers."""
+        return {f"<{i} of {len(self.groups)} version sets>": versions
+                for i, (_, versions) in enumerate(self.groups.values())}
+
+
+def _patched_add_worker():
+    """Upstream's ``add_worker`` with the O(workers) expression replaced, or None."""
+    try:
+        lines, first = inspect.getsourcelines(_upstream.Scheduler.add_worker)
+    except (OSError, TypeError):
+        return None
+    # upstream's line numbers in tracebacks
+    source = "\n" * (first - 1) + textwrap.dedent("".join(lines))
+    if source.count(UPSTREAM_EXPRESSION) != 1:
+        return None
+    namespace: dict = {}
+    filename = inspect.unwrap(_upstream.Scheduler.add_worker).__code__.co_filename
+    code = compile(source.replace(UPSTREAM_EXPRESSION, REPLACEMENT), filename, "exec")
+    exec(code, vars(_upstream), namespace)  # upstream's globals: its names resolve as before
+    function = namespace.get("add_worker")
+    if function is None:
+        return None
+    function.__qualname__ = "Scheduler.add_worker"
+    function.__doc__ = _upstream.Scheduler.add_worker.__doc__
+    return function
+
+
+_ADD_WORKER = _patched_add_worker()
+PATCHED = _ADD_WORKER is not None
+if not PATCHED:
+    logger.debug("distributed %s: Scheduler.add_worker changed upstream; registering "
+                 "workers with its own version check", distributed.__version__)
+
+
+class Scheduler(_upstream.Scheduler):
+    """``distributed.Scheduler`` whose version check on registration costs O(distinct
+    version sets) instead of O(workers); everything else is upstream's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._version_index = VersionIndex()
+        self.add_plugin(self._version_index)
+
+    def _distinct_worker_versions(self) -> dict:
+        index = self._version_index
+        if len(index.key_of) != len(self.workers):  # never expected: then be exact
+            return {w: ws.versions for w, ws in self.workers.items()}
+        return index.distinct()
+
+    if PATCHED:
+        add_worker = _ADD_WORKER

@@ -1,0 +1,126 @@
+"""Our scheduler's O(1) version check (dask_mpi_launch/scheduler_ext.py): the same warnings
+as upstream's, a real version mismatch still reported. In-process, no MPI."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import logging
+import random
+import re
+
+import distributed
+import pytest
+from distributed.versions import error_message, get_versions
+
+from dask_mpi_launch import scheduler_ext
+
+
+def test_the_change_applies_to_the_installed_distributed():
+    # if this fails, upstream's add_worker changed: look whether it still compares every
+    # worker (then adapt UPSTREAM_EXPRESSION) or was fixed upstream (then drop the module)
+    assert scheduler_ext.PATCHED, distributed.__version__
+    assert scheduler_ext.Scheduler.add_worker is not distributed.Scheduler.add_worker
+    assert issubclass(scheduler_ext.Scheduler, distributed.Scheduler)
+    patched = inspect.unwrap(scheduler_ext.Scheduler.add_worker).__code__
+    assert "_distinct_worker_versions" in patched.co_names
+    assert "_distinct_worker_versions" not in \
+        inspect.unwrap(distributed.Scheduler.add_worker).__code__.co_names
+
+
+class _WS:
+    def __init__(self, versions):
+        self.versions = versions
+
+
+class _Sched:
+    def __init__(self):
+        self.workers = {}
+
+
+def _variant(base, **packages):
+    v = copy.deepcopy(base)
+    v["packages"].update(packages)
+    return v
+
+
+def test_distinct_sets_give_upstreams_message_after_adds_and_removes():
+    base = get_versions()
+    choices = [base, copy.deepcopy(base), _variant(base, dask="0.0.1"),
+               _variant(base, numpy=None), None]
+    rnd = random.Random(1)
+    sched, index = _Sched(), scheduler_ext.VersionIndex()
+    for step in range(300):
+        if sched.workers and rnd.random() < 0.4:
+            address = rnd.choice(sorted(sched.workers))
+            del sched.workers[address]
+            index.remove_worker(sched, address)
+        else:
+            address = f"tls://10.0.0.{step}:1"
+            sched.workers[address] = _WS(copy.deepcopy(rnd.choice(choices)))
+            index.add_worker(sched, address)
+        everyone = {w: ws.versions for w, ws in sched.workers.items()}
+        source = rnd.choice(choices)
+        ours = error_message(base, index.distinct(), source)
+        upstream = error_message(base, everyone, source)
+        # the same table, but for the order within a set of versions (hash order)
+        assert bool(ours["warning"]) == bool(upstream["warning"])
+        assert _words(ours["warning"]) == _words(upstream["warning"])
+        assert ours["error"] == upstream["error"]
+        assert len(index.distinct()) <= len(choices) - 1  # None and {} are one set
+
+
+async def _registrations(scheduler_class) -> list[str]:
+    """The version warning each of five workers receives when it registers: two alike,
+    one with another dask version, one alike while that one is connected, one after it
+    left."""
+    warnings: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if "Mismatched versions" in record.getMessage():
+                warnings[-1] = record.getMessage()
+
+    handler = Catch()
+    log = logging.getLogger("distributed.worker")
+    log.addHandler(handler)
+    real = distributed.worker.get_versions
+    workers = []
+    try:
+        async with scheduler_class(host="127.0.0.1", port=0, dashboard=False) as s:
+            for i, odd in enumerate([False, False, True, False, None]):
+                if odd is None:  # the odd one leaves first
+                    await workers.pop(2).close()
+                    while len(s.workers) != len(workers):
+                        await asyncio.sleep(0.01)
+                warnings.append("")
+                if odd:
+                    distributed.worker.get_versions = \
+                        lambda: _variant(real(), dask="0.0.bad")
+                try:
+                    w = await distributed.Worker(s.address, nthreads=1, memory_limit=0,
+                                                 dashboard=False, host="127.0.0.1",
+                                                 name=f"w{i}")
+                finally:
+                    distributed.worker.get_versions = real
+                workers.append(w)
+            for w in workers:
+                await w.close()
+    finally:
+        distributed.worker.get_versions = real
+        log.removeHandler(handler)
+    return warnings
+
+
+@pytest.mark.timeout(120)
+def test_a_real_mismatch_is_reported_as_upstream_reports_it():
+    ours = asyncio.run(_registrations(scheduler_ext.Scheduler))
+    upstream = asyncio.run(_registrations(distributed.Scheduler))
+    assert [bool(w) for w in ours] == [False, False, True, True, False]
+    assert "dask" in ours[2] and "0.0.bad" in ours[2]
+    # the same table, but for the worker's id and the order within a set of versions
+    assert [_words(w) for w in ours] == [_words(w) for w in upstream]
+
+
+def _words(text: str) -> list[str]:
+    return sorted(re.findall(r"[\w.]+", re.sub(r"Worker-[0-9a-f-]+", "Worker-ID", text)))
