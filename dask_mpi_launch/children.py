@@ -133,11 +133,13 @@ class Family:
     """A rank's role processes: start and restart them, collect what they say and how
     they end, stop them in groups with a bound."""
 
-    def __init__(self, launcher: "Launcher", settings, reap_orphans: bool):
+    def __init__(self, launcher: "Launcher", settings, reap_orphans: bool, config=None):
         """``reap_orphans``: this process runs no user code, so every child that ends is
-        ours to reap (orphans of our roles are reparented to us, the subreaper)."""
+        ours to reap (orphans of our roles are reparented to us, the subreaper);
+        ``config``: dask.config changes every role starts with (``scale.py``)."""
         self.launcher = launcher
         self.settings = settings
+        self.config = dict(config or {})
         self.reap_orphans = reap_orphans
         self.members: list[Child] = []
         self.restarts: dict[str, int] = {}  # label -> restarts so far
@@ -149,7 +151,8 @@ class Family:
         return [c for c in self.members if c.role == role]
 
     def start(self, role: str, label: str, spec: dict, **kwargs) -> Child | None:
-        child = self.launcher.start(role, label, {"settings": self.settings, **spec}, **kwargs)
+        spec = {"settings": self.settings, "dask_config": self.config, **spec}
+        child = self.launcher.start(role, label, spec, **kwargs)
         if child is not None:
             self.members.append(child)
         return child
@@ -162,7 +165,7 @@ class Family:
         n = self.restarts[child.label] = self.restarts.get(child.label, 0) + 1
         self.members.remove(child)
         child.signal(signal.SIGKILL)  # whatever it left in its group
-        spec = {k: v for k, v in child.spec.items() if k != "settings"}
+        spec = {k: v for k, v in child.spec.items() if k not in ("settings", "dask_config")}
         self.start(child.role, child.label, spec)
         return n
 

@@ -62,6 +62,10 @@ class InRankLauncher:
 
         s = spec["settings"]
         _quiet(s.log_level)  # as in a worker process: this rank is one now
+        if spec.get("dask_config"):
+            import dask.config
+
+            dask.config.set(spec["dask_config"])
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         handle = mpicomm.start_worker_thread(

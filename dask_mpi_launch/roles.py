@@ -59,6 +59,10 @@ def run_role(role: str, spec: dict, channel: Channel) -> int:
     """Run the role ``spec["run"]`` (scheduler, worker, script, jupyter); its status."""
     from .security import security_from
 
+    if spec.get("dask_config"):  # big jobs (scale.py); a user's own config was left alone
+        import dask.config
+
+        dask.config.set(spec["dask_config"])
     s, run = spec["settings"], spec["run"]
     security = security_from(spec.get("credentials"))
     if run == "scheduler":

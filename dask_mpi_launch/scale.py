@@ -89,12 +89,14 @@ def scale_defaults(n_workers: int, current_config: Mapping, defaults: Mapping | 
     changes = {}
     for key, value in wanted.items():
         current = _get(current_config, key)
+        if current is None:
+            continue  # a key this version does not have: nothing to scale
         if _canonical(key) in explicit or current != _get(defaults, key):
             continue  # the user's: theirs wins
         if key == BACKLOG:
-            if current is None or value > int(current):
+            if value > int(current):
                 changes[key] = value
-        elif current is None or value > _seconds(current):
+        elif value > _seconds(current):
             changes[key] = f"{_ceil(value)}s"
     return changes
 
@@ -132,10 +134,28 @@ def settings_overrides(changes: Mapping) -> dict:
 
 
 def packaged_defaults() -> dict:
-    """Dask's, distributed's and our packaged defaults, merged (no user settings)."""
+    """Dask's, distributed's and our packaged defaults, merged (no user settings).
+    distributed's are read from its YAML file where it is not imported (the rank)."""
     import dask.config
 
-    return dask.config.merge(*dask.config.defaults)
+    return dask.config.merge(_distributed_defaults(), *dask.config.defaults)
+
+
+def _distributed_defaults() -> dict:
+    import importlib.util
+    import os
+
+    import yaml
+
+    spec = importlib.util.find_spec("distributed")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = os.path.join(spec.submodule_search_locations[0], "distributed.yaml")
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except OSError:
+        return {}
 
 
 def user_keys() -> set[str]:
@@ -147,11 +167,19 @@ def user_keys() -> set[str]:
 
 
 def for_job(n_workers: int, explicit: Iterable[str] = ()) -> dict:
-    """:func:`scale_defaults` for this process's dask config and the user's own keys."""
+    """:func:`scale_defaults` for this process's dask config and the user's own keys
+    (which take a look at the user's files: only for a job big enough to change anything)."""
+    if 5 * queue_seconds(n_workers) <= 30 and n_workers <= 2048:
+        return {}  # below any change with the shipped defaults: no file read at start-up
     import dask.config
 
-    return scale_defaults(n_workers, dask.config.config, packaged_defaults(),
-                          set(explicit) | user_keys())
+    from . import config  # noqa: F401 - our defaults
+
+    defaults = packaged_defaults()
+    if not scale_defaults(n_workers, defaults, defaults):
+        return {}
+    current = dask.config.merge(_distributed_defaults(), dask.config.config)
+    return scale_defaults(n_workers, current, defaults, set(explicit) | user_keys())
 
 
 # ---------------------------------------------------------------------------

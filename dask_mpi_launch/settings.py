@@ -54,6 +54,7 @@ class Settings:
     bootstrap: str = "mpi"  # mpi | slurm (no MPI: Slurm's variables + files) | auto
     bootstrap_dir: str = "."  # where --bootstrap slurm exchanges its files (shared FS)
     share_imports: bool = True  # one zygote per node (the CLI), not one per rank
+    explicit: frozenset = frozenset()  # config keys given as options (they win over tuning)
 
     @property
     def door_protocol(self) -> str | None:
@@ -125,6 +126,8 @@ def resolve(**options) -> Settings:
             value = config.get(_CONFIG_KEYS[name], value)
         if value is not None:
             values[name] = value
+    values["explicit"] = frozenset(f"mpi-launch.{key}" for name, key in _CONFIG_KEYS.items()
+                                   if options.get(name) is not None)
     values["tls"], protocol = _tls(options.get("tls"), values.get("protocol"))
     if protocol:
         values["protocol"] = protocol

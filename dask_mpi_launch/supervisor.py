@@ -25,8 +25,9 @@ import select
 import signal
 import socket
 import time
+from dataclasses import replace
 
-from . import starting
+from . import scale, starting
 from .children import Child, Family, StdinRelay, read_stdin
 from .control import ControlPlane
 from .errors import LaunchError
@@ -72,6 +73,10 @@ class Supervisor:
         ``launcher``: starts role processes (the zygote, or a fork of this process);
         ``client_in_process``: initialize(exit=False): the client is the calling script,
         in this very process (its children are then the only ones we wait for)."""
+        self.layout = settings.layout_for(control.size)
+        n_workers = len(self.layout.worker_ranks) * settings.worker_processes
+        self.tuning = scale.for_job(n_workers, settings.explicit)  # big jobs: see scale.py
+        settings = replace(settings, **scale.settings_overrides(self.tuning))
         self.settings = settings
         self.control = control
         self.launcher = launcher
@@ -79,14 +84,14 @@ class Supervisor:
         self.client_in_process = client_in_process
         self.rank, self.size = control.rank, control.size
         self.host = socket.gethostname()
-        self.layout = settings.layout_for(self.size)
         self.roles = self.layout.roles(self.rank)
         self.scheduler_rank = getattr(self.layout, "scheduler_rank", 0)
         self.phase = Phase.CHECKING
         self.outcome = Outcome()
         self.error: LaunchError | None = None  # the first failure, for initialize(exit=False)
         self.signalled: int | None = None
-        self.children = Family(launcher, settings, reap_orphans=not client_in_process)
+        self.children = Family(launcher, settings, reap_orphans=not client_in_process,
+                               config=self.tuning)
         self.cluster: dict = {}  # what rank 0 announced: address, credentials, ...
         self.credentials: dict | None = None
         self.stdin_relay: StdinRelay | None = None
@@ -560,6 +565,8 @@ class _Coordinator:
                 "ranks": self.hosts, "scheduler_file": s.scheduler_file if s.scheduler else None,
                 "login_host": s.login_host,
             }), flush=True)
+            if sup.tuning:  # the defaults changed for a big job, and how to choose
+                print(f"  tuning     {scale.describe(sup.tuning)}", flush=True)
 
     def _write_scheduler_file(self) -> None:
         import json

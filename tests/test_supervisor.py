@@ -161,3 +161,17 @@ def test_no_address_is_a_bounded_error(settings, capfd):
     statuses, _, _ = run_job(3, settings(wait_timeout=0.3), {(0, "scheduler"): silent})
     assert statuses == [1, 1, 1]
     assert "no scheduler address from the scheduler within 0.3 s" in capfd.readouterr().err
+
+
+def test_big_job_tuning_reaches_every_role_and_the_banner(settings, capfd, monkeypatch):
+    from dask_mpi_launch import scale
+
+    changes = {"distributed.comm.socket-backlog": 5000, "mpi-launch.connect-timeout": "50s"}
+    monkeypatch.setattr(scale, "for_job", lambda n, explicit=(): dict(changes))
+    statuses, launchers, _ = run_job(3, settings(quiet=False), {(1, "script"): script_exits(0)})
+    assert statuses == [0, 0, 0]
+    specs = [c.spec for launcher in launchers for c in launcher.started]
+    assert specs and all(spec["dask_config"] == changes for spec in specs)
+    assert all(spec["settings"].connect_timeout == 50.0 for spec in specs)
+    assert "tuning     scaled for a big job: distributed.comm.socket-backlog 5000" in \
+        capfd.readouterr().out
