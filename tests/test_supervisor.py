@@ -168,7 +168,13 @@ def test_big_job_tuning_reaches_every_role_and_the_banner(settings, capfd, monke
 
     changes = {"distributed.comm.socket-backlog": 5000, "mpi-launch.connect-timeout": "50s"}
     monkeypatch.setattr(scale, "for_job", lambda n, explicit=(): dict(changes))
-    statuses, launchers, _ = run_job(3, settings(quiet=False), {(1, "script"): script_exits(0)})
+
+    def script(child):
+        import time
+        time.sleep(0.5)  # after the banner
+        child.exit(0)
+
+    statuses, launchers, _ = run_job(3, settings(quiet=False), {(1, "script"): script})
     assert statuses == [0, 0, 0]
     specs = [c.spec for launcher in launchers for c in launcher.started]
     assert specs and all(spec["dask_config"] == changes for spec in specs)
