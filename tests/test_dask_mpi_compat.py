@@ -1,0 +1,93 @@
+"""dask-mpi 2026.3.0's own test suite, run against dask-mpi-launch through a shim.
+
+The shim (tests/dask_mpi_shim) is what a migrating user does: a package ``dask_mpi`` that
+re-exports ours (the one-line import change) and a ``dask-mpi`` command that runs ours with
+``--no-tls`` (dask-mpi's tests connect a plain ``Client(scheduler_file=...)``) and
+dask-mpi's worker-name prefix. dask-mpi's tests come from its published wheel (pip
+download), unchanged; they run under MPICH with the shim first on PYTHONPATH and PATH, so
+a dask-mpi installed in the venv never shadows it. The environment only keeps ranks on
+loopback and the dashboards of initialize()/execute() off the fixed port 8787
+(dask-mpi's own CLI tests still use their fixed ports 56723 and 59583).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import unavailable
+from launch import ROOT, run, wait_no_leftovers
+
+pytestmark = pytest.mark.mpi
+
+VERSION = "2026.3.0"
+SHIM = Path(__file__).resolve().parent / "dask_mpi_shim"
+# file -> passed, skipped (dask_cuda's worker class is not installed)
+EXPECTED = {
+    "test_initialize.py": (3, 0),
+    "test_execute.py": (9, 0),
+    "test_cli.py": (12, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def suite(mpich, tmp_path_factory) -> Path:
+    """dask-mpi's tests (and their helper scripts) from its wheel, in a fresh directory."""
+    where = tmp_path_factory.mktemp("dask-mpi-suite")
+    out = run([mpich.python, "-m", "pip", "download", "--quiet", "--no-deps",
+               "--only-binary", ":all:", f"dask-mpi=={VERSION}", "-d", where], timeout=120)
+    wheels = list(where.glob(f"dask_mpi-{VERSION}-*.whl"))
+    if out.status != 0 or not wheels:
+        unavailable(f"cannot download dask-mpi {VERSION} from PyPI: {out.err.strip()[-300:]}")
+    tests = where / "tests"
+    tests.mkdir()
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        for name in wheel.namelist():
+            if name.startswith("dask_mpi/tests/") and name.endswith(".py"):
+                (tests / Path(name).name).write_bytes(wheel.read(name))
+    (tests / "__init__.py").unlink()  # plain rootdir modules: no package named dask_mpi
+    shutil.copy(SHIM / "bin" / "dask-mpi", where / "dask-mpi")  # bin dir for PATH only
+    return tests
+
+
+def shim_env(mpich) -> dict:
+    env = mpich.env({
+        "PYTHONPATH": os.pathsep.join([str(SHIM), str(ROOT)]),
+        "PATH": os.pathsep.join([str(SHIM / "bin"), str(mpich.bin), os.environ["PATH"]]),
+        "DASK_MPI_LAUNCH__INTERFACE": "lo",
+        "DASK_MPI_LAUNCH__DASHBOARD_ADDRESS": "127.0.0.1:0",
+        "DASK_MPI_LAUNCH__WAIT_TIMEOUT": "60s",
+    })
+    for key in ("DASK_MPI_LAUNCH__DASHBOARD", "CI"):  # dask-mpi's test_dashboard needs it
+        env.pop(key, None)
+    return env
+
+
+def test_the_shim_is_what_dask_mpi_names(mpich):
+    code = ("import dask_mpi, dask_mpi_launch, shutil; "
+            "print(dask_mpi.__file__); print(dask_mpi.execute is dask_mpi_launch.execute); "
+            "print(shutil.which('dask-mpi'))")
+    out = run([mpich.python, "-c", code], timeout=60, env=shim_env(mpich))
+    assert out.status == 0, out
+    module, same, command = out.out.split()
+    assert module == str(SHIM / "dask_mpi" / "__init__.py") and same == "True", out
+    assert command == str(SHIM / "bin" / "dask-mpi"), out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_dask_mpi_suite(mpich, suite, name):
+    passed, skipped = EXPECTED[name]
+    out = run([mpich.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs",
+               "-o", "timeout=120", "-o", "timeout_method=thread", name],
+              timeout=600, env=shim_env(mpich), cwd=suite)
+    summary = out.out.strip().splitlines()[-1] if out.out.strip() else ""
+    assert out.status == 0, out
+    assert re.search(rf"\b{passed} passed\b", summary), out
+    assert (f"{skipped} skipped" in summary) == bool(skipped), out
+    assert not re.search(r"\d+ (failed|error)", summary), out
+    for marker in (str(suite), "--no-tls --name dask_mpi"):  # scripts, shim commands
+        assert not wait_no_leftovers(marker, timeout=20), "left running"
