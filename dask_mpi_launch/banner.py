@@ -48,9 +48,23 @@ def tunnel_command(url: str, login_host: str | None) -> str:
             f"then open http://localhost:{port}{parts.path}{query}")
 
 
-def jupyter_lines(url: str, login_host: str | None) -> str:
-    return (f"dask-mpi-launch: JupyterLab at {url}\n"
-            f"  tunnel     {tunnel_command(url, login_host)}")
+def jupyter_lines(url, login_host: str | None) -> str:
+    """JupyterLab's URL, the dashboard through Lab's port, and the one tunnel for both.
+
+    ``url``: Lab's URL, or ``{"lab": URL, "dashboard": proxied dashboard URL or None}``."""
+    if isinstance(url, str):
+        url = {"lab": url}
+    lab, dashboard = url["lab"], url.get("dashboard")
+    lines = [f"dask-mpi-launch: JupyterLab at {lab}"]
+    if dashboard:
+        lines.append(f"  dashboard  {dashboard}  (through JupyterLab's port)")
+    lines.append(f"  tunnel     {tunnel_command(lab, login_host)}")
+    if dashboard:
+        parts = urlsplit(dashboard)
+        query = f"?{parts.query}" if parts.query else ""
+        lines.append(f"             and the dashboard at http://localhost:{parts.port or 80}"
+                     f"{parts.path}{query}")
+    return "\n".join(lines)
 
 
 def rank_summary(ranks: dict) -> list[str]:
