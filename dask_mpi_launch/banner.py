@@ -27,12 +27,20 @@ def render(facts: dict) -> str:
         elif facts.get("dashboard_wanted"):
             lines.append("  dashboard  none (pip install bokeh)")
         if facts.get("scheduler_file"):
-            lines.append(f"  file       {facts['scheduler_file']}  "
-                         "(from Python: dask_mpi_launch.connect(path))")
+            lines.append(f"  file       {facts['scheduler_file']}")
+            lines.append("  connect    " + connect_line(facts["scheduler_file"],
+                                                     str(facts["address"]).startswith("tls://")))
     ranks = facts.get("ranks") or {}
     if ranks:
         lines.append("  ranks      " + "; ".join(rank_summary(ranks)))
     return "\n".join(lines)
+
+
+def connect_line(path: str, tls: bool) -> str:
+    """The Python line that connects to the cluster of a scheduler file. With TLS, a plain
+    ``Client(scheduler_file=...)`` (dask-mpi's habit) fails: say so where it is read."""
+    line = f"from dask_mpi_launch import connect; client = connect({path!r})"
+    return line + ("   (TLS: not Client(scheduler_file=...))" if tls else "")
 
 
 def tunnel_command(url: str, login_host: str | None) -> str:

@@ -133,8 +133,13 @@ def test_render_without_dashboard():
 
 
 def test_render_scheduler_file():
-    text = render(facts(scheduler_file="/home/u/s.json", mode="cluster"))
-    assert "  file       /home/u/s.json  (from Python: dask_mpi_launch.connect(path))" in text
+    lines = render(facts(scheduler_file="/home/u/s.json", mode="cluster")).splitlines()
+    assert "  file       /home/u/s.json" in lines
+    # a dask-mpi user's Client(scheduler_file=...) lacks the TLS credentials: the line to use
+    assert ("  connect    from dask_mpi_launch import connect; "
+            "client = connect('/home/u/s.json')   (TLS: not Client(scheduler_file=...))") in lines
+    plain = render(facts(scheduler_file="/s.json", address="tcp://10.0.0.1:8786"))
+    assert plain.splitlines()[-2].endswith("client = connect('/s.json')")
 
 
 def test_render_join_mode():

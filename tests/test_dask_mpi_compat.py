@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from conftest import unavailable
-from launch import ROOT, run, wait_no_leftovers
+from launch import ROOT, finish, kill_group, run, wait_no_leftovers
+from test_launch import _wait_for_file
 
 pytestmark = pytest.mark.mpi
 
@@ -91,3 +93,61 @@ def test_dask_mpi_suite(mpich, suite, name):
     assert not re.search(r"\d+ (failed|error)", summary), out
     for marker in (str(suite), "--no-tls --name dask_mpi"):  # scripts, shim commands
         assert not wait_no_leftovers(marker, timeout=20), "left running"
+
+
+# A dask-mpi user's notebook cell, against a cluster started with `--scheduler-file`.
+NOTEBOOK = """
+import sys
+from distributed import Client
+{connect}
+print("RESULT", client.submit(lambda x: x + 1, 41).result(timeout=30), flush=True)
+client.shutdown()
+"""
+
+
+def test_a_dask_mpi_notebook_needs_only_the_line_the_banner_prints(mpich, tmp_path):
+    """``Client(scheduler_file=...)`` fails fast against the default TLS cluster (with
+    distributed's own message); the banner's ``connect`` line, pasted in its place, is the
+    only change the notebook needs."""
+    sched = tmp_path / "scheduler.json"
+    job = mpich.start([mpich.mpiexec, "-n", "3", mpich.bin / "dask-mpi-launch",
+                       "--scheduler-file", sched, "--no-dashboard"])
+    try:
+        assert _wait_for_file(sched, job), finish(job, 5)
+        old = NOTEBOOK.format(connect=f"client = Client(scheduler_file={str(sched)!r}, "
+                                      "timeout=10)")
+        before = run([mpich.python, "-c", old], timeout=60, env=mpich.env())
+        assert before.status == 1 and "TLS expects a `ssl_context` argument" in before.err, \
+            before
+        deadline = time.monotonic() + 30
+        while "  connect    " not in "".join(_lines_so_far(job)):
+            assert time.monotonic() < deadline, "no connect line in the banner"
+            time.sleep(0.1)
+        line = next(x for x in _lines_so_far(job) if x.startswith("  connect    "))
+        code = line.split("  connect    ", 1)[1].split("   (TLS", 1)[0]
+        assert code == f"from dask_mpi_launch import connect; client = connect({str(sched)!r})"
+        after = run([mpich.python, "-c", NOTEBOOK.format(connect=code)], timeout=60,
+                    env=mpich.env())
+        assert after.status == 0 and "RESULT 42" in after.out, after
+        assert finish(job, 60).status == 0  # client.shutdown() ended the job
+    finally:
+        if job.poll() is None:
+            kill_group(job)
+            job.wait(10)
+
+
+_SEEN: dict = {}
+
+
+def _lines_so_far(proc) -> list[str]:
+    """stdout lines of a running job, read without blocking."""
+    import os
+    import select
+
+    seen = _SEEN.setdefault(proc.pid, [])
+    while select.select([proc.stdout], [], [], 0)[0]:
+        chunk = os.read(proc.stdout.fileno(), 65536).decode(errors="replace")
+        if not chunk:
+            break
+        seen.append(chunk)
+    return "".join(seen).splitlines()
