@@ -123,6 +123,9 @@ def write_server_config(private: str, ip: str, token: str, dashboard: str | None
         "ServerApp": {
             "ip": ip, "port": 0, "port_retries": 0, "open_browser": False,
             "allow_root": True, "root_dir": os.getcwd(), "log_level": "WARN",
+            "logging_config": {  # merged into traitlets' console handler
+                "filters": {"dml": {"()": f"{__name__}.QuietLog"}},
+                "handlers": {"console": {"filters": ["dml"]}}},
         },
         "IdentityProvider": {"token": token},
         "ServerProxy": {"host_allowlist": allowed},
@@ -133,6 +136,14 @@ def write_server_config(private: str, ip: str, token: str, dashboard: str | None
     }
     return _write_private(os.path.join(private, "jupyter_server_config.json"),
                           json.dumps(config, indent=1))
+
+
+class QuietLog:
+    """JupyterLab's log without warnings meant for extension authors, not for users
+    (dask-labextension's deprecated ``_jupyter_server_extension_paths``)."""
+
+    def filter(self, record) -> bool:
+        return "_jupyter_server_extension_points" not in record.getMessage()
 
 
 _STALE_STATE = "dask-dashboard-launcher"  # dask-labextension: last job's dashboard URL, panes
