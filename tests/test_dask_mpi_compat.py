@@ -87,10 +87,12 @@ def test_dask_mpi_suite(mpich, suite, name):
                "-o", "timeout=120", "-o", "timeout_method=thread", name],
               timeout=600, env=shim_env(mpich), cwd=suite)
     summary = out.out.strip().splitlines()[-1] if out.out.strip() else ""
-    assert out.status == 0, out
-    assert re.search(rf"\b{passed} passed\b", summary), out
-    assert (f"{skipped} skipped" in summary) == bool(skipped), out
-    assert not re.search(r"\d+ (failed|error)", summary), out
+    report = (f"dask-mpi's {name}: status {out.status} after {out.seconds:.0f} s\n"
+              + "\n".join(out.out.splitlines()[-120:]) + "\n--- stderr\n" + out.err[-3000:])
+    assert out.status == 0, report
+    assert re.search(rf"\b{passed} passed\b", summary), report
+    assert (f"{skipped} skipped" in summary) == bool(skipped), report
+    assert not re.search(r"\d+ (failed|error)", summary), report
     for marker in (str(suite), "--no-tls --name dask_mpi"):  # scripts, shim commands
         assert not wait_no_leftovers(marker, timeout=20), "left running"
 
