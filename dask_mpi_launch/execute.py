@@ -112,8 +112,34 @@ def execute(
             _close_clients()
             send_close_signal()
     outcome = _share(comm, outcome, root=client_rank)
+    _finalize_at_exit()
     if outcome[1]:
         raise SystemExit(outcome[0])
+
+
+def _finalize_at_exit() -> None:
+    """MPI_Finalize when the interpreter exits, as mpi4py does by default. When MPI was
+    initialized by this package, mpi4py leaves it to us (forked role processes must never
+    finalize); without it, the launcher (MPICH's Hydra) sees a rank exit unfinalized and
+    kills the others: status 9 instead of the script's. Registered now, after the role
+    processes were forked, so only this process runs it; the caller can still use MPI
+    until it exits."""
+    from . import mpi
+
+    if not mpi.we_finalize() or _state.get("finalize_registered"):
+        return
+    import atexit
+
+    def finalize():
+        MPI = sys.modules.get("mpi4py.MPI")
+        if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+
+    atexit.register(finalize)
+    _state["finalize_registered"] = True
+
+
+_state: dict = {}
 
 
 def _close_clients() -> None:

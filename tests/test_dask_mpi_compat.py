@@ -153,3 +153,46 @@ def _lines_so_far(proc) -> list[str]:
             break
         seen.append(chunk)
     return "".join(seen).splitlines()
+
+
+EXECUTE = """
+import sys
+from distributed import Client
+from dask_mpi_launch import execute
+
+def work(kind):
+    client = Client()  # left open on purpose: execute() closes it
+    assert client.submit(lambda x: x + 1, 41).result() == 42
+    print("computed on the client rank", flush=True)
+    if kind == "raise":
+        raise ValueError("boom from the function")
+    if kind != "return":
+        sys.exit(int(kind))
+
+execute(work, (sys.argv[1],), client_rank=2, scheduler_rank=1)
+from mpi4py import MPI
+print("after execute on rank", MPI.COMM_WORLD.Get_rank(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind, status", [("return", 0), ("raise", 1), ("3", 3)])
+def test_execute_ends_with_the_functions_status_never_a_hang(venv, script, kind, status):
+    """dask-mpi's execute() hangs when the function raises: here the job ends with the
+    status (one traceback, no noise from the cluster closing); on success every rank
+    returns from execute() and goes on."""
+    if venv.impl == "openmpi" and kind != "raise":
+        pytest.skip("one case is enough on Open MPI")
+    out = venv.launch_python(4, script(EXECUTE), kind, timeout=120)
+    assert out.status == status, out
+    assert out.out.count("computed on the client rank") == 1, out
+    if kind == "return":
+        assert sorted(l for l in out.out.splitlines() if l.startswith("after")) == [
+            f"after execute on rank {r}" for r in range(4)], out
+    else:
+        assert "after execute" not in out.out, out
+    if kind == "raise":
+        assert out.err.count("Traceback") == 1 and "ValueError: boom from the function" \
+            in out.err, out
+        assert "execute.py" not in out.err, out  # from the function's frame, as Python does
+    else:
+        assert "Traceback" not in out.err and "ERROR" not in out.err, out
