@@ -20,6 +20,14 @@ def _help(text: str, key: str) -> str:
     return f"{text} [default: {_default(key)}, config mpi-launch.{key}]"
 
 
+def _looks_like_address(text: str) -> bool:
+    """dask-mpi's positional SCHEDULER_ADDRESS (``tcp://host:8786``, ``host:8786``)."""
+    if "://" in text:
+        return True
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and not os.path.exists(text)
+
+
 CONTEXT = {
     "help_option_names": ["-h", "--help"],
     "ignore_unknown_options": False,
@@ -147,14 +155,6 @@ def command(script, args, module, check, **options):
     if check:
         return run(settings, check=True)
     return run(settings)
-
-
-def _looks_like_address(text: str) -> bool:
-    """dask-mpi's positional SCHEDULER_ADDRESS (``tcp://host:8786``, ``host:8786``)."""
-    if "://" in text:
-        return True
-    host, _, port = text.rpartition(":")
-    return bool(host) and port.isdigit() and not os.path.exists(text)
 
 
 def run(settings, check: bool = False) -> int:
