@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -52,7 +51,6 @@ def suite(mpich, tmp_path_factory) -> Path:
             if name.startswith("dask_mpi/tests/") and name.endswith(".py"):
                 (tests / Path(name).name).write_bytes(wheel.read(name))
     (tests / "__init__.py").unlink()  # plain rootdir modules: no package named dask_mpi
-    shutil.copy(SHIM / "bin" / "dask-mpi", where / "dask-mpi")  # bin dir for PATH only
     return tests
 
 
