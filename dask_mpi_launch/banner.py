@@ -27,12 +27,20 @@ def render(facts: dict) -> str:
         elif facts.get("dashboard_wanted"):
             lines.append("  dashboard  none (pip install bokeh)")
         if facts.get("scheduler_file"):
-            lines.append(f"  file       {facts['scheduler_file']}  "
-                         "(from Python: dask_mpi_launch.connect(path))")
+            lines.append(f"  file       {facts['scheduler_file']}")
+            lines.append("  connect    " + connect_line(facts["scheduler_file"],
+                                                     str(facts["address"]).startswith("tls://")))
     ranks = facts.get("ranks") or {}
     if ranks:
         lines.append("  ranks      " + "; ".join(rank_summary(ranks)))
     return "\n".join(lines)
+
+
+def connect_line(path: str, tls: bool) -> str:
+    """The Python line that connects to the cluster of a scheduler file. With TLS, a plain
+    ``Client(scheduler_file=...)`` (dask-mpi's habit) fails: say so where it is read."""
+    line = f"from dask_mpi_launch import connect; client = connect({path!r})"
+    return line + ("   (TLS: not Client(scheduler_file=...))" if tls else "")
 
 
 def tunnel_command(url: str, login_host: str | None) -> str:
@@ -48,9 +56,23 @@ def tunnel_command(url: str, login_host: str | None) -> str:
             f"then open http://localhost:{port}{parts.path}{query}")
 
 
-def jupyter_lines(url: str, login_host: str | None) -> str:
-    return (f"dask-mpi-launch: JupyterLab at {url}\n"
-            f"  tunnel     {tunnel_command(url, login_host)}")
+def jupyter_lines(url, login_host: str | None) -> str:
+    """JupyterLab's URL, the dashboard through Lab's port, and the one tunnel for both.
+
+    ``url``: Lab's URL, or ``{"lab": URL, "dashboard": proxied dashboard URL or None}``."""
+    if isinstance(url, str):
+        url = {"lab": url}
+    lab, dashboard = url["lab"], url.get("dashboard")
+    lines = [f"dask-mpi-launch: JupyterLab at {lab}"]
+    if dashboard:
+        lines.append(f"  dashboard  {dashboard}  (through JupyterLab's port)")
+    lines.append(f"  tunnel     {tunnel_command(lab, login_host)}")
+    if dashboard:
+        parts = urlsplit(dashboard)
+        query = f"?{parts.query}" if parts.query else ""
+        lines.append(f"             and the dashboard at http://localhost:{parts.port or 80}"
+                     f"{parts.path}{query}")
+    return "\n".join(lines)
 
 
 def rank_summary(ranks: dict) -> list[str]:

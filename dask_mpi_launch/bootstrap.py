@@ -42,6 +42,9 @@ def initialize(
     wait_for_workers=None,
     wait_timeout=None,
     log_level=None,
+    scheduler_rank=None,
+    client_rank=None,
+    exclusive_workers=None,
 ):
     """Start the cluster on the ranks of this MPI job; return on the client rank.
 
@@ -75,7 +78,8 @@ def initialize(
             dashboard_address=dashboard_address, protocol=protocol, worker_class=worker_class,
             worker_options=worker_options, layout=layout, scheduler_port=scheduler_port,
             name=name, scheduler_file=scheduler_file, wait_for_workers=wait_for_workers,
-            wait_timeout=wait_timeout, log_level=log_level,
+            wait_timeout=wait_timeout, log_level=log_level, scheduler_rank=scheduler_rank,
+            client_rank=client_rank, exclusive_workers=exclusive_workers,
         )
         if mpi.initialized():
             launcher = ForkLauncher(run_role)

@@ -20,6 +20,14 @@ def _help(text: str, key: str) -> str:
     return f"{text} [default: {_default(key)}, config mpi-launch.{key}]"
 
 
+def _looks_like_address(text: str) -> bool:
+    """dask-mpi's positional SCHEDULER_ADDRESS (``tcp://host:8786``, ``host:8786``)."""
+    if "://" in text:
+        return True
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and not os.path.exists(text)
+
+
 CONTEXT = {
     "help_option_names": ["-h", "--help"],
     "ignore_unknown_options": False,
@@ -36,6 +44,14 @@ CONTEXT = {
 @click.option("--layout", type=click.Choice(LAYOUTS), default=None,
               help=_help("Which rank plays which role: dedicated (0 scheduler, 1 script, rest "
                          "workers), compact (0 scheduler+script), full (0 also a worker).", "layout"))
+@click.option("--scheduler-rank", default=None, metavar="RANK",
+              help="Rank of the scheduler [default: 0]; the client runs on rank 1 (rank 0 "
+                   "when the scheduler is on 1) in the dedicated layout, on the scheduler's "
+                   "rank in the others.")
+@click.option("--exclusive-workers/--inclusive-workers", default=None,
+              help="dask-mpi's spelling of the layouts: --inclusive-workers also runs a "
+                   "worker on the scheduler's and the script's ranks (--layout full); "
+                   "--exclusive-workers does not (dedicated or compact).")
 @click.option("--interface", default=None, metavar="NAME",
               help=_help("Network interface of scheduler and workers, e.g. ib0 or lo.", "interface"))
 @click.option("--protocol", default=None, metavar="NAME",
@@ -60,6 +76,9 @@ CONTEXT = {
               help=_help("Directory for the workers' spill files.", "local-directory"))
 @click.option("--worker-class", default=None, metavar="CLASS",
               help=_help("Worker class to start, e.g. distributed.Nanny.", "worker-class"))
+@click.option("--nanny/--no-nanny", default=None,
+              help="dask-mpi's spelling of the worker class: --nanny is --worker-class "
+                   "distributed.Nanny, --no-nanny distributed.Worker.")
 @click.option("--worker-options", default=None, metavar="JSON",
               help=_help("Extra keyword arguments for the worker class, as a JSON object.",
                          "worker-options"))
@@ -132,6 +151,10 @@ def command(script, args, module, check, **options):
     if module and script:
         args = (script, *args)
         script = None
+    if script and options.get("scheduler") is False and _looks_like_address(script):
+        raise click.UsageError(
+            f"dask-mpi-launch joins a cluster through its scheduler file, not an address "
+            f"({script}): give --scheduler-file PATH with --no-scheduler")
     from .settings import resolve
 
     settings = resolve(script=script, module=module, args=args, **options)

@@ -9,7 +9,9 @@ Secrets stay out of command lines and environments: the token is in a JSON confi
 the job's TLS credentials in PEM files, all 0600 in a private 0700 directory removed at the
 end. Kernels get only paths: ``DASK_SCHEDULER_ADDRESS`` and ``DASK_CONFIG`` (a directory
 with a dask YAML pointing at the credential files), so ``Client()`` in a notebook needs no
-arguments. With jupyter-server-proxy the dashboard is at ``/proxy/<port>/status``.
+arguments. With jupyter-server-proxy the dashboard is at ``/proxy/<port>/status`` (the
+banner prints that URL), and dask-labextension's panes are pointed there through a
+``labconfig`` directory of settings overrides on JUPYTER_CONFIG_PATH.
 """
 from __future__ import annotations
 
@@ -55,8 +57,12 @@ def run_jupyter(settings, channel, address, credentials, scheduler_info) -> int:
             print("dask-mpi-launch: warning: jupyter-server-proxy is not installed: the "
                   "dashboard is not proxied through JupyterLab", file=sys.stderr, flush=True)
         config_file = write_server_config(private, ip, token, dashboard if proxy else None)
-        env = kernel_environment(private, address, credentials,
-                                 dashboard_path(dashboard) if dashboard and proxy else None)
+        link = dashboard_path(dashboard) if dashboard and proxy else None
+        env = kernel_environment(private, address, credentials, link)
+        if link:
+            env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
+                p for p in (write_lab_overrides(private, link),
+                            os.environ.get("JUPYTER_CONFIG_PATH")) if p)
         proc = subprocess.Popen(
             [sys.executable, "-m", "jupyterlab", f"--config={config_file}"],
             env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
@@ -68,7 +74,11 @@ def run_jupyter(settings, channel, address, credentials, scheduler_info) -> int:
             channel.error(f"JupyterLab {_ended(proc)} before it answered on {ip} "
                           "(see its messages above)")
             return 1
-        channel.send("jupyter", url=f"http://{_url_host(ip)}:{port}/lab?token={token}")
+        lab = f"http://{_url_host(ip)}:{port}"
+        channel.send("jupyter", url={
+            "lab": f"{lab}/lab?token={token}",
+            "dashboard": f"{lab}{link}?token={token}" if link else None,
+        })
         while proc.poll() is None and not stop:
             time.sleep(0.1)
         if stop:
@@ -113,15 +123,75 @@ def write_server_config(private: str, ip: str, token: str, dashboard: str | None
         "ServerApp": {
             "ip": ip, "port": 0, "port_retries": 0, "open_browser": False,
             "allow_root": True, "root_dir": os.getcwd(), "log_level": "WARN",
+            "logging_config": {  # merged into traitlets' console handler
+                "filters": {"dml": {"()": f"{__name__}.QuietLog"}},
+                "handlers": {"console": {"filters": ["dml"]}}},
         },
         "IdentityProvider": {"token": token},
         "ServerProxy": {"host_allowlist": allowed},
         # compute nodes often have no internet access: no update checks, no news
         "LabApp": {"check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
-                   "news_url": None, "log_level": "WARN"},
+                   "news_url": None, "log_level": "WARN",
+                   "workspaces_dir": job_workspaces(private)},
     }
     return _write_private(os.path.join(private, "jupyter_server_config.json"),
                           json.dumps(config, indent=1))
+
+
+class QuietLog:
+    """JupyterLab's log without warnings meant for extension authors, not for users
+    (dask-labextension's deprecated ``_jupyter_server_extension_paths``)."""
+
+    def filter(self, record) -> bool:
+        return "_jupyter_server_extension_points" not in record.getMessage()
+
+
+_STALE_STATE = "dask-dashboard-launcher"  # dask-labextension: last job's dashboard URL, panes
+
+
+def job_workspaces(private: str) -> str:
+    """This job's copy of the user's JupyterLab workspaces, without dask-labextension's
+    saved state: it names the previous job's dashboard (a dead port), and would win over
+    this job's. The user's own files are read, never changed."""
+    target = os.path.join(private, "workspaces")
+    os.makedirs(target, 0o700, exist_ok=True)
+    try:
+        from jupyter_core.paths import jupyter_config_dir
+
+        source = os.path.join(jupyter_config_dir(), "lab", "workspaces")
+        names = [n for n in os.listdir(source) if n.endswith(".jupyterlab-workspace")]
+    except (ImportError, OSError):
+        return target
+    for name in names:
+        try:
+            with open(os.path.join(source, name)) as f:
+                workspace = json.load(f)
+            data = workspace.get("data", {})
+            for key in [k for k in data if k.split(":", 1)[0] == _STALE_STATE]:
+                del data[key]
+            _write_private(os.path.join(target, name), json.dumps(workspace))
+        except (OSError, ValueError, AttributeError):
+            continue  # a workspace we cannot read: Lab starts without it
+    return target
+
+
+def write_lab_overrides(private: str, dashboard_link: str) -> str:
+    """A Jupyter config directory whose ``labconfig`` points dask-labextension's panes at
+    this cluster's dashboard through the proxy (relative to Lab's base URL, so it works
+    through any tunnel), with nothing typed; the cluster manager (which would start a
+    LocalCluster beside this cluster) is hidden. Returns the directory, for
+    JUPYTER_CONFIG_PATH: the user's own settings still apply."""
+    labconfig = os.path.join(private, "config", "labconfig")
+    os.makedirs(labconfig, 0o700)
+    overrides = {
+        "dask-labextension:plugin": {"defaultURL": dashboard_link.lstrip("/"),
+                                     "hideClusterManager": True},
+        # compute nodes often have no internet access: do not offer to fetch news
+        "@jupyterlab/apputils-extension:notification": {"fetchNews": "false"},
+    }
+    _write_private(os.path.join(labconfig, "default_setting_overrides.json"),
+                   json.dumps(overrides, indent=1))
+    return os.path.dirname(labconfig)
 
 
 def kernel_environment(private: str, address: str, credentials: dict | None,

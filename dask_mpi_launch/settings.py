@@ -14,7 +14,7 @@ from typing import Any
 
 from . import config
 from .errors import UsageError
-from .layout import LAYOUTS, Layout
+from .layout import LAYOUTS, Layout, layout_name
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class Settings:
     args: tuple[str, ...] = ()
     in_process: bool = False  # True for initialize(): the client is the calling script
     layout: str = "dedicated"
+    scheduler_rank: int = 0  # the rank of the scheduler (coordination stays on rank 0)
+    client_rank: int | None = None  # None: the layout's default (see layout.py)
+    exclusive_workers: bool | None = None  # dask-mpi's term: False is --layout full
+    nanny: bool | None = None  # dask-mpi's term: True is distributed.Nanny, False Worker
     interface: str | None = None
     protocol: str | None = None
     tls: bool = True  # per-job credentials, passed between ranks in memory
@@ -70,7 +74,8 @@ class Settings:
                 or self.module is not None)
 
     def layout_for(self, size: int) -> Layout:
-        return Layout(self.layout, size, self.has_client, self.scheduler)
+        return Layout(self.layout, size, self.has_client, self.scheduler,
+                      self.scheduler_rank, self.client_rank)
 
     def worker_name(self, rank: int, index: int = 0, prefix: str | None = None) -> str | int:
         prefix = prefix or self.name
@@ -108,6 +113,14 @@ _CONFIG_KEYS = {
     "share_imports": "share-imports",
 }
 
+# newer keys, read with a default so a site config without them keeps working
+_OPTIONAL_CONFIG_KEYS = {
+    "scheduler_rank": "scheduler-rank",
+    "client_rank": "client-rank",
+    "exclusive_workers": "exclusive-workers",
+    "nanny": "nanny",
+}
+
 
 def resolve(**options) -> Settings:
     """Settings from explicit options (None = use the config), checked for consistency.
@@ -124,6 +137,10 @@ def resolve(**options) -> Settings:
         value = options.get(name)
         if name in _CONFIG_KEYS:
             value = config.get(_CONFIG_KEYS[name], value)
+        elif name in _OPTIONAL_CONFIG_KEYS and value is None:
+            import dask.config
+
+            value = dask.config.get(f"mpi-launch.{_OPTIONAL_CONFIG_KEYS[name]}", None)
         if value is not None:
             values[name] = value
     values["explicit"] = frozenset(f"mpi-launch.{key}" for name, key in _CONFIG_KEYS.items()
@@ -131,10 +148,16 @@ def resolve(**options) -> Settings:
     values["tls"], protocol = _tls(options.get("tls"), values.get("protocol"))
     if protocol:
         values["protocol"] = protocol
+    values["worker_class"] = _worker_class(values.get("nanny"), options.get("worker_class"),
+                                           values.get("worker_class"))
+    values["layout"] = _layout_of(options.get("layout"), values.get("layout", "dedicated"),
+                                  values)
     s = Settings(**values)
     s = replace(
         s,
         layout=_layout(s.layout),
+        scheduler_rank=_count(s.scheduler_rank, "--scheduler-rank"),
+        client_rank=None if s.client_rank is None else _count(s.client_rank, "client_rank"),
         scheduler_port=_port(s.scheduler_port),
         nthreads=_nthreads(s.nthreads),
         memory_limit=parse_memory_limit(s.memory_limit),
@@ -150,6 +173,7 @@ def resolve(**options) -> Settings:
         scheduler_file=os.path.abspath(s.scheduler_file) if s.scheduler_file else None,
         args=tuple(s.args),
     )
+    s.layout_for(1 << 30)  # the ranks fit the layout (raises UsageError with the fix)
     if s.protocol == "mpi":
         if s.worker_processes != 1:
             raise UsageError("--protocol mpi runs one worker in each rank: drop "
@@ -179,6 +203,46 @@ def _tls(explicit, protocol):
     if protocol == "tls" and not tls:
         raise UsageError("--no-tls and --protocol tls contradict each other: choose one")
     return tls, ("tls" if tls else protocol)
+
+
+def _worker_class(nanny, explicit, value):
+    """dask-mpi's --nanny/--no-nanny as a worker class; an explicit --worker-class wins
+    unless the two contradict each other."""
+    if nanny is None:
+        return value
+    wanted = "distributed.Nanny" if nanny else "distributed.Worker"
+    if explicit is None:
+        return wanted
+    named = {"distributed.Nanny": True, "distributed.nanny.Nanny": True,
+             "distributed.Worker": False, "distributed.worker.Worker": False}.get(explicit)
+    if named is not None and named != bool(nanny):
+        flag = "--nanny" if nanny else "--no-nanny"
+        raise UsageError(f"{flag} and --worker-class {explicit} contradict each other: "
+                         "give one of them")
+    return explicit
+
+
+def _layout_of(explicit, value, values):
+    """The layout from --layout and dask-mpi's exclusive_workers / client and scheduler
+    ranks: inclusive workers is ``full``; exclusive workers with the client on the
+    scheduler's rank is ``compact``, on another rank ``dedicated``."""
+    exclusive = values.get("exclusive_workers")
+    if exclusive is not None and not isinstance(exclusive, bool):
+        raise UsageError(f"invalid exclusive_workers {exclusive!r}: give True or False")
+    if explicit is not None:
+        if exclusive is not None and (explicit == "full") == exclusive:
+            flag = "--exclusive-workers" if exclusive else "--inclusive-workers"
+            raise UsageError(f"{flag} and --layout {explicit} contradict each other "
+                             "(--inclusive-workers is --layout full): give one of them")
+        return explicit
+    if exclusive is False:
+        return "full"
+    if value == "full" and exclusive is None:
+        return value
+    client = values.get("client_rank")
+    if client is not None:
+        return layout_name(True, values.get("scheduler_rank", 0), client)
+    return "dedicated" if value == "full" else value
 
 
 def _choice(value, option, choices):

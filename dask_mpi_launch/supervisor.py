@@ -478,6 +478,8 @@ class _Coordinator:
         sup, s = self.sup, self.sup.settings
         if self.ready_deadline is None:
             self.ready_deadline = now + s.wait_timeout
+        if not (self.file_written or s.wait_for_workers) and s.scheduler_file and s.scheduler:
+            self._write_scheduler_file()  # as dask-mpi does: once the scheduler listens
         if self.all_ready_at is None:
             if len(self.ready) == len(sup.layout.worker_ranks):
                 self._all_ready(now)
@@ -548,7 +550,7 @@ class _Coordinator:
                 sup.cluster["all_ready"] = True
             else:
                 sup.control.send(client, "all-ready", len(self.ready))
-        if sup.settings.scheduler_file and sup.settings.scheduler:
+        if sup.settings.scheduler_file and sup.settings.scheduler and not self.file_written:
             self._write_scheduler_file()
 
     def _banner(self) -> None:
@@ -576,10 +578,11 @@ class _Coordinator:
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(sup.cluster.get("identity") or {"address": sup.address}, f, indent=2)
-        if sup.credentials:  # first: a reader seeing the file finds them
+        credentials = sup.cluster.get("credentials")  # (made on the scheduler's rank)
+        if credentials:  # first: a reader seeing the file finds them
             from .security import write_beside
 
-            write_beside(path, sup.credentials)
+            write_beside(path, credentials)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
         self.file_written = True
 

@@ -86,6 +86,21 @@ def test_jupyter_lines():
     assert second.startswith("  tunnel     ssh -N -L 8888:127.0.0.1:8888 login")
 
 
+def test_jupyter_lines_with_the_dashboard_through_lab():
+    lab = "http://10.0.0.5:8888/lab?token=abc"
+    dashboard = "http://10.0.0.5:8888/proxy/8787/status?token=abc"
+    lines = jupyter_lines({"lab": lab, "dashboard": dashboard}, "login").splitlines()
+    assert lines == [
+        f"dask-mpi-launch: JupyterLab at {lab}",
+        f"  dashboard  {dashboard}  (through JupyterLab's port)",
+        "  tunnel     ssh -N -L 8888:10.0.0.5:8888 login   then open "
+        "http://localhost:8888/lab?token=abc",
+        "             and the dashboard at http://localhost:8888/proxy/8787/status?token=abc",
+    ]
+    # no dashboard (--no-dashboard, or no jupyter-server-proxy): Lab's lines only
+    assert len(jupyter_lines({"lab": lab, "dashboard": None}, None).splitlines()) == 2
+
+
 # --------------------------------------------------------------------------- render
 
 def test_render_script_mode():
@@ -118,8 +133,13 @@ def test_render_without_dashboard():
 
 
 def test_render_scheduler_file():
-    text = render(facts(scheduler_file="/home/u/s.json", mode="cluster"))
-    assert "  file       /home/u/s.json  (from Python: dask_mpi_launch.connect(path))" in text
+    lines = render(facts(scheduler_file="/home/u/s.json", mode="cluster")).splitlines()
+    assert "  file       /home/u/s.json" in lines
+    # a dask-mpi user's Client(scheduler_file=...) lacks the TLS credentials: the line to use
+    assert ("  connect    from dask_mpi_launch import connect; "
+            "client = connect('/home/u/s.json')   (TLS: not Client(scheduler_file=...))") in lines
+    plain = render(facts(scheduler_file="/s.json", address="tcp://10.0.0.1:8786"))
+    assert plain.splitlines()[-2].endswith("client = connect('/s.json')")
 
 
 def test_render_join_mode():

@@ -4,6 +4,7 @@ headless Chromium), and a clean end of the job on ``POST /api/shutdown``."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -53,19 +54,20 @@ def lab(mpich, tmp_path_factory):
              "readers": readers}
     try:
         deadline = time.monotonic() + 60
-        url = dashboard = None
+        url = dashboard = proxied = None
         while time.monotonic() < deadline and proc.poll() is None:
             text = "".join(lines)
             url = re.search(r"JupyterLab at (http://\S+)", text)
             dashboard = re.search(r"dashboard +(http://\S+)", text)
-            if url and dashboard:
+            proxied = re.search(r"dashboard +(http://\S+/proxy/\S+) +\(through", text)
+            if url and dashboard and proxied:
                 break
             time.sleep(0.1)
-        assert url and dashboard, (f"no JupyterLab URL after 60 s:\n{''.join(lines)}\n"
-                                   f"{''.join(errors)}")
+        assert url and dashboard and proxied, (
+            f"no JupyterLab URL after 60 s:\n{''.join(lines)}\n{''.join(errors)}")
         state["url"] = url.group(1)
         base, token = re.fullmatch(r"(http://[^/]+)/lab\?token=(\S+)", state["url"]).groups()
-        state.update(base=base, token=token, dashboard_port=int(
+        state.update(base=base, token=token, proxied=proxied.group(1), dashboard_port=int(
             re.search(r":(\d+)/", dashboard.group(1)).group(1)))
         yield state
     finally:
@@ -100,6 +102,17 @@ def test_url_is_loopback_with_token(lab):
     assert len(lab["token"]) >= 32
     text = "".join(lab["lines"])
     assert "tunnel     ssh -N -L" in text
+
+
+def test_banner_prints_the_dashboard_through_labs_port(lab):
+    """The one tunnel (to Lab's port) also reaches the dashboard: the banner says where."""
+    port = lab["dashboard_port"]
+    assert lab["proxied"] == f"{lab['base']}/proxy/{port}/status?token={lab['token']}"
+    lab_port = lab["base"].rsplit(":", 1)[1]
+    assert f"and the dashboard at http://localhost:{lab_port}/proxy/{port}/status" in \
+        "".join(lab["lines"])
+    status, body = _get(lab["proxied"])  # the printed URL itself, no header
+    assert status == 200 and "bokeh" in body.lower(), body[:300]
 
 
 def test_api_needs_the_token(lab):
@@ -147,6 +160,15 @@ client.close()
 
 def test_kernel_client_connects(lab):
     """A real kernel (REST + websocket, as JupyterLab does) runs ``Client()``."""
+    text = _run_in_kernel(lab, KERNEL_CODE)
+    assert "RESULT 42" in text, text
+    assert "ADDRESS tls://" in text, text
+    assert f"LINK /proxy/{lab['dashboard_port']}/status" in text, text
+    assert "LEAK False" in text, text
+
+
+def _run_in_kernel(lab, code: str, timeout: float = 60) -> str:
+    """Run ``code`` in a new kernel of the Lab; its printed output."""
     import websocket  # websocket-client, a jupyter_server dependency
 
     status, body = _get(f"{lab['base']}/api/kernels", lab["token"], "POST", {"name": "python3"})
@@ -161,10 +183,10 @@ def test_kernel_client_connects(lab):
             "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
                        "msg_type": "execute_request", "version": "5.3"},
             "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": KERNEL_CODE, "silent": False, "store_history": False,
+            "content": {"code": code, "silent": False, "store_history": False,
                         "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
         }))
-        out, deadline = [], time.monotonic() + 60
+        out, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = json.loads(ws.recv())
             if message.get("parent_header", {}).get("msg_id") != msg_id:
@@ -178,11 +200,7 @@ def test_kernel_client_connects(lab):
                 break
     finally:
         ws.close()
-    text = "".join(out)
-    assert "RESULT 42" in text, text
-    assert "ADDRESS tls://" in text, text
-    assert f"LINK /proxy/{lab['dashboard_port']}/status" in text, text
-    assert "LEAK False" in text, text
+    return "".join(out)
 
 
 COUNT_CANVASES = """(() => { let n = 0; const walk = (root) => {
@@ -202,16 +220,60 @@ def _chromium() -> str | None:
     return found
 
 
-def test_browser_renders_proxied_dashboard(lab):
-    """Headless Chromium (DevTools protocol) loads the proxied dashboard; Bokeh's plots
-    are canvases in shadow roots: they exist only once its websocket, through the proxy,
-    delivered the document."""
+class _Browser:
+    """Headless Chromium driven over the DevTools protocol (no extra package)."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.ids = iter(range(1, 1 << 30))
+
+    def call(self, method, **params):
+        i = next(self.ids)
+        self.ws.send(json.dumps({"id": i, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("id") == i:
+                return message.get("result", {})
+
+    def eval(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result.get("result", {}).get("value")
+
+    def wait_for(self, expression: str, deadline: float, pause: float = 0.3):
+        """The expression's value once truthy, or its last value at the deadline."""
+        while True:
+            value = self.eval(expression)
+            if value or time.monotonic() > deadline:
+                return value
+            time.sleep(pause)
+
+    def click(self, element_js: str) -> bool:
+        """A real mouse click (press and release) at the centre of the element."""
+        where = self.eval(f"(() => {{ const e = {element_js}; if (!e) return null; "
+                          "const r = e.getBoundingClientRect(); "
+                          "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        if not where:
+            return False
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=where[0], y=where[1],
+                      button="left", clickCount=1)
+        return True
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / name
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot",
+                                                     format="png")["data"]))
+        return path
+
+
+@contextlib.contextmanager
+def _browser(lab, deadline: float):
     import websocket
 
     chromium = _chromium()
     if chromium is None:
         unavailable("no chromium (apt-get install chromium)")
-    url = f"{lab['base']}/proxy/{lab['dashboard_port']}/status?token={lab['token']}"
     profile = tempfile.mkdtemp(dir=lab["tmp"])
     browser = subprocess.Popen(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu",
@@ -219,7 +281,6 @@ def test_browser_renders_proxied_dashboard(lab):
          "--no-first-run", f"--user-data-dir={profile}", "--remote-debugging-port=0",
          "--window-size=1400,1000", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 40
     try:
         port_file = Path(profile, "DevToolsActivePort")
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -229,38 +290,95 @@ def test_browser_renders_proxied_dashboard(lab):
         port = int(port_file.read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
             page = next(t for t in json.load(r) if t["type"] == "page")
-        ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=15,
+        ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30,
                                          suppress_origin=True)
-        ids = iter(range(1, 1 << 30))
-
-        def call(method, **params):
-            i = next(ids)
-            ws.send(json.dumps({"id": i, "method": method, "params": params}))
-            while True:
-                message = json.loads(ws.recv())
-                if message.get("id") == i:
-                    return message.get("result", {})
-
-        call("Page.navigate", url=url)
-        canvases = 0
-        while time.monotonic() < deadline:
-            result = call("Runtime.evaluate", expression=COUNT_CANVASES, returnByValue=True)
-            canvases = result.get("result", {}).get("value") or 0
-            if canvases >= 3:
-                time.sleep(1)  # let the first data arrive, for the screenshot
-                break
-            time.sleep(0.3)
-        ARTIFACTS.mkdir(exist_ok=True)
-        shot = call("Page.captureScreenshot", format="png")["data"]
-        (ARTIFACTS / "jupyter-proxied-dashboard.png").write_bytes(base64.b64decode(shot))
-        title = call("Runtime.evaluate", expression="document.title",
-                     returnByValue=True)["result"].get("value", "")
-        ws.close()
+        try:
+            yield _Browser(ws)
+        finally:
+            ws.close()
     finally:
         kill_group(browser)
         browser.wait(10)
-    assert canvases >= 3, f"Bokeh did not render through the proxy ({canvases} canvases)"
+
+
+def test_browser_renders_proxied_dashboard(lab):
+    """Headless Chromium (DevTools protocol) loads the proxied dashboard; Bokeh's plots
+    are canvases in shadow roots: they exist only once its websocket, through the proxy,
+    delivered the document."""
+    url = f"{lab['base']}/proxy/{lab['dashboard_port']}/status?token={lab['token']}"
+    deadline = time.monotonic() + 40
+    with _browser(lab, deadline) as browser:
+        browser.call("Page.navigate", url=url)
+        canvases = browser.wait_for(f"{COUNT_CANVASES} >= 3 && {COUNT_CANVASES}", deadline)
+        if canvases:
+            time.sleep(1)  # let the first data arrive, for the screenshot
+        browser.screenshot("jupyter-proxied-dashboard.png")
+        title = browser.eval("document.title") or ""
+    assert canvases, "Bokeh did not render through the proxy"
     assert "Dask" in title
+
+
+# Tasks for the task stream to show: the kernel computes while the browser watches.
+TASKS_CODE = """
+import time
+from distributed import Client
+client = Client(timeout=30)
+futures = client.map(lambda x: time.sleep(0.05) or x, range(120), pure=False)
+print("SUM", sum(client.gather(futures)))
+client.close()
+"""
+
+# Bokeh's task-stream source in the pane's iframe: how many task rectangles it holds.
+TASK_RECTANGLES = """(() => {
+  const frame = document.querySelector('iframe[src*="individual-task-stream"]');
+  const bokeh = frame && frame.contentWindow && frame.contentWindow.Bokeh;
+  if (!bokeh || !bokeh.documents || !bokeh.documents.length) return 0;
+  let n = 0;
+  for (const model of bokeh.documents[0].all_models) {
+    const data = model.data;
+    if (data && data.duration && data.key) n = Math.max(n, data.duration.length);
+  }
+  return n; })()"""
+
+
+def test_lab_shows_a_dask_pane_through_the_proxy(lab):
+    """The user's path, nothing typed: open the banner's Lab URL, click the Dask tab,
+    click Task Stream. The pane loads the banner's dashboard through Lab's proxy, and the
+    tasks a notebook kernel runs appear in it."""
+    port = lab["dashboard_port"]
+    deadline = time.monotonic() + 120
+    with _browser(lab, deadline) as browser:
+        browser.call("Page.navigate", url=lab["url"])  # as printed by the banner
+        dask_tab = "document.querySelector('.lm-TabBar-tab[data-id=\"dask-dashboard-launcher\"]')"
+        assert browser.wait_for(dask_tab + " !== null", deadline), "no Dask tab in Lab"
+        assert browser.click(dask_tab)
+        task_stream = ("Array.from(document.querySelectorAll('.dask-DaskDashboardLauncher "
+                       "button')).find(b => b.textContent === 'Task Stream' && !b.disabled)")
+        found = browser.wait_for(task_stream + " !== undefined", deadline)
+        typed = browser.eval("document.querySelector('.dask-URLInput input').value")
+        assert found, f"the Dask pane list stayed empty (URL field: {typed!r})"
+        assert typed == f"proxy/{port}/status", typed  # filled in for the user (relative:
+        # it works through any tunnel port), not a previous job's URL from the workspace
+        assert browser.click(task_stream)
+        src = browser.wait_for(
+            "(document.querySelector('iframe[src*=\"individual-task-stream\"]') || {}).src",
+            deadline)
+        assert src == f"{lab['base']}/proxy/{port}/individual-task-stream", src
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(
+            out=_run_in_kernel(lab, TASKS_CODE, timeout=90)), daemon=True)
+        worker.start()
+        rectangles = browser.wait_for(f"{TASK_RECTANGLES} >= 20 && {TASK_RECTANGLES}",
+                                      deadline, pause=0.5)
+        worker.join(max(1.0, deadline - time.monotonic()))
+        time.sleep(1)  # the last rectangles, for the screenshot
+        shot = browser.screenshot("jupyterlab-dask-task-stream.png")
+        title = browser.eval("Array.from(document.querySelectorAll('.lm-DockPanel "
+                             ".lm-TabBar-tab')).map(t => t.textContent).join('|')") or ""
+    assert "SUM 7140" in result.get("out", ""), result
+    assert rectangles, "no task reached the Task Stream pane"
+    assert "Task Stream" in title, title
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
 
 def test_shutdown_ends_the_job(lab):

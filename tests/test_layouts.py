@@ -5,10 +5,90 @@ import time
 
 import pytest
 
+from click.testing import CliRunner
+
+from dask_mpi_launch.cli import command
+from dask_mpi_launch.errors import UsageError, WorldTooSmallError
+from dask_mpi_launch.layout import CLIENT as C, SCHEDULER as S, WORKER as W
+from dask_mpi_launch.settings import resolve
 from launch import finish, run, wait_no_leftovers
 from test_launch import CLIENT, HANG, _wait_for_file, one_error_line
 
-pytestmark = pytest.mark.mpi
+
+# dask-mpi's execute() test table: (size, client rank, scheduler rank, exclusive workers)
+@pytest.mark.parametrize("size, crank, srank, exclusive, roles", [
+    (4, 1, 0, True, [(S,), (C,), (W,), (W,)]),
+    (4, 2, 3, True, [(W,), (W,), (C,), (S,)]),
+    (5, 1, 3, True, [(W,), (C,), (W,), (S,), (W,)]),
+    (3, 2, 2, True, [(W,), (W,), (S, C)]),
+    (2, 0, 0, False, [(S, C, W), (W,)]),
+    (1, 0, 0, False, [(S, C, W)]),
+    (3, 1, 0, False, [(S, W), (C, W), (W,)]),
+])
+def test_scheduler_and_client_ranks_as_dask_mpi(size, crank, srank, exclusive, roles):
+    s = resolve(in_process=True, client_rank=crank, scheduler_rank=srank,
+                exclusive_workers=exclusive)
+    layout = s.layout_for(size)
+    layout.check()
+    assert [layout.roles(r) for r in range(size)] == roles
+    assert (layout.scheduler_rank, layout.client_rank) == (srank, crank)
+    assert layout.worker_ranks == [r for r in range(size) if W in roles[r]]
+
+
+@pytest.mark.parametrize("size, crank, srank, exclusive, need", [
+    (1, 1, 0, True, 3), (1, 0, 0, True, 2), (3, 1, 3, True, 4), (2, 2, 2, True, 3),
+])
+def test_ranks_beyond_the_world_are_too_small(size, crank, srank, exclusive, need):
+    s = resolve(in_process=True, client_rank=crank, scheduler_rank=srank,
+                exclusive_workers=exclusive)
+    with pytest.raises(WorldTooSmallError, match=f"needs at least {need} ranks "):
+        s.layout_for(size).check()
+
+
+def test_cluster_only_scheduler_rank_and_inclusive_workers():
+    layout = resolve(scheduler_rank=1).layout_for(2)
+    assert layout.roles(0) == (W,) and layout.roles(1) == (S,) and layout.client_rank is None
+    layout = resolve(exclusive_workers=False).layout_for(4)
+    assert layout.name == "full" and layout.worker_ranks == [0, 1, 2, 3]
+    assert resolve(scheduler_rank=1).layout_for(1).min_size == 2
+    assert resolve(exclusive_workers=False).layout_for(1).min_size == 1
+    # dedicated with the scheduler on rank 1: the script moves to rank 0
+    assert resolve(script="x.py", scheduler_rank=1).layout_for(3).roles(0) == (C,)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(layout="compact", exclusive_workers=False), "contradict each other"),
+    (dict(layout="full", exclusive_workers=True), "contradict each other"),
+    (dict(nanny=False, worker_class="distributed.Nanny"), "contradict each other"),
+    (dict(layout="compact", client_rank=1), "runs the client on the scheduler's rank"),
+    (dict(layout="dedicated", client_rank=0), "runs the client on its own rank"),
+    (dict(scheduler_rank=-1), "invalid --scheduler-rank -1"),
+])
+def test_contradictions_are_one_line(options, message):
+    with pytest.raises(UsageError, match=message):
+        resolve(in_process=True, **options)
+
+
+@pytest.mark.parametrize("argv, layout, worker_class", [
+    ([], "dedicated", "distributed.Worker"),
+    (["--inclusive-workers"], "full", "distributed.Worker"),
+    (["--exclusive-workers", "--nanny"], "dedicated", "distributed.Nanny"),
+    (["--no-nanny", "--worker-class", "dask_cuda.CUDAWorker"], "dedicated",
+     "dask_cuda.CUDAWorker"),
+    (["--layout", "compact", "--nanny"], "compact", "distributed.Nanny"),
+])
+def test_cli_maps_dask_mpi_options(monkeypatch, argv, layout, worker_class):
+    import dask_mpi_launch.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run", lambda settings, check=False: seen.append(settings) or 0)
+    result = CliRunner().invoke(command, [*argv, "--scheduler-rank", "1"])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].layout, seen[0].worker_class, seen[0].scheduler_rank) == (
+        layout, worker_class, 1)
+
+
+pytestmark = pytest.mark.mpi  # the launches below; the tests above are pure and fast
 
 
 @pytest.mark.parametrize("layout, n, names", [
