@@ -69,6 +69,7 @@ def scheduler_start_error(settings: Settings, e: OSError) -> str:
 
 
 def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
+    from .tuning import apply_hpc_defaults; apply_hpc_defaults()  # noqa: E702
     from distributed import Scheduler
 
     _quiet(settings.log_level)
@@ -156,6 +157,7 @@ def run_worker(
     security=None,
     scheduler_info=None,
 ) -> int:
+    from .tuning import apply_hpc_defaults; apply_hpc_defaults()  # noqa: E702
     from distributed.utils import import_term
 
     from . import diagnose
@@ -224,6 +226,7 @@ def run_worker(
 def set_client_environment(address: str, credentials: dict | None = None) -> None:
     """Make ``distributed.Client()`` with no arguments connect to this cluster (with its
     TLS credentials, in memory: never in the environment)."""
+    from .tuning import apply_hpc_defaults; apply_hpc_defaults()  # noqa: E702
     import dask
 
     from .security import client_config
