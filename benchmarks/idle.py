@@ -90,6 +90,8 @@ VARIANTS: dict[str, Variant] = {
     "dask-mpi-cluster": Variant("dask-mpi", ["{bin}/dask-mpi", "--interface", "lo",
                                              "--nthreads", "1", "--dashboard-address",
                                              "127.0.0.1:0", "--scheduler-file", "{file}"]),
+    "ours-cluster-nanny": Variant("ours", OURS + ["--worker-class", "distributed.Nanny",
+                                                  "--scheduler-file", "{file}"]),
     # a script that connects and sleeps: adds the client process
     "ours-script": Variant("ours", OURS + ["{script}"], CLIENT_IDLE, client=True),
     "ours-script-dd": Variant("ours", OURS + ["{script}"], CLIENT_IDLE, client=True,
@@ -405,8 +407,9 @@ def render_markdown(meta: dict, idle_rows: list[dict], fail_rows: list[dict], co
             "|---|---:|---:|---|---:|---|",
         ]
         for r in idle_rows:
+            count = "–" if r["kind"] == "job total" else r["processes"]
             lines.append(f"| {r['variant']} | {r['n']} | {r['ok']}/{r['runs']} | {r['kind']} "
-                         f"| {r['processes']} | {fmt_stat(r['cpu'])} |")
+                         f"| {count} | {fmt_stat(r['cpu'])} |")
         lines.append("")
     if fail_rows:
         lines += [
