@@ -433,7 +433,7 @@ def render_markdown(meta: dict, idle_rows: list[dict], fail_rows: list[dict], co
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ranks", type=int, nargs="+", default=[6])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[6, 16])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--window", type=float, default=10.0, help="measuring window, seconds")
     ap.add_argument("--settle", type=float, default=5.0,
