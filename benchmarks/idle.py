@@ -18,6 +18,8 @@ the cluster is ready) and ``script-raises`` (the script raises once connected; f
 line before the raise).
 
 Writes results/idle.{md,json}.  Usually run through ``bin/bench-idle``.
+To measure another checkout with the same venv (e.g. main before a change), put it
+first on ``PYTHONPATH``: the launched ranks then import that ``dask_mpi_launch``.
 """
 from __future__ import annotations
 
