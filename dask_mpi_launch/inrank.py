@@ -61,7 +61,10 @@ class InRankLauncher:
         from .security import security_from
 
         s = spec["settings"]
+        from .tuning import apply_hpc_defaults
+
         _quiet(s.log_level)  # as in a worker process: this rank is one now
+        apply_hpc_defaults()
         if spec.get("dask_config"):
             import dask.config
 

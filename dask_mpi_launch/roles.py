@@ -58,7 +58,9 @@ async def _until_finished_or_signal(server, grace: float) -> str:
 def run_role(role: str, spec: dict, channel: Channel) -> int:
     """Run the role ``spec["run"]`` (scheduler, worker, script, jupyter); its status."""
     from .security import security_from
+    from .tuning import apply_hpc_defaults
 
+    apply_hpc_defaults()  # quiet when idle, where the user has not chosen (tuning.py)
     if spec.get("dask_config"):  # big jobs (scale.py); a user's own config was left alone
         import dask.config
 
@@ -270,6 +272,9 @@ def set_client_environment(address: str, credentials: dict | None = None) -> Non
     import dask
 
     from .security import client_config
+    from .tuning import apply_hpc_defaults
+
+    apply_hpc_defaults()  # quiet when idle (initialize()'s client comes this way)
 
     os.environ["DASK_SCHEDULER_ADDRESS"] = address
     dask.config.set({"scheduler-address": address, **client_config(credentials)})
