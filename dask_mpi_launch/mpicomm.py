@@ -366,7 +366,7 @@ class Engine:
             if busy:
                 sleep = 0.0
             elif self.ops and time.monotonic() < self.spin_until:
-                time.sleep(0)  # transfers in flight: keep MPI progressing, let others run
+                pass  # transfers in flight: keep calling MPI so the library moves the bytes
             else:  # something slow or stuck: keep polling, gently
                 sleep = min(max(sleep * 2, 20e-6), BUSY_MAX_SLEEP)
                 self.wake.wait(sleep)
