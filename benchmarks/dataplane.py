@@ -440,7 +440,9 @@ def render_markdown(meta: dict, results: dict, command: str) -> str:
         "freshly allocated array each time (the reference: a Dask transfer's result must live in "
         "new memory); **reused**: into the same array every time. "
         "**dask mpi**: `dask_mpi_launch.mpicomm` (workers in their ranks, frames over MPI "
-        "point-to-point; scheduler and client over TLS). MPI and socket times are one-way after a Barrier, closed by a 1-byte "
+        "point-to-point; scheduler and client over TLS, in one process on rank 0 until the "
+        "CLI runs `--protocol mpi`, so its task column carries extra latency: compare the "
+        "transfer columns). MPI and socket times are one-way after a Barrier, closed by a 1-byte "
         "ack. **memcpy**: `np.copyto` within one process, the machine's ceiling. "
         "tcp runs pass `--protocol tcp`; tls runs "
         + ("`--tls` (dask-mpi-launch's own job credentials, in memory)"
@@ -586,7 +588,7 @@ def render_e2e(e2e: dict) -> str:
     head = ["", "## End to end", ""]
     if first:
         head += [f"{first['workers']} workers (1 thread each): rechunk of a "
-                 f"{first['array_bytes'] / 1e9:.1f} GB float64 array from column to row blocks "
+                 f"{first['array_bytes'] / 1e9:.2f} GB float64 array from column to row blocks "
                  f"(persisted), and a p2p `DataFrame.shuffle` of {first['rows']:,} rows; wall "
                  "time in seconds, median (min–max).", ""]
     return "\n".join(head + ["| protocol | rechunk s | p2p shuffle s | note |",

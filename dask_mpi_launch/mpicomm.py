@@ -44,13 +44,14 @@ fatal error). A worker in the rank cannot be restarted when it dies: the rank is
 Transport
 ---------
 One progress thread per process makes every MPI call of the data plane (so the event loops
-never block in MPI), polls with ``Improbe``/``Testall`` and backs off exponentially to
+never block in MPI), polls with ``Iprobe``/``Testall`` and backs off exponentially to
 :data:`IDLE_MAX_SLEEP` when nothing is in flight (an idle rank uses well under 2% of a core);
 while a transfer is in flight it keeps calling MPI so the library progresses the copy.
 
 - Connect: a request on :data:`TAG_CONNECT` carries the requester's connection id and the
-  address it meant; the listener's rank answers on :data:`TAG_ACCEPT` with its own id (or a
-  refusal, and the requester falls back to TCP/TLS).
+  address it meant; the listener's rank answers on :data:`TAG_HEADER` (so that the answer
+  stays ahead of the connection's first message) with its own id, or a refusal, and the
+  requester falls back to TCP/TLS.
 - Messages: distributed's frames (unsplit: the transport chunks) go as one header on
   :data:`TAG_HEADER` (connection id, frame sizes, small frames inline), then each large frame
   on the connection's data tag ``DATA_TAG_BASE + receiver's id`` in chunks of at most
@@ -88,7 +89,6 @@ from distributed.utils import ensure_ip, ensure_memoryview, get_ip
 logger = logging.getLogger(__name__)
 
 TAG_CONNECT = 101
-TAG_ACCEPT = 102
 TAG_HEADER = 103
 DATA_TAG_BASE = 1024
 CHUNK = 2**30  # bytes per MPI message: well below the C int count limit (2**31 - 1)
@@ -100,7 +100,7 @@ IDLE_MAX_SLEEP = 0.01  # seconds: the longest back-off of an idle progress threa
 RATE_FLOOR = 100e6  # bytes/s a transfer is granted on top of the stall timeout
 
 MAGIC = b"DMLM"
-KIND_DATA, KIND_CLOSE = 0, 1
+KIND_DATA, KIND_CLOSE, KIND_ACCEPT = 0, 1, 2
 _HEAD = struct.Struct("<4sBxxxIIQ")  # magic, kind, connection id, nframes, chunk
 _INLINE_BIT = 1 << 63
 
@@ -277,6 +277,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._used: set[int] = set()
         self.stopping = False
+        self.drain_until: float | None = None
         self.thread = threading.Thread(target=self._run, name="dask-mpi-progress", daemon=True)
         self.thread.start()
 
@@ -303,10 +304,16 @@ class Engine:
             self._used.discard(i)
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Finish what is queued and in flight (up to half the timeout), then stop."""
+        if threading.current_thread() is self.thread:
+            self.stopping = True
+            return
+        self.drain_until = time.monotonic() + timeout / 2
+        self.wake.set()
+        self.thread.join(timeout / 2 + 0.5)
         self.stopping = True
         self.wake.set()
-        if threading.current_thread() is not self.thread:
-            self.thread.join(timeout)
+        self.thread.join(timeout / 2)
 
     # the progress thread
     def _run(self) -> None:
@@ -337,23 +344,29 @@ class Engine:
                     self.cpu_seconds = time.thread_time()
                     self.wake.wait(sleep)
                     continue
-                for tag, handler in ((TAG_HEADER, self._on_header),
-                                     (TAG_CONNECT, self._on_connect),
-                                     (TAG_ACCEPT, self._on_accept)):
+                for tag, handler in ((TAG_CONNECT, self._on_connect),
+                                     (TAG_HEADER, self._on_header)):
                     for _ in range(64):
-                        msg = self.comm.Improbe(MPI.ANY_SOURCE, tag, status)
-                        if msg is None:
+                        # plain probe, then receive from that source and tag: this thread
+                        # is the only receiver of these tags (matched probes misbehaved
+                        # under Open MPI)
+                        if not self.comm.Iprobe(MPI.ANY_SOURCE, tag, status):
                             break
                         busy = True
                         buf = bytearray(status.Get_count(MPI.BYTE))
-                        handler(status.Get_source(), msg, buf)
+                        source = status.Get_source()
+                        self.comm.Recv([buf, MPI.BYTE], source=source, tag=tag)
+                        handler(source, buf)
                 busy = self._test_ops() or busy
             except Exception:  # noqa: BLE001
                 logger.exception("MPI data plane: progress failed")
+            if self.drain_until is not None and not self.todo and (
+                    not self.ops or time.monotonic() > self.drain_until):
+                break
             if busy:
                 sleep = 0.0
             elif self.ops and time.monotonic() < self.spin_until:
-                time.sleep(0)  # transfers in flight: keep MPI progressing, let others run
+                pass  # transfers in flight: keep calling MPI so the library moves the bytes
             else:  # something slow or stuck: keep polling, gently
                 sleep = min(max(sleep * 2, 20e-6), BUSY_MAX_SLEEP)
                 self.wake.wait(sleep)
@@ -407,8 +420,7 @@ class Engine:
         req = self.comm.Isend([payload, self.MPI.BYTE], dest=rank, tag=TAG_CONNECT)
         self.ops.append(_Op([req], _noop, _noop, None, payload))
 
-    def _on_connect(self, source, msg, buf):
-        msg.Recv([buf, self.MPI.BYTE])
+    def _on_connect(self, source, buf):
         (their_id,) = struct.unpack_from("<I", buf)
         try:
             info = json.loads(bytes(buf[4:]))
@@ -426,15 +438,14 @@ class Engine:
             comm.allow_offload = listener.allow_offload
             self.conns[my_id] = comm
             self.inbox[my_id] = collections.deque()
-        reply = struct.pack("<Ii", their_id, my_id)
-        req = self.comm.Isend([reply, self.MPI.BYTE], dest=source, tag=TAG_ACCEPT)
+        # the answer goes on the header tag: MPI keeps it ahead of this connection's data
+        reply, _ = pack_header(KIND_ACCEPT, their_id, [], chunk=max(my_id, 0))
+        req = self.comm.Isend([reply, self.MPI.BYTE], dest=source, tag=TAG_HEADER)
         self.ops.append(_Op([req], _noop, _noop, None, reply))
         if my_id > 0:
             listener.loop.call_soon_threadsafe(listener._accept, comm)
 
-    def _on_accept(self, source, msg, buf):
-        msg.Recv([buf, self.MPI.BYTE])
-        mine, theirs = struct.unpack_from("<Ii", buf)
+    def _on_accept(self, source, mine, theirs):
         entry = self.connecting.pop(mine, None)
         if entry is None:  # the connect was given up: tell the peer
             if theirs > 0:
@@ -442,7 +453,7 @@ class Engine:
             self.free_id(mine)
             return
         comm, loop, fut = entry
-        if theirs < 0:
+        if theirs <= 0:
             self.free_id(mine)
             loop.call_soon_threadsafe(_resolve, fut, None)
             return
@@ -502,16 +513,15 @@ class Engine:
             self._closing.pop(comm.local_id, None)
             self.free_id(comm.local_id)
 
-    def _on_header(self, source, msg, buf):
+    def _on_header(self, source, buf):
         MPI = self.MPI
-        req = msg.Irecv([buf, MPI.BYTE])
-        # headers are small; completing it here keeps the per-connection order simple
-        while not req.Test():
-            pass
         try:
             kind, cid, chunk, sizes, inline, big = unpack_header(buf)
         except ValueError:
             logger.error("MPI data plane: garbage header from rank %d dropped", source)
+            return
+        if kind == KIND_ACCEPT:
+            self._on_accept(source, cid, chunk)
             return
         comm = self.conns.get(cid)
         queue = self.inbox.get(cid)

@@ -206,7 +206,7 @@ for scenario in SCENARIO.split(","):
         except Exception as e:  # noqa: BLE001
             result("client_error", type(e).__name__)
     elif scenario == "idle":
-        time.sleep(1.0)
+        time.sleep(mpicomm.IDLE_AFTER + 1.0)  # past the quick polling that follows traffic
 
         def cpu(dask_worker):
             from dask_mpi_launch import mpicomm as m
