@@ -39,12 +39,23 @@ client.gather(client.map(busy, [2.0] * 2, pure=False))
 report["profile_count"] = client.profile()["count"]
 base = client.dashboard_link.rsplit("/", 1)[0]
 report["pages"] = {}
+# /profile shows the samples of the finished profile cycles (distributed.worker.profile.cycle)
+# as they were when the page was opened (its Update button reloads): reopen until it shows them
+filled = {
+    "status": lambda sources: any(s.get("worker") == 2 for s in sources),
+    "profile": lambda sources: any(s.get("percentage", 0) >= 2 for s in sources),
+}
 for page in ("status", "profile"):
     with urllib.request.urlopen(f"{base}/{page}", timeout=30) as r:
         html = r.read().decode()
-    with pull_session(url=f"{base}/{page}") as session:
-        sources = [{k: len(v) for k, v in m.data.items()}
-                   for m in session.document.select({"type": ColumnDataSource})]
+    deadline = time.monotonic() + 30
+    while True:
+        with pull_session(url=f"{base}/{page}") as session:
+            sources = [{k: len(v) for k, v in m.data.items()}
+                       for m in session.document.select({"type": ColumnDataSource})]
+        if filled[page](sources) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     report["pages"][page] = {"status": r.status, "bokeh": "bokeh" in html.lower(),
                              "sources": sources}
 print("REPORT " + json.dumps(report), flush=True)
