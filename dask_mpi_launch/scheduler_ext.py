@@ -120,9 +120,22 @@ class Scheduler(_upstream.Scheduler):
     version sets) instead of O(workers); everything else is upstream's."""
 
     def __init__(self, *args, **kwargs):
+        import dask.config
+        from dask.utils import parse_timedelta
+
         super().__init__(*args, **kwargs)
         self._version_index = VersionIndex()
         self.add_plugin(self._version_index)
+        # quiet when idle (tuning.py): on small clusters distributed asks for a heartbeat
+        # from every worker every 0.5-1 s, the scheduler's main idle cost
+        self._min_heartbeat = parse_timedelta(
+            dask.config.get("mpi-launch.min-heartbeat-interval", 0) or 0, default="s")
+
+    def heartbeat_worker(self, *args, **kwargs):
+        reply = super().heartbeat_worker(*args, **kwargs)
+        if self._min_heartbeat and isinstance(reply, dict) and "heartbeat-interval" in reply:
+            reply["heartbeat-interval"] = max(reply["heartbeat-interval"], self._min_heartbeat)
+        return reply
 
     def _distinct_worker_versions(self) -> dict:
         index = self._version_index

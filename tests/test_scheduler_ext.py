@@ -124,3 +124,17 @@ def test_a_real_mismatch_is_reported_as_upstream_reports_it():
 
 def _words(text: str) -> list[str]:
     return sorted(re.findall(r"[\w.]+", re.sub(r"Worker-[0-9a-f-]+", "Worker-ID", text)))
+
+
+def test_min_heartbeat_interval_slows_small_clusters_heartbeats():
+    import dask.config
+
+    async def interval(minimum):
+        with dask.config.set({"mpi-launch.min-heartbeat-interval": minimum}):
+            async with scheduler_ext.Scheduler(dashboard_address=":0", port=0) as s:
+                async with distributed.Worker(s.address, nthreads=1) as w:
+                    reply = s.heartbeat_worker(address=w.address, metrics=await w.get_metrics())
+                    return reply["heartbeat-interval"]
+
+    assert asyncio.run(interval("0s")) == 0.5  # distributed's for one worker
+    assert asyncio.run(interval("2s")) == 2.0
