@@ -45,7 +45,11 @@ try:
 except ImportError:  # pragma: no cover - the venv's python has it (a dependency of ours)
     psutil = None
 
-KINDS = ("supervisor", "scheduler", "worker", "nanny", "client")
+KINDS = ("supervisor", "zygote", "scheduler", "worker", "nanny", "client")
+# our processes name themselves (PR_SET_NAME): the rank, its zygote, the roles
+TITLES = {"dml-rank": "supervisor", "dml-zygote": "zygote", "dml-scheduler": "scheduler",
+          "dml-worker": "worker", "dml-script": "client", "dml-initialize": "client",
+          "dml-jupyter": "client"}
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 # --- variants (adjust here) ------------------------------------------------------------
@@ -128,7 +132,8 @@ def rank_of(environ: dict) -> int | None:
     return None
 
 
-def classify(family: str, rank: int, depth: int, has_children: bool, client: bool) -> str:
+def classify(family: str, rank: int, depth: int, has_children: bool, client: bool,
+             name: str = "") -> str:
     """The kind of a process: its rank, its depth below the rank process (0: the rank
     process itself) and whether it has children (a Nanny's worker is its child).
 
@@ -141,6 +146,11 @@ def classify(family: str, rank: int, depth: int, has_children: bool, client: boo
     >>> classify("dask-mpi", 1, 0, False, True), classify("dask-mpi", 3, 1, False, True)
     ('client', 'worker')
     """
+    if family == "ours" and name in TITLES:
+        kind = TITLES[name]
+        return "nanny" if kind == "worker" and has_children else kind
+    if family == "ours" and name == "python":  # what a Nanny spawns
+        return "worker"
     if family == "ours":
         if depth == 0:
             return "supervisor"
@@ -165,7 +175,7 @@ def job_processes(root: int) -> list[dict]:
         try:
             env = p.environ()
             info[p.pid] = {"proc": p, "ppid": p.ppid(), "rank": rank_of(env),
-                           "cmd": " ".join(p.cmdline())[:200]}
+                           "cmd": " ".join(p.cmdline())[:200], "name": p.name()}
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     found = []
@@ -272,7 +282,8 @@ def measure_idle(job: Job, v: Variant, window: float) -> dict:
         after = cpu_seconds(p["proc"])
         if after is None or before[p["pid"]] is None:
             continue
-        kind = classify(v.family, p["rank"], p["depth"], p["has_children"], v.client)
+        kind = classify(v.family, p["rank"], p["depth"], p["has_children"], v.client,
+                        p.get("name", ""))
         per_kind.setdefault(kind, []).append(round(100 * (after - before[p["pid"]]) / elapsed, 3))
     return {"cpu": per_kind, "window": round(elapsed, 3), "processes": len(procs)}
 

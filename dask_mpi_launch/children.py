@@ -229,6 +229,16 @@ class Launcher(Protocol):
     def close(self) -> None: ...
 
 
+def set_title(name: str) -> None:
+    """Name this process in ps/top (``dml-scheduler``, ``dml-worker``...; PR_SET_NAME)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
+    except Exception:
+        pass
+
+
 def die_with(parent: int, wait: float = 0.0) -> None:
     """End this process (SIGTERM) when ``parent`` dies; exit now if it is already gone.
 

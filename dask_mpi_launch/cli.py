@@ -176,6 +176,9 @@ def run(settings, check: bool = False) -> int:
     from .supervisor import Supervisor
 
     launcher = _zygote(settings)
+    from .children import set_title
+
+    set_title("dml-rank")
     try:
         control = _bootstrap(settings)
     except BaseException:

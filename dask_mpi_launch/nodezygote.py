@@ -30,7 +30,7 @@ import socket
 import struct
 import time
 
-from .children import Child, enter_role, flush, run_body
+from .children import Child, enter_role, flush, run_body, set_title
 from .errors import LaunchError
 from .status import Ended
 from .zygote import _MAX, ZygoteLauncher, _send
@@ -211,6 +211,7 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload) 
         pass
     if os.getppid() != leader:
         return
+    set_title("dml-zygote")
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     wake_r, wake_w = os.pipe()

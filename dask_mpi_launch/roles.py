@@ -57,9 +57,11 @@ async def _until_finished_or_signal(server, grace: float) -> str:
 
 def run_role(role: str, spec: dict, channel: Channel) -> int:
     """Run the role ``spec["run"]`` (scheduler, worker, script, jupyter); its status."""
+    from .children import set_title
     from .security import security_from
     from .tuning import apply_hpc_defaults
 
+    set_title(f"dml-{spec['run']}")
     apply_hpc_defaults()  # quiet when idle, where the user has not chosen (tuning.py)
     if spec.get("dask_config"):  # big jobs (scale.py); a user's own config was left alone
         import dask.config

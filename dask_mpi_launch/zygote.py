@@ -34,7 +34,8 @@ import pickle
 import signal
 import socket
 
-from .children import BecomeClient, Channel, Child, become_subreaper, enter_role, flush, run_body
+from .children import (BecomeClient, Channel, Child, become_subreaper, enter_role, flush,
+                       run_body, set_title)
 from .errors import LaunchError
 
 _MAX = 1 << 20  # one request: settings, credentials, names (a few KiB)
@@ -147,6 +148,7 @@ def _serve(sock: socket.socket, rank: int, preload) -> None:
         pass
     if os.getppid() != rank:
         os._exit(0)
+    set_title("dml-zygote")
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     error = None
