@@ -149,64 +149,6 @@ def bench(client, argv):
 '''
 E2E_SCRIPT = E2E_BODY + CLI_MAIN
 
-# Dask over MPI (dask_mpi_launch.mpicomm), until the CLI runs it: rank 0 is the scheduler (a
-# thread, TLS door with Security.temporary() credentials sent to the ranks in memory) and the
-# client; every other rank runs a worker in a thread of the rank over ``mpi``.
-# argv = BODY_FILE NTHREADS ARGS...
-MPI_CLUSTER = r'''
-import asyncio, queue, sys, threading
-from mpi4py import MPI
-from dask_mpi_launch import mpicomm
-from distributed.security import Security
-
-world = MPI.COMM_WORLD
-rank = world.Get_rank()
-dp = world.Dup()
-pems = None
-if rank == 0:
-    t = Security.temporary()
-    pems = {"ca": t.tls_ca_file, "cert": t.tls_scheduler_cert, "key": t.tls_scheduler_key}
-pems = world.bcast(pems, root=0)
-roles = ("scheduler", "worker", "client")
-sec = Security(require_encryption=True, tls_ca_file=pems["ca"],
-               **{f"tls_{r}_{k}": pems[v] for r in roles for k, v in (("cert", "cert"),
-                                                                      ("key", "key"))})
-address = None
-if rank == 0:
-    q = queue.Queue()
-
-    def run_scheduler():
-        from distributed import Scheduler
-
-        async def main():
-            s = await Scheduler(host="127.0.0.1", port=0, protocol="tls", security=sec,
-                                dashboard=False, dashboard_address=None)
-            q.put(s.address)
-            await s.finished()
-        asyncio.run(main())
-
-    th = threading.Thread(target=run_scheduler, daemon=True)
-    th.start()
-    address = q.get(timeout=120)
-address = world.bcast(address, root=0)
-if rank > 0:
-    h = mpicomm.start_worker_thread(dp, address, name=f"w{rank:04d}", nthreads=int(sys.argv[2]),
-                                    memory_limit=0, security=sec, host="127.0.0.1")
-    h.wait_started(300)
-    h.join()
-    mpicomm.shutdown()
-    sys.exit(0 if h.status == "closed" else 1)
-from distributed import Client
-ns = {}
-exec(open(sys.argv[1]).read(), ns)
-client = Client(address, security=sec, timeout=120)
-client.wait_for_workers(world.Get_size() - 1, timeout=300)
-try:
-    ns["bench"](client, sys.argv[3:])
-finally:
-    client.shutdown()
-    client.close()
-'''
 
 MPI_SCRIPT = r'''
 """Two ranks, argv = SIZES_BYTES REPEAT WARMUP; rank 0 prints the timings."""
@@ -527,15 +469,9 @@ def cli_has_tls(venv: Path) -> bool:
 
 def dask_argv(proto: str, args, venv: Path, tmp: Path, body: str, workers: int, nthreads: int,
               script_args: list[str]) -> tuple[list[str] | None, dict, str]:
-    """(argv, extra environment, note) of one Dask run: through the CLI for tcp/tls (rank 0
-    scheduler, rank 1 the script, then the workers), through MPI_CLUSTER for mpi (rank 0
-    scheduler and client, then the workers in their ranks)."""
-    if proto == "mpi":
-        (tmp / "bench_body.py").write_text(body)
-        (tmp / "bench_mpi_cluster.py").write_text(MPI_CLUSTER)
-        return ([str(venv / "bin" / "mpiexec"), "-n", str(workers + 1), str(venv / "bin" / "python"),
-                 str(tmp / "bench_mpi_cluster.py"), str(tmp / "bench_body.py"), str(nthreads),
-                 *script_args], {}, "")
+    """(argv, extra environment, note) of one Dask run, through the CLI for every protocol
+    (rank 0 scheduler, rank 1 the script, then the workers; with --protocol mpi the workers
+    run in their ranks)."""
     script = tmp / "bench_dataplane_client.py"
     script.write_text(body + CLI_MAIN)
     extra: dict = {}
