@@ -124,24 +124,17 @@ class NodeLauncher(ZygoteLauncher):
             if message[0] == "exited":
                 self.exits[message[1]] = message[2]
 
+    shared_fds = (1, 2)  # the role writes to its own rank's stdout and stderr
+
     def start(self, role, label, spec, *, stdin=None, returns=False):
         if returns:
             raise LaunchError("initialize()'s client cannot come from a shared zygote")
         spec = {**spec, "env": dict(os.environ), "cwd": os.getcwd(),
                 "affinity": sorted(os.sched_getaffinity(0))}
-        read_fd, write_fd = os.pipe()
-        fds = [write_fd, 1, 2] + ([stdin] if stdin is not None else [])
-        try:
-            reply = self._request(("start", role, label, spec, False, stdin is not None), fds)
-        finally:
-            os.close(write_fd)
-            if stdin is not None:
-                os.close(stdin)
-        if reply[0] != "started":
-            os.close(read_fd)
-            raise LaunchError(f"cannot start the {label} process: {reply[1]}")
-        os.set_blocking(read_fd, False)
-        return RemoteChild(role, label, reply[1], read_fd, spec, self)
+        return super().start(role, label, spec, stdin=stdin)
+
+    def _child(self, role, label, pid, fd, spec) -> Child:
+        return RemoteChild(role, label, pid, fd, spec, self)
 
     def close(self) -> None:
         """Tell the zygote this rank is done; never wait for the other ranks of the node

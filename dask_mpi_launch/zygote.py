@@ -83,9 +83,12 @@ class ZygoteLauncher:
                               f"unexpectedly ({e})") from None
         return self._receive()
 
+    #: descriptors sent with every start request after the role's pipe (and before stdin)
+    shared_fds: tuple = ()
+
     def start(self, role, label, spec, *, stdin=None, returns=False):
         read_fd, write_fd = os.pipe()
-        fds = [write_fd] + ([stdin] if stdin is not None else [])
+        fds = [write_fd, *self.shared_fds] + ([stdin] if stdin is not None else [])
         try:
             reply = self._request(("start", role, label, spec, returns, stdin is not None), fds)
         finally:
@@ -96,7 +99,10 @@ class ZygoteLauncher:
             os.close(read_fd)
             raise LaunchError(f"cannot start the {label} process: {reply[1]}")
         os.set_blocking(read_fd, False)
-        return Child(role, label, reply[1], read_fd, spec)
+        return self._child(role, label, reply[1], read_fd, spec)
+
+    def _child(self, role, label, pid, fd, spec) -> Child:
+        return Child(role, label, pid, fd, spec)
 
     def check(self, what, value):
         reply = self._request(("check", what, value))
