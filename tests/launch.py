@@ -129,6 +129,32 @@ def finish(proc: subprocess.Popen, timeout: float) -> Outcome:
     return Outcome(proc.returncode, out, err, time.monotonic() - start, proc.args)
 
 
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> str | None:
+    """The first line of the job's stdout containing ``text``, or None if the job ended or
+    ``timeout`` passed first (a reader thread: a silent job cannot block the test)."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+            if text in line:
+                return
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+        if line is None or text in line:
+            return line
+
+
 def leftover_processes(marker: str) -> list[str]:
     """Command lines of live processes containing ``marker`` (zombies excluded)."""
     found = []

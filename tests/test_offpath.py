@@ -3,11 +3,10 @@ imported mpi4py first, initialize(exit=False) in every layout and when the clust
 package that fails to import, stdin, subprocesses on SIGTERM, exit statuses that look like
 signals, and role processes that never hold MPI."""
 import signal
-import time
 
 import pytest
 
-from launch import finish, wait_no_leftovers
+from launch import finish, wait_for_line, wait_no_leftovers
 
 pytestmark = pytest.mark.mpi
 
@@ -156,13 +155,8 @@ finally:
     open({str(marker)!r}, "w").write("finally ran")
 """)
     proc = venv.start([venv.mpiexec, "-n", "3", venv.bin / "dask-mpi-launch", path])
-    deadline = time.monotonic() + HANG
-    line = ""
-    while "started" not in line and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-    assert "started" in line, finish(proc, 5)
+    line = wait_for_line(proc, "started", HANG)
+    assert line, finish(proc, 5)
     sleeper = int(line.split()[1])
     proc.send_signal(signal.SIGTERM)
     out = finish(proc, HANG)
