@@ -88,6 +88,15 @@ from distributed.utils import ensure_ip, ensure_memoryview, get_ip
 
 logger = logging.getLogger(__name__)
 
+
+def _post(loop, callback, *args) -> None:
+    """Run ``callback`` in ``loop``'s thread; nothing when that loop has closed already (a
+    worker that ended while a message for it was still arriving)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # "Event loop is closed"
+        pass
+
 TAG_CONNECT = 101
 TAG_HEADER = 103
 DATA_TAG_BASE = 1024
@@ -443,7 +452,7 @@ class Engine:
         req = self.comm.Isend([reply, self.MPI.BYTE], dest=source, tag=TAG_HEADER)
         self.ops.append(_Op([req], _noop, _noop, None, reply))
         if my_id > 0:
-            listener.loop.call_soon_threadsafe(listener._accept, comm)
+            _post(listener.loop, listener._accept, comm)
 
     def _on_accept(self, source, mine, theirs):
         entry = self.connecting.pop(mine, None)
@@ -455,18 +464,18 @@ class Engine:
         comm, loop, fut = entry
         if theirs <= 0:
             self.free_id(mine)
-            loop.call_soon_threadsafe(_resolve, fut, None)
+            _post(loop, _resolve, fut, None)
             return
         comm.remote_id = theirs
         self.stats["connections"] += 1
         self.conns[mine] = comm
         self.inbox[mine] = collections.deque()
-        loop.call_soon_threadsafe(_resolve, fut, comm)
+        _post(loop, _resolve, fut, comm)
 
     # messages
     def _send(self, comm, frames, fut, loop):
         if comm.remote_id is None or comm._broken:
-            loop.call_soon_threadsafe(_fail, fut, CommClosedError("MPI comm closed"))
+            _post(loop, _fail, fut, CommClosedError("MPI comm closed"))
             return
         MPI = self.MPI
         head, big = pack_header(KIND_DATA, comm.remote_id, frames, chunk=self.chunk)
@@ -480,20 +489,20 @@ class Engine:
                     reqs.append(self.comm.Isend([v[a:b], MPI.BYTE], dest=comm.peer, tag=tag))
         except MPI.Exception as e:
             comm._broken = True
-            loop.call_soon_threadsafe(_fail, fut, CommClosedError(f"MPI error: {e}"))
+            _post(loop, _fail, fut, CommClosedError(f"MPI error: {e}"))
             self.ops.append(_Op(reqs, _noop, _noop, None, (head, big)))
             return
 
         def failed(exc):
             comm._broken = True
-            loop.call_soon_threadsafe(_fail, fut, exc)
+            _post(loop, _fail, fut, exc)
 
         self._spin(nbytes)
 
         def sent():
             self.stats["sent_bytes"] += nbytes
             self.stats["sent_messages"] += 1
-            loop.call_soon_threadsafe(_resolve, fut, nbytes)
+            _post(loop, _resolve, fut, nbytes)
 
         self.ops.append(_Op(reqs, sent, failed, time.monotonic() + transfer_deadline(nbytes, self.stall),
                             (head, big)))
@@ -581,7 +590,7 @@ class Engine:
                 # a closed connection: its comm may still wait for the close marker
                 target = self._closing.get(cid)
             if target is not None and target.loop is not None:
-                target.loop.call_soon_threadsafe(target._deliver,
+                _post(target.loop, target._deliver,
                                                  item.error or item.frames)
             if item.error is not None and comm is not None:
                 self.conns.pop(cid, None)
@@ -999,7 +1008,7 @@ class WorkerThread:
         loop, worker = self.loop, self.worker
         if loop is not None and worker is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(worker.close()))
+                _post(loop, lambda: asyncio.ensure_future(worker.close()))
             except RuntimeError:  # the loop just closed
                 pass
 

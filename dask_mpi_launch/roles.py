@@ -285,11 +285,18 @@ def set_client_environment(address: str, credentials: dict | None = None) -> Non
 def terminate_on_signal(grace: float) -> None:
     """The first SIGTERM raises SystemExit(143), the first SIGINT KeyboardInterrupt, so the
     script's finally blocks run; later signals are ignored (they would interrupt those
-    blocks), and the process ends within ``grace`` seconds in any case."""
+    blocks), and the process ends within ``grace`` seconds in any case. The signal goes on
+    to the script's subprocesses (its process group): also when it comes from the death of
+    the rank (PR_SET_PDEATHSIG), which then cannot signal the group itself."""
 
     def handler(signum, frame):
         for other in (signal.SIGTERM, signal.SIGINT):
             signal.signal(other, signal.SIG_IGN)
+        if os.getpgrp() == os.getpid():  # a role process leads its own group
+            try:
+                os.killpg(os.getpgrp(), signum)
+            except OSError:
+                pass
         stop_within(grace)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
