@@ -3,6 +3,7 @@ imported mpi4py first, initialize(exit=False) in every layout and when the clust
 package that fails to import, stdin, subprocesses on SIGTERM, exit statuses that look like
 signals, and role processes that never hold MPI."""
 import signal
+import time
 
 import pytest
 
@@ -162,8 +163,22 @@ finally:
     out = finish(proc, HANG)
     assert out.status != 0, out
     assert marker.read_text() == "finally ran"
-    assert wait_no_leftovers("sleep 300") == [], sleeper
+    assert _gone(sleeper, 10), f"the script's subprocess {sleeper} is still running"
     assert wait_no_leftovers(str(path)) == []
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    """True once ``pid`` has ended (a zombie counts as ended), within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @pytest.mark.parametrize("code", [137, 134])
