@@ -136,22 +136,8 @@ class NodeLauncher(ZygoteLauncher):
     def _child(self, role, label, pid, fd, spec) -> Child:
         return RemoteChild(role, label, pid, fd, spec, self)
 
-    def close(self) -> None:
-        """Tell the zygote this rank is done; never wait for the other ranks of the node
-        (the first rank's zygote ends with it at the latest)."""
-        if self.sock is None:
-            return
-        try:
-            socket.send_fds(self.sock, [pickle.dumps(("exit",))], [])
-        except OSError:
-            pass
-        self.sock.close()
-        self.sock = None
-        if self.pid is not None:
-            try:
-                os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+    # never wait for the other ranks of the node (the first rank's zygote ends with it)
+    _close_wait = os.WNOHANG
 
 
 def start(local: tuple[int, int], wait: float = 10.0, preload=("distributed",)):

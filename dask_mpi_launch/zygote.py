@@ -108,7 +108,11 @@ class ZygoteLauncher:
         reply = self._request(("check", what, value))
         return reply[1]
 
+    #: how close() waits for the zygote: this rank's own zygote ends at once
+    _close_wait = 0
+
     def close(self) -> None:
+        """Tell the zygote this rank is done (then reap it, if it is ours)."""
         if self.sock is None:
             return
         try:
@@ -117,10 +121,11 @@ class ZygoteLauncher:
             pass
         self.sock.close()
         self.sock = None
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        if self.pid is not None:
+            try:
+                os.waitpid(self.pid, self._close_wait)
+            except ChildProcessError:
+                pass
 
 
 def start(preload=("distributed",)) -> ZygoteLauncher:

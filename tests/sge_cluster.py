@@ -63,6 +63,8 @@ import time
 import uuid
 from pathlib import Path
 
+from slurm_cluster import _alive, _tail, _terminate  # the same helpers as Slurm's
+
 SGE_PACKAGES = ["gridengine-master", "gridengine-exec", "gridengine-client"]
 REQUIRED_PROGRAMS = ["sge_qmaster", "sge_execd", "qsub", "qconf", "qstat", "qdel"]
 SGE_ROOT = Path("/var/lib/gridengine")
@@ -85,10 +87,6 @@ def _which(name: str) -> str | None:
 
 def _missing_programs() -> list[str]:
     return [p for p in REQUIRED_PROGRAMS if _which(p) is None]
-
-
-def _tail(text: str | None, lines: int = 15) -> str:
-    return "\n".join((text or "").strip().splitlines()[-lines:])
 
 
 def ensure_sge_installed(timeout: float = 600.0) -> str | None:
@@ -134,14 +132,6 @@ def _ensure_sge_installed(timeout: float) -> str | None:
 
 # --------------------------------------------------------------------------- processes
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _read_pid(path: Path | str) -> int | None:
     try:
         return int(Path(path).read_text().split()[0])
@@ -160,22 +150,6 @@ def _pids_named(name: str) -> list[int]:
             except OSError:
                 pass
     return found
-
-
-def _terminate(pids: list[int], grace: float = 10.0) -> None:
-    pids = [p for p in pids if p > 1 and p != os.getpid() and _alive(p)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
-        while time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
-            if not pids:
-                return
-            time.sleep(0.05)
 
 
 def _daemon_pids() -> list[int]:
