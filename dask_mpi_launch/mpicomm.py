@@ -103,9 +103,13 @@ DATA_TAG_BASE = 1024
 CHUNK = 2**30  # bytes per MPI message: well below the C int count limit (2**31 - 1)
 INLINE_MAX = 64 * 2**10  # frames up to this size travel inside the header ...
 INLINE_TOTAL = 2**20  # ... while the header's inline bytes stay below this
+HOT_MAX_SLEEP = 0.0001  # seconds: longest back-off in the first HOT_FOR s after traffic
+HOT_FOR = 0.25  # (a request's answer, or the next request, usually follows within it)
 BUSY_MAX_SLEEP = 0.001  # seconds: longest back-off in the first IDLE_AFTER s of quiet
 IDLE_AFTER = 2.0
 IDLE_MAX_SLEEP = 0.01  # seconds: the longest back-off of an idle progress thread
+NO_SPLIT = 2**62  # distributed splits frames at 64 MiB unless told a larger size; we chunk
+# ourselves, and unsplit frames need no merging copy on the receiving side
 RATE_FLOOR = 100e6  # bytes/s a transfer is granted on top of the stall timeout
 
 MAGIC = b"DMLM"
@@ -348,7 +352,7 @@ class Engine:
                     now = time.monotonic()
                     if sleep == 0.0:
                         idle_since = now
-                    cap = IDLE_MAX_SLEEP if now - idle_since > IDLE_AFTER else BUSY_MAX_SLEEP
+                    cap = _max_sleep(now - idle_since)
                     sleep = min(max(sleep * 2, 20e-6), cap)
                     self.cpu_seconds = time.thread_time()
                     self.wake.wait(sleep)
@@ -614,6 +618,18 @@ def _peer_address(announced, rank: int) -> str:
     return "mpi://" + unparse_mpi_address("0.0.0.0", 0, rank)
 
 
+def _max_sleep(quiet_for: float) -> float:
+    """The longest back-off of the progress thread after ``quiet_for`` s without traffic:
+    short right after traffic (answers are on their way), longer as the quiet lasts.
+
+    >>> _max_sleep(0.0), _max_sleep(1.0), _max_sleep(60.0)
+    (0.0001, 0.001, 0.01)
+    """
+    if quiet_for < HOT_FOR:
+        return HOT_MAX_SLEEP
+    return BUSY_MAX_SLEEP if quiet_for < IDLE_AFTER else IDLE_MAX_SLEEP
+
+
 def _noop(*_):
     pass
 
@@ -723,7 +739,7 @@ class MPIComm(Comm):
             on_error=on_error,
             context={"sender": self.local_info, "recipient": self.remote_info,
                      **self.handshake_options},
-            frame_split_size=None)
+            frame_split_size=NO_SPLIT)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.engine.call(self.engine._send, self, frames, fut, loop)
