@@ -119,6 +119,49 @@ def test_job_on_ib0_uses_both_hosts(hosts, mpich, tmp_path):
     assert _nothing_left(hosts) == {}
 
 
+MPI_SCRIPT = textwrap.dedent("""
+    import json, socket
+    import numpy as np
+    from distributed import Client
+    from dask_mpi_launch import mpicomm
+
+    def stats():
+        return mpicomm.engine().stats
+
+    client = Client()
+    client.wait_for_workers(3, timeout=30)
+    hosts = client.run(socket.gethostname)
+    on_a = [w for w, h in hosts.items() if h == "a"]
+    on_b = [w for w, h in hosts.items() if h == "b"]
+    n = 2**22  # 32 MiB of int64, made on host a, summed on host b
+    x = client.submit(np.arange, n, workers=on_a[:1], pure=False)
+    total = client.submit(lambda v: int(v.sum()), x, workers=on_b[:1], pure=False).result()
+    print("JOB " + json.dumps({"hosts": hosts, "sum": total, "a": on_a[0], "b": on_b[0],
+                               "stats": client.run(stats)}), flush=True)
+""")
+
+
+def test_protocol_mpi_moves_data_between_hosts_over_mpi(hosts, mpich, tmp_path):
+    """--protocol mpi across two hosts: a worker on b gets an array from a worker on a
+    through MPI point-to-point (the data-plane engines count the bytes), correct sum."""
+    (tmp_path / "job.py").write_text(MPI_SCRIPT)
+    res = _job(hosts, mpich, tmp_path, "--layout", "compact", "--interface", "ib0",
+               "--protocol", "mpi", "job.py")
+    print(f"\n[multihost] --protocol mpi on 2 hosts over ib0: {res.seconds:.2f} s")
+    assert res.returncode == 0, res.shown
+    [line] = [ln for ln in res.stdout.splitlines() if ln.startswith("JOB ")]
+    job = json.loads(line[4:])
+    n = 2**22
+    assert job["sum"] == n * (n - 1) // 2, res.shown
+    assert set(job["hosts"].values()) == {"a", "b"}, res.shown
+    for address, host in job["hosts"].items():  # mpi://IB0-ADDRESS:PORT/RANK
+        assert re.match(rf"mpi://{re.escape(hosts.address(host, 'ib0'))}:\d+/\d+$",
+                        address), res.shown
+    assert job["stats"][job["a"]]["sent_bytes"] >= 8 * n, job
+    assert job["stats"][job["b"]]["received_bytes"] >= 8 * n, job
+    assert _nothing_left(hosts) == {}
+
+
 def _assert_clear_error(hosts, res, bound):
     assert res.returncode != 0, res.shown
     assert res.seconds < bound, res.shown
