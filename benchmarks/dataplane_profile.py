@@ -1,0 +1,139 @@
+"""Where the time of one worker-to-worker transfer over ``--protocol mpi`` goes.
+
+Run as the client script of a 4-rank job (rank 0 scheduler, 1 this script, 2 and 3 the
+workers A and B)::
+
+    mpiexec -n 4 dask-mpi-launch --protocol mpi --interface lo --no-dashboard \\
+        benchmarks/dataplane_profile.py [--repeat 7] 8 64 256 1024
+
+For each size (MiB) an array is made on A and a
+task on B needs it; the data-plane engines of both workers are instrumented (time stamps
+around ``Engine._send``, ``Engine._on_header``, ``Engine._deliver`` and ``from_frames``) and
+the transfer that B's own log reports is cut into phases, median over the timed repeats:
+
+- request noticed: B writes ``get_data`` -> A's progress thread has its header;
+- responder: A's header -> A's answer handed to MPI (distributed's handler, serialization);
+- answer noticed: A's answer handed to MPI -> B's progress thread has its header;
+- copy: B posts the receives -> the last byte is in B's fresh buffer (MPI's own work);
+- deserialize: B's buffer complete -> B's read returns the array;
+- other: the rest of B's logged duration (a connection from B's pool, B's bookkeeping).
+
+Prints a Markdown table; the copy column next to mpi4py's own Send/Recv tells how close the
+transport is, the other columns what Dask and the progress thread add.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from distributed import Client, wait
+
+
+def _install(dask_worker):
+    """Time stamps around the engine's steps in this worker's rank (idempotent)."""
+    from dask_mpi_launch import mpicomm
+
+    eng = mpicomm.engine()
+    eng._profile = []
+    if getattr(mpicomm, "_profiled", False):
+        return
+    mpicomm._profiled = True
+    engine_class = mpicomm.Engine
+
+    def wrap(name):
+        orig = getattr(engine_class, name)
+
+        def timed(self, *args, **kwargs):
+            t = time.time()
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                getattr(self, "_profile", []).append((name, t, time.time()))
+
+        setattr(engine_class, name, timed)
+
+    for name in ("_send", "_on_header", "_deliver"):
+        wrap(name)
+    from_frames = mpicomm.from_frames
+
+    async def timed_from_frames(*args, **kwargs):
+        t = time.time()
+        try:
+            return await from_frames(*args, **kwargs)
+        finally:
+            getattr(mpicomm.engine(), "_profile", []).append(("from_frames", t, time.time()))
+
+    mpicomm.from_frames = timed_from_frames
+
+
+def _collect(dask_worker):
+    from dask_mpi_launch import mpicomm
+
+    eng = mpicomm.engine()
+    events, eng._profile = list(eng._profile), []
+    log = list(dask_worker.transfer_incoming_log)
+    return events, (log[-1]["duration"] if log else None)
+
+
+def _nbytes(x):
+    return x.nbytes
+
+
+def _first(events, name, after=0.0):
+    return next((e for e in events if e[0] == name and e[1] >= after), None)
+
+
+def phases(a_events, b_events):
+    """The five phases (seconds) of one transfer, from both workers' time stamps."""
+    request = _first(b_events, "_send")
+    a_head = _first(a_events, "_on_header", request[1])
+    a_send = _first(a_events, "_send", a_head[1])
+    b_head = _first(b_events, "_on_header", a_send[1])
+    b_done = _first(b_events, "_deliver", b_head[1])
+    b_read = _first(b_events, "from_frames", b_done[1])
+    return {"request noticed": a_head[1] - request[1],
+            "responder": a_send[1] - a_head[1],
+            "answer noticed": b_head[1] - a_send[1],
+            "copy": b_done[1] - b_head[1],
+            "deserialize": b_read[2] - b_done[1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sizes", nargs="*", type=int, default=[8, 64, 256, 1024], help="MiB")
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    client = Client()
+    client.wait_for_workers(2)
+    a, b = sorted(client.scheduler_info()["workers"])[:2]
+    client.run(_install, workers=[a, b])
+    names = ["request noticed", "responder", "answer noticed", "copy", "deserialize", "other"]
+    print("| size | transfer ms (B's log) | GB/s | " + " | ".join(f"{n} ms" for n in names)
+          + " |")
+    print("|---" * (len(names) + 3) + "|")
+    for mib in args.sizes:
+        n = mib * 2**20
+        rows, totals = [], []
+        for rep in range(args.repeat + 1):  # the first is a warm-up
+            x = client.submit(np.ones, n // 8, workers=[a], pure=False)
+            wait(x)
+            client.run(_collect, workers=[a, b])
+            client.submit(_nbytes, x, workers=[b], pure=False).result()
+            got = client.run(_collect, workers=[a, b])
+            del x
+            if rep:
+                row = phases(got[a][0], got[b][0])
+                row["other"] = got[b][1] - sum(row.values())
+                rows.append(row)
+                totals.append(got[b][1])
+        total = statistics.median(totals)
+        print(f"| {mib} MiB | {total * 1e3:.2f} | {n / total / 1e9:.2f} | "
+              + " | ".join(f"{statistics.median(r[k] for r in rows) * 1e3:.2f}" for k in names)
+              + " |", flush=True)
+    client.close()
+
+
+if __name__ == "__main__":
+    main()
