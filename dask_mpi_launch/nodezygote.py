@@ -229,6 +229,7 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
     seen, parsed, wanted = 1, 0, not parse  # ranks connected, parsed; a role will start
     conns = [first]
     owners: dict[int, socket.socket] = {}  # role pid -> its rank's connection
+    parsed_for: dict[tuple, tuple] = {}  # the ranks' command lines are usually the same
     # until every rank of the node came and went (or the ranks' own connect wait is over)
     while conns or (parse and seen < size and time.monotonic() - born < wait):
         now = time.monotonic()
@@ -266,8 +267,13 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
             if message[0] == "exit":
                 _drop(conn, conns, owners)
             elif message[0] == "parse":
-                reply = parse_for(message, fds, parser_error)
-                fds = []  # closed by parse_for
+                key = _same_for_every_rank(message)
+                reply = parsed_for.get(key)
+                if reply is None:
+                    reply = parse_for(message, fds, parser_error)
+                    fds = []  # closed by parse_for
+                    if reply[0] == "settings":  # (what printed something is never reused)
+                        parsed_for[key] = reply
                 parsed += 1
                 last = time.monotonic()
                 wanted = wanted or reply[0] == "settings"
@@ -291,6 +297,25 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
                 os.close(fd)
         _reap(owners)
     listener.close()
+
+
+# What tells the ranks of a node apart in their environment: nothing that the settings
+# depend on (those come from the options, the DASK_* variables, the config files and the
+# working directory), so ranks that differ only in these get the same settings, parsed once.
+_RANK_VARIABLES = frozenset({
+    "PMI_RANK", "PMI_FD", "PMI_ID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
+    "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_NODE_RANK",
+    "OMPI_FILE_LOCATION", "PMIX_RANK", "PMIX_ID", "MV2_COMM_WORLD_RANK",
+    "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_TASK_PID",
+    "ALPS_APP_PE", "PALS_RANKID", "PALS_LOCAL_RANKID",
+})
+
+
+def _same_for_every_rank(message) -> tuple:
+    """A rank's parse request without what only names the rank."""
+    _, argv, env, cwd = message
+    return (tuple(argv), cwd,
+            tuple(sorted((k, v) for k, v in env.items() if k not in _RANK_VARIABLES)))
 
 
 def _drop(conn, conns, owners) -> None:

@@ -386,9 +386,7 @@ def parse_timeout(value, option) -> float:
 def check_interface(interface: str | None) -> None:
     if not interface:
         return
-    import psutil
-
-    names = sorted(psutil.net_if_addrs())
+    names = sorted({name for _, name in socket.if_nameindex()})  # as psutil.net_if_addrs()
     if interface not in names:
         raise UsageError(
             f"no network interface named {interface!r} on host {socket.gethostname()}: "

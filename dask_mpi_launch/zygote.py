@@ -115,6 +115,11 @@ class ZygoteLauncher:
     def parse(self, argv) -> tuple:
         """This rank's command line, parsed by the zygote: ``("settings", settings,
         check)``, or ``("status", n)`` once the zygote printed what the user must see."""
+        self.ask_parse(argv)
+        return self.parsed()
+
+    def ask_parse(self, argv) -> None:
+        """Send the command line (the reply is :meth:`parsed`)."""
         message = ("parse", list(argv), dict(os.environ), os.getcwd())
         flush()
         try:
@@ -122,6 +127,8 @@ class ZygoteLauncher:
         except OSError as e:
             raise LaunchError("the process that starts this rank's roles ended "
                               f"unexpectedly ({e})") from None
+
+    def parsed(self) -> tuple:
         while True:
             reply = self._receive()
             if reply[0] == "ready" and self._early_ready is None:

@@ -78,16 +78,24 @@ print("file", os.path.exists(os.path.join(os.path.dirname(__file__), "sub", "s.j
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("args, status, text, times", [
-    (["--version"], 0, "dask-mpi-launch, version ", 4),  # click prints it on every rank
-    (["--bogus"], 2, "Error: No such option '--bogus'.", 1),  # errors: rank 0 only
-    (["--memory-limit", "4XB", "x.py"], 2, "dask-mpi-launch: error: invalid --memory-limit", 1),
-    (["--no-share-imports", "--nthreads", "0", "x.py"], 2, "invalid --nthreads '0'", 1),
+def test_version_on_every_rank(venv):
+    out = venv.launch(4, "--version", timeout=HANG)
+    assert out.status == 0, out
+    assert out.out.count("dask-mpi-launch, version ") == 4, out  # as click always did
+
+
+# MPICH only: Open MPI ends the job at the first rank that exits non-zero, which may be
+# before rank 0 printed (as before this change: about 1 run in 10 with --no-share-imports)
+@pytest.mark.mpi
+@pytest.mark.parametrize("args, text", [
+    (["--bogus"], "Error: No such option '--bogus'."),  # errors: rank 0 only
+    (["--memory-limit", "4XB", "x.py"], "dask-mpi-launch: error: invalid --memory-limit"),
+    (["--no-share-imports", "--nthreads", "0", "x.py"], "invalid --nthreads '0'"),
 ])
-def test_parse_outcomes_as_before(venv, args, status, text, times):
-    out = venv.launch(4, *args, timeout=HANG)
-    assert out.status == status, out
-    assert out.output.count(text) == times, out
+def test_parse_errors_once_with_status_2(mpich, args, text):
+    out = mpich.launch(4, *args, timeout=HANG)
+    assert out.status == 2, out
+    assert out.output.count(text) == 1, out
 
 
 @pytest.mark.mpi
