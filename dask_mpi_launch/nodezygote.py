@@ -276,7 +276,9 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
                         parsed_for[key] = reply
                 parsed += 1
                 last = time.monotonic()
-                wanted = wanted or reply[0] == "settings"
+                # roles will start here (not after --check, nor for ranks that go per-rank)
+                wanted = wanted or (reply[0] == "settings" and not reply[2]
+                                    and reply[1].share_imports)
                 _send(conn, ("parsed", reply))
             elif error:
                 _send(conn, ("error", error) if message[0] == "start" else ("checked", error))
