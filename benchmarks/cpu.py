@@ -4,10 +4,11 @@
 Runs ``mpiexec -n N <command>`` (the same variants as startup.py: the import floor,
 dask-mpi, ours, an earlier version with DML_BENCH_BEFORE), and reports
 
-* total     CPU of the whole process tree (exact: the rusage of mpiexec's reaped children);
-* per kind  CPU of each kind of process (dml-rank, dml-zygote, dml-worker, ... by their
-            titles; python for the floor and dask-mpi) from samples of /proc every 10 ms
-            (a process's last < 10 ms are missed, so these sum to a little less).
+* per kind  CPU (user + system) of each kind of process (dml-rank, dml-zygote,
+            dml-worker, ... by their titles; python for the floor and dask-mpi), from
+            samples of /proc every 10 ms: a process's last < 10 ms are missed, so this is a
+            lower bound (rusage cannot replace it: a node zygote may end unreaped);
+* total     their sum.
 
 Standard library only.  ``bin/bench --cpu`` runs it, e.g. ``bin/bench --cpu --ranks 16``.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,8 +44,7 @@ def _processes():
 
 
 def run(argv, env, timeout: float):
-    """(wall, exact tree CPU, {kind: [processes, cpu]}) of one run."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """(wall, tree CPU, {kind: [processes, cpu]}, status) of one run."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -65,13 +64,11 @@ def run(argv, env, timeout: float):
                 last[(pid, started)] = (name, ticks)
         time.sleep(0.01)
     wall = time.monotonic() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     kinds: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     for name, ticks in last.values():
         kinds[name][0] += 1
         kinds[name][1] += ticks / HZ
-    return wall, total, dict(kinds), proc.returncode
+    return wall, sum(cpu for _, cpu in kinds.values()), dict(kinds), proc.returncode
 
 
 def main() -> None:
