@@ -353,6 +353,7 @@ def _parse_here(message, fds) -> tuple:
     """In the forked process: become the rank (its stdout, stderr, environment, working
     directory and dask config) and parse as the command always did."""
     _, argv, env, cwd = message
+    set_title("dml-parse")
     try:
         signal.set_wakeup_fd(-1)
     except ValueError:
