@@ -321,17 +321,19 @@ def parse_for(message, fds, error=None) -> tuple:
     flush()
     pid = os.fork()
     if pid == 0:
-        os.close(read_fd)
-        try:
-            data = pickle.dumps(_parse_here(message, fds))
-        except BaseException as e:
-            data = pickle.dumps(("error", f"cannot parse the command line: "
-                                          f"{type(e).__name__}: {e}"))
-        flush()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(write_fd, view):]
-        os._exit(0)
+        try:  # never returns: whatever happens, this process ends here
+            os.close(read_fd)
+            try:
+                data = pickle.dumps(_parse_here(message, fds))
+            except BaseException as e:
+                data = pickle.dumps(("error", f"cannot parse the command line: "
+                                              f"{type(e).__name__}: {e}"))
+            flush()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(write_fd, view):]
+        finally:
+            os._exit(0)
     os.close(write_fd)
     for fd in fds:
         os.close(fd)
