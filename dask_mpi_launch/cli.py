@@ -1,181 +1,44 @@
-"""``dask-mpi-launch``: options -> one Settings object -> every rank runs its roles."""
+"""``dask-mpi-launch``: every rank is a thin MPI process; its options are parsed, and its
+roles forked, by the zygote (``options.py``, ``zygote.py``, ``nodezygote.py``).
+
+The rank imports the standard library, mpi4py and the small modules of this package that
+supervise: no ``click``, no ``dask``, no ``distributed``. On a node of 16 ranks the heavy
+imports happen once, in the node's zygote, instead of 16 times. What the user sees is
+unchanged: the same help, the same one-line errors printed once, the same exit statuses.
+"""
 from __future__ import annotations
 
 import os
 import sys
 
-import click
-
-from . import __version__, config
 from .errors import LaunchError
-from .layout import LAYOUTS
 
 
-def _default(key: str) -> str:
-    value = config.get(key)
-    return "derived from the batch job" if value is None and key == "nthreads" else repr(value)
+def __getattr__(name):
+    if name == "command":  # the click command (docs, tests) lives where click is imported
+        from .options import command
+
+        return command
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _help(text: str, key: str) -> str:
-    return f"{text} [default: {_default(key)}, config mpi-launch.{key}]"
-
-
-def _looks_like_address(text: str) -> bool:
-    """dask-mpi's positional SCHEDULER_ADDRESS (``tcp://host:8786``, ``host:8786``)."""
-    if "://" in text:
-        return True
-    host, _, port = text.rpartition(":")
-    return bool(host) and port.isdigit() and not os.path.exists(text)
-
-
-CONTEXT = {
-    "help_option_names": ["-h", "--help"],
-    "ignore_unknown_options": False,
-    "allow_interspersed_args": False,
-    "max_content_width": 100,
-}
-
-
-@click.command(context_settings=CONTEXT)
-@click.argument("script", required=False, metavar="[SCRIPT]")
-@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
-@click.option("-m", "module", metavar="MODULE",
-              help="Run a module as the client script, like python -m (ARGS go to it).")
-@click.option("--layout", type=click.Choice(LAYOUTS), default=None,
-              help=_help("Which rank plays which role: dedicated (0 scheduler, 1 script, rest "
-                         "workers), compact (0 scheduler+script), full (0 also a worker).", "layout"))
-@click.option("--scheduler-rank", default=None, metavar="RANK",
-              help="Rank of the scheduler [default: 0]; the client runs on rank 1 (rank 0 "
-                   "when the scheduler is on 1) in the dedicated layout, on the scheduler's "
-                   "rank in the others.")
-@click.option("--exclusive-workers/--inclusive-workers", default=None,
-              help="dask-mpi's spelling of the layouts: --inclusive-workers also runs a "
-                   "worker on the scheduler's and the script's ranks (--layout full); "
-                   "--exclusive-workers does not (dedicated or compact).")
-@click.option("--interface", default=None, metavar="NAME",
-              help=_help("Network interface of scheduler and workers, e.g. ib0 or lo.", "interface"))
-@click.option("--protocol", default=None, metavar="NAME",
-              help=_help("Comm protocol: tls, tcp, ucx..., or mpi (workers run in their "
-                         "ranks and move data between them over MPI; the scheduler and "
-                         "clients keep TLS).", "protocol"))
-@click.option("--tls/--no-tls", default=None,
-              help=_help("Secure the cluster with TLS credentials made for this job and passed "
-                         "between ranks in memory; --no-tls (or --protocol tcp) opts out.",
-                         "tls"))
-@click.option("--scheduler-port", type=int, default=None,
-              help=_help("Scheduler port; 0 picks a free one.", "scheduler-port"))
-@click.option("--dashboard/--no-dashboard", default=None,
-              help=_help("Serve the scheduler's dashboard (needs bokeh).", "dashboard"))
-@click.option("--dashboard-address", default=None, metavar="[HOST]:PORT",
-              help=_help("Where the dashboard listens.", "dashboard-address"))
-@click.option("--nthreads", default=None, metavar="N",
-              help=_help("Threads per worker.", "nthreads"))
-@click.option("--memory-limit", default=None, metavar="SIZE",
-              help=_help("Memory per worker: 4GiB, 0.5 (of the node), or auto.", "memory-limit"))
-@click.option("--local-directory", default=None, metavar="PATH",
-              help=_help("Directory for the workers' spill files.", "local-directory"))
-@click.option("--worker-class", default=None, metavar="CLASS",
-              help=_help("Worker class to start, e.g. distributed.Nanny.", "worker-class"))
-@click.option("--nanny/--no-nanny", default=None,
-              help="dask-mpi's spelling of the worker class: --nanny is --worker-class "
-                   "distributed.Nanny, --no-nanny distributed.Worker.")
-@click.option("--worker-options", default=None, metavar="JSON",
-              help=_help("Extra keyword arguments for the worker class, as a JSON object.",
-                         "worker-options"))
-@click.option("--worker-processes", default=None, metavar="K",
-              help=_help("Worker processes per rank, forked after the imports (threads and "
-                         "memory split among them; names RANK-I).", "worker-processes"))
-@click.option("--worker-restarts", default=None, metavar="N",
-              help=_help("Times a worker process that dies is restarted before its death "
-                         "ends the job.", "worker-restarts"))
-@click.option("--share-imports/--no-share-imports", default=None,
-              help=_help("The ranks of a node share one process that imports distributed and "
-                         "starts every role of the node (one import per node); "
-                         "--no-share-imports: one per rank.", "share-imports"))
-@click.option("--scheduler/--no-scheduler", default=None,
-              help="Run a scheduler on rank 0 [default: yes]; --no-scheduler makes every rank "
-                   "add workers to the running cluster of --scheduler-file (join mode).")
-@click.option("--name", default=None, metavar="PREFIX",
-              help=_help("Prefix of the worker names (names are PREFIX-RANK; the rank alone "
-                         "without it).", "name"))
-@click.option("--scheduler-file", default=None, metavar="PATH",
-              help=_help("Write the scheduler's address here (atomically, once all workers "
-                         "are connected; removed at the end).", "scheduler-file"))
-@click.option("--wait-for-workers/--no-wait-for-workers", default=None,
-              help=_help("Start the script only once every worker is connected.",
-                         "wait-for-workers"))
-@click.option("--wait-timeout", default=None, metavar="SECONDS",
-              help=_help("Bound on that wait; a missing worker is an error after it.",
-                         "wait-timeout"))
-@click.option("--connect-timeout", default=None, metavar="SECONDS",
-              help=_help("Bound on a worker reaching the scheduler's address; after it, one "
-                         "message says which host cannot reach which address.",
-                         "connect-timeout"))
-@click.option("--check", is_flag=True, default=False,
-              help="Start no cluster: every rank reports its host and interfaces, ranks try "
-                   "to reach each other, and rank 0 prints which --interface connects all "
-                   "hosts (exit 0 if one does).")
-@click.option("--bootstrap", type=click.Choice(["mpi", "slurm", "auto"]), default=None,
-              help=_help("How ranks find each other: mpi; slurm (no MPI at all: roles from "
-                         "SLURM_PROCID, the address through files in --bootstrap-dir); auto "
-                         "(mpi, else slurm).", "bootstrap"))
-@click.option("--bootstrap-dir", default=None, metavar="PATH",
-              help=_help("Directory on a file system all nodes see, for --bootstrap slurm.",
-                         "bootstrap-dir"))
-@click.option("--jupyter", is_flag=True, default=None,
-              help="Run JupyterLab on the client rank instead of a script (needs the "
-                   "[jupyter] extra); the job ends when JupyterLab is shut down.")
-@click.option("--login-host", default=None, metavar="HOST",
-              help=_help("Login host to name in the banner's SSH tunnel line.", "login-host"))
-@click.option("--quiet", is_flag=True, default=None,
-              help="Print no banner when the cluster is ready.")
-@click.option("--log-level", default=None,
-              type=click.Choice(["debug", "info", "warning", "error", "critical"],
-                                case_sensitive=False),
-              help=_help("Level of Dask's loggers on every rank.", "log-level"))
-@click.version_option(__version__, "--version", prog_name="dask-mpi-launch")
-def command(script, args, module, check, **options):
-    """Run a Dask cluster on the ranks of an MPI job, and SCRIPT as its client.
-
-    \b
-        mpiexec -n 8 dask-mpi-launch [OPTIONS] script.py [ARGS]...
-        mpiexec -n 8 dask-mpi-launch [OPTIONS] -m package.module [ARGS]...
-        mpiexec -n 8 dask-mpi-launch --scheduler-file sched.json   (cluster only)
-        mpiexec -n 4 dask-mpi-launch --no-scheduler --scheduler-file sched.json  (join)
-
-    Rank 0 runs the scheduler, rank 1 runs SCRIPT as __main__ (distributed.Client()
-    connects with no arguments), every other rank runs a worker. The job's exit status is
-    the script's. Without SCRIPT the cluster runs until a client calls shutdown() or the
-    job is signalled. Options after SCRIPT are passed to it.
-    """
-    if module and script:
-        args = (script, *args)
-        script = None
-    if script and options.get("scheduler") is False and _looks_like_address(script):
-        raise click.UsageError(
-            f"dask-mpi-launch joins a cluster through its scheduler file, not an address "
-            f"({script}): give --scheduler-file PATH with --no-scheduler")
-    from .settings import resolve
-
-    settings = resolve(script=script, module=module, args=args, **options)
-    if check:
-        return run(settings, check=True)
-    return run(settings)
-
-
-def run(settings, check: bool = False) -> int:
+def run(settings, check: bool = False, launcher=None) -> int:
     """Run this rank's part of the job described by ``settings``; return the exit status.
 
     The rank forks its zygote first (role processes never hold MPI; ``distributed`` is
-    imported there while MPI starts here), then joins the control plane."""
+    imported there while MPI starts here), then joins the control plane. ``launcher``: the
+    zygote that parsed the command line (``main``), else one is started here."""
     if check:
         from . import diagnose
 
+        if launcher is not None:
+            launcher.close()
         control = _bootstrap(settings)
         return diagnose.run_check(getattr(control, "comm", control), settings)
     from .supervisor import Supervisor
 
-    launcher = _zygote(settings)
+    if launcher is None:
+        launcher = _zygote(settings)
     from .children import set_title
 
     set_title("dml-rank")
@@ -191,25 +54,29 @@ def run(settings, check: bool = False) -> int:
     return Supervisor(settings, control, launcher).run()
 
 
-def _zygote(settings):
+def _zygote(settings=None, argv=()):
     """The process that forks this rank's roles: the node's shared one where the launcher
-    says which ranks share the host, else one of the rank's own."""
+    says which ranks share the host, else one of the rank's own. Before the settings are
+    known (``main``), ``--no-share-imports`` on the command line already says which."""
     from . import nodezygote, zygote
 
-    local = nodezygote.local_rank() if settings.share_imports else None
+    share = settings.share_imports if settings is not None else (
+        "--no-share-imports" not in argv)
+    local = nodezygote.local_rank() if share else None
     if local is not None and local[1] > 1:
-        launcher = nodezygote.start(local)
+        launcher = nodezygote.start(local, parse=settings is None)
         if launcher is not None:
             return launcher
-    return zygote.start()
+    return zygote.start(parse=settings is None)
 
 
 def _bootstrap(settings):
     """The control plane between ranks: MPI, or files and Slurm's variables."""
     from . import mpi
-    from .filecontrol import from_slurm
 
     if settings.bootstrap == "slurm":
+        from .filecontrol import from_slurm
+
         return from_slurm(settings.bootstrap_dir)
     try:
         MPI = mpi.load()
@@ -218,25 +85,69 @@ def _bootstrap(settings):
         if settings.bootstrap != "auto" or "SLURM_PROCID" not in os.environ:
             raise
         _finalize_if_alone()
+        from .filecontrol import from_slurm
+
         return from_slurm(settings.bootstrap_dir)
     from .control import Control
 
     return Control(MPI.COMM_WORLD)
 
 
+def _parse(argv):
+    """The zygote parses this rank's command line: (launcher or None, settings, check) to
+    run, or (None, None, status) once it printed what the user must see."""
+    launcher = _zygote(argv=argv)
+    try:
+        launcher.ask_parse(argv)
+        _meanwhile(argv)
+        parsed = launcher.parsed()
+    except BaseException:
+        launcher.close(abandon=True)
+        raise
+    if parsed[0] == "status":
+        launcher.close(abandon=True)
+        return None, None, parsed[1]
+    settings, check = parsed[1], parsed[2]
+    from .nodezygote import NodeLauncher
+
+    if check or (isinstance(launcher, NodeLauncher) and not settings.share_imports):
+        launcher.close(abandon=True)  # --check starts no roles; a config said one per rank
+        launcher = None
+    return launcher, settings, check
+
+
+def _meanwhile(argv) -> None:
+    """While the zygote parses: import what the rank runs with, and load (not initialize)
+    the MPI library. MPICH's MPI_Init busy-waits for the node's other ranks, so ranks should
+    reach it together, right after their settings arrive (on 2 cores, 16 ranks arriving
+    over 0.75 s burnt up to 0.34 s of CPU each). Not when the options may say that this job
+    runs without MPI (--bootstrap), nor where mpi4py or its library is missing (the error
+    is reported where MPI is needed)."""
+    from . import supervisor  # noqa: F401
+
+    if any(a == "--bootstrap" or a.startswith("--bootstrap=") for a in argv) or (
+            "DASK_MPI_LAUNCH__BOOTSTRAP" in os.environ) or "mpi4py.MPI" in sys.modules:
+        return
+    try:
+        import mpi4py
+
+        mpi4py.rc.initialize = False  # mpi.load() initializes it
+        mpi4py.rc.finalize = False
+        from mpi4py import MPI  # noqa: F401
+    except Exception:
+        sys.modules.pop("mpi4py.MPI", None)
+
+
 def main(argv=None) -> None:
     """Console entry point: one clear line per error, printed by one rank only."""
     from . import mpi
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        status = command.main(args=argv, prog_name="dask-mpi-launch", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        status = e.exit_code
-    except click.ClickException as e:
-        if mpi.rank_from_environment() == 0:
-            e.show()
-        status = e.exit_code
-    except click.Abort:
+        launcher, settings, extra = _parse(argv)  # extra: --check, or the exit status
+        status = extra if settings is None else run(settings, check=extra, launcher=launcher)
+    except (KeyboardInterrupt, EOFError):  # as click's Abort did
+        print(file=sys.stderr)
         status = 130
     except LaunchError as e:
         mpi.say_once(e.message)

@@ -15,7 +15,10 @@ dask.config.update_defaults(_DEFAULTS)
 
 
 def get(key: str, value=None):
-    """``value`` if given, else the configured ``mpi-launch.<key>``."""
+    """``value`` if given, else the configured ``mpi-launch.<key>``; the packaged default
+    where the config has lost it (a ``dask.config.set`` block that began before this module
+    was imported removes the whole ``mpi-launch`` section when it ends)."""
     if value is not None:
         return value
-    return dask.config.get(f"mpi-launch.{key}")
+    return dask.config.get(f"mpi-launch.{key}",
+                           default=_DEFAULTS.get("mpi-launch", {}).get(key))

@@ -70,9 +70,21 @@ def load():
             "or load your site's MPI module before starting"
         ) from None
     if not MPI.Is_initialized():  # imported earlier with mpi4py.rc.initialize = False
-        MPI.Init_thread()
+        _init(MPI, mpi4py.rc)
         mpi4py.rc.finalize = False
     return MPI
+
+
+def _init(MPI, rc) -> None:
+    """Initialize MPI as mpi4py's import would have (its rc: MPI4PY_RC_THREADS and
+    MPI4PY_RC_THREAD_LEVEL)."""
+    if not getattr(rc, "threads", True):
+        MPI.Init()
+        return
+    levels = {"single": MPI.THREAD_SINGLE, "funneled": MPI.THREAD_FUNNELED,
+              "serialized": MPI.THREAD_SERIALIZED, "multiple": MPI.THREAD_MULTIPLE}
+    MPI.Init_thread(levels.get(str(getattr(rc, "thread_level", "multiple")).lower(),
+                               MPI.THREAD_MULTIPLE))
 
 
 def finalize_at_exit() -> None:

@@ -33,7 +33,7 @@ import time
 from .children import Child, enter_role, flush, run_body, set_title
 from .errors import LaunchError
 from .status import Ended
-from .zygote import _MAX, ZygoteLauncher, _send
+from .zygote import _MAX, ZygoteLauncher, _send, import_parser, parse_for
 
 _LOCAL = (("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
           ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
@@ -94,10 +94,11 @@ class RemoteChild(Child):
 class NodeLauncher(ZygoteLauncher):
     """A rank's side of the node's shared zygote."""
 
-    def __init__(self, sock: socket.socket, pid: int | None):
+    def __init__(self, sock: socket.socket, pid: int | None, wait: float = 10.0):
         super().__init__(sock, pid)
         self.exits: dict[int, int] = {}  # pid -> raw wait status, told by the zygote
         self.lost = False
+        self.wait = wait
 
     def _receive(self):
         while True:
@@ -139,10 +140,30 @@ class NodeLauncher(ZygoteLauncher):
     # never wait for the other ranks of the node (the first rank's zygote ends with it)
     _close_wait = os.WNOHANG
 
+    def _abandon(self) -> None:
+        """The node's first rank started nothing (it exits after --help, say): the other
+        ranks of the node may still need the zygote to parse their command line, so it is
+        left to end by itself once they are done (bounded), then killed."""
+        deadline = time.monotonic() + 2 * self.wait + 5
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
 
-def start(local: tuple[int, int], wait: float = 10.0, preload=("distributed",)):
+
+def start(local: tuple[int, int], wait: float = 10.0, preload=("distributed",),
+          parse: bool = False):
     """The node's zygote for this rank: fork it (local rank 0) or connect to it; None where
-    neither worked (the caller forks a zygote of its own)."""
+    neither worked (the caller forks a zygote of its own). ``parse``: the ranks send their
+    command lines first; ``preload`` is imported once they all got their settings (or none
+    came for ``idle`` seconds), not at all when none of them will start a role."""
     name = "\0" + socket_name()
     if local[0] == 0:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -158,10 +179,10 @@ def start(local: tuple[int, int], wait: float = 10.0, preload=("distributed",)):
         if pid:
             listener.close()
             theirs.close()
-            return NodeLauncher(ours, pid)
+            return NodeLauncher(ours, pid, wait)
         ours.close()
         try:
-            _serve(theirs, listener, os.getppid(), preload)
+            _serve(theirs, listener, os.getppid(), preload, parse, local[1], wait)
         finally:
             os._exit(0)
     deadline = time.monotonic() + wait
@@ -178,10 +199,14 @@ def start(local: tuple[int, int], wait: float = 10.0, preload=("distributed",)):
         if _peer_uid(sock) != os.getuid():
             sock.close()
             return None
-        return NodeLauncher(sock, None)
+        return NodeLauncher(sock, None, wait)
 
 
-def _serve(first: socket.socket, listener: socket.socket, leader: int, preload) -> None:
+IDLE = 1.0  # seconds without a new command line after which the zygote imports anyway
+
+
+def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
+           parse: bool = False, size: int = 1, wait: float = 10.0) -> None:
     import ctypes
 
     try:  # the zygote never outlives the node's first rank, and leaves signals to it
@@ -197,27 +222,40 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload) 
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    error = None
-    try:
-        import importlib
-
-        for module in preload:
-            importlib.import_module(module)
-        from .roles import run_check, run_role
-    except BaseException as e:
-        error = f"cannot import {' and '.join(preload)}: {type(e).__name__}: {e}"
+    born = last = time.monotonic()
+    parser_error = import_parser() if parse else None
+    imported = False
+    error = run_check = run_role = None
+    seen, parsed, wanted = 1, 0, not parse  # ranks connected, parsed; a role will start
     conns = [first]
     owners: dict[int, socket.socket] = {}  # role pid -> its rank's connection
-    _send(first, ("ready", error))
-    while conns:
-        readable = select.select([listener, wake_r, *conns], [], [], 1.0)[0]
+    parsed_for: dict[tuple, tuple] = {}  # the ranks' command lines are usually the same
+    # until every rank of the node came and went (or the ranks' own connect wait is over)
+    while conns or (parse and seen < size and time.monotonic() - born < wait):
+        now = time.monotonic()
+        if not imported and wanted and (not parse or parsed >= size or now - last >= IDLE):
+            imported = True
+            try:
+                import importlib
+
+                for module in preload:
+                    importlib.import_module(module)
+                from .roles import run_check, run_role
+            except BaseException as e:
+                error = f"cannot import {' and '.join(preload)}: {type(e).__name__}: {e}"
+            for conn in conns:
+                _send(conn, ("ready", error))
+        timeout = 1.0 if imported or not wanted else max(0.0, IDLE - (now - last))
+        readable = select.select([listener, wake_r, *conns], [], [], timeout)[0]
         if wake_r in readable:
             os.read(wake_r, 4096)
         if listener in readable:
             conn, _ = listener.accept()
             if _peer_uid(conn) == os.getuid():
                 conns.append(conn)
-                _send(conn, ("ready", error))
+                seen += 1
+                if imported:
+                    _send(conn, ("ready", error))
             else:
                 conn.close()
         for conn in [c for c in conns if c in readable]:
@@ -228,6 +266,20 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload) 
             message = pickle.loads(data) if data else ("exit",)
             if message[0] == "exit":
                 _drop(conn, conns, owners)
+            elif message[0] == "parse":
+                key = _same_for_every_rank(message)
+                reply = parsed_for.get(key)
+                if reply is None:
+                    reply = parse_for(message, fds, parser_error)
+                    fds = []  # closed by parse_for
+                    if reply[0] == "settings":  # (what printed something is never reused)
+                        parsed_for[key] = reply
+                parsed += 1
+                last = time.monotonic()
+                # roles will start here (not after --check, nor for ranks that go per-rank)
+                wanted = wanted or (reply[0] == "settings" and not reply[2]
+                                    and reply[1].share_imports)
+                _send(conn, ("parsed", reply))
             elif error:
                 _send(conn, ("error", error) if message[0] == "start" else ("checked", error))
             elif message[0] == "check":
@@ -247,6 +299,25 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload) 
                 os.close(fd)
         _reap(owners)
     listener.close()
+
+
+# What tells the ranks of a node apart in their environment: nothing that the settings
+# depend on (those come from the options, the DASK_* variables, the config files and the
+# working directory), so ranks that differ only in these get the same settings, parsed once.
+_RANK_VARIABLES = frozenset({
+    "PMI_RANK", "PMI_FD", "PMI_ID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
+    "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_NODE_RANK",
+    "OMPI_FILE_LOCATION", "PMIX_RANK", "PMIX_ID", "MV2_COMM_WORLD_RANK",
+    "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_TASK_PID",
+    "ALPS_APP_PE", "PALS_RANKID", "PALS_LOCAL_RANKID",
+})
+
+
+def _same_for_every_rank(message) -> tuple:
+    """A rank's parse request without what only names the rank."""
+    _, argv, env, cwd = message
+    return (tuple(argv), cwd,
+            tuple(sorted((k, v) for k, v in env.items() if k not in _RANK_VARIABLES)))
 
 
 def _drop(conn, conns, owners) -> None:

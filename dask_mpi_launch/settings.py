@@ -2,7 +2,9 @@
 
 Every option defaults to ``None`` and falls back to ``dask.config`` (``mpi-launch.*``).
 Checks raise :class:`UsageError` with one line saying what is wrong and how to fix it.
-They import nothing heavy: no mpi4py, no distributed.
+They import nothing heavy: no mpi4py, no distributed; ``dask.config`` only to resolve
+(done by the zygote for the command line: the rank that runs with the result never
+imports dask).
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import socket
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from . import config
 from .errors import UsageError
 from .layout import LAYOUTS, Layout, layout_name
 
@@ -128,6 +129,8 @@ def resolve(**options) -> Settings:
     Raises UsageError for values that are wrong wherever they are read (bad sizes,
     bad JSON, ...). Host-dependent checks are in :func:`check_on_host`.
     """
+    from . import config
+
     known = {f.name for f in fields(Settings)}
     unknown = set(options) - known
     if unknown:
@@ -193,6 +196,8 @@ def resolve(**options) -> Settings:
 def _tls(explicit, protocol):
     """(tls, protocol): TLS unless another protocol is asked for, or --no-tls. With the
     ``mpi`` protocol (workers' data over MPI) the cluster's door stays TLS unless --no-tls."""
+    from . import config
+
     if protocol == "mpi":
         return (explicit if explicit is not None else bool(config.get("tls"))), protocol
     if protocol not in (None, "tls"):
@@ -381,9 +386,7 @@ def parse_timeout(value, option) -> float:
 def check_interface(interface: str | None) -> None:
     if not interface:
         return
-    import psutil
-
-    names = sorted(psutil.net_if_addrs())
+    names = sorted({name for _, name in socket.if_nameindex()})  # as psutil.net_if_addrs()
     if interface not in names:
         raise UsageError(
             f"no network interface named {interface!r} on host {socket.gethostname()}: "

@@ -54,8 +54,6 @@ def worker_resources(settings):
     import resource
     import socket
 
-    import psutil
-
     from .environment import detect_resources
 
     s = settings
@@ -68,7 +66,7 @@ def worker_resources(settings):
             pass
     found = detect_resources(os.environ, local_ranks=local_ranks(),
                              cpu_count=os.cpu_count() or 1,
-                             total_memory=psutil.virtual_memory().total,
+                             total_memory=_total_memory(),
                              worker_processes=s.worker_processes,
                              pe_hostfile=pe_hostfile, hostname=socket.gethostname(),
                              # Grid Engine's h_vmem is the job's address-space limit
@@ -79,6 +77,17 @@ def worker_resources(settings):
     if memory_limit == "auto" and found.memory_limit:
         memory_limit = found.memory_limit
     return nthreads, memory_limit
+
+
+def _total_memory() -> int:
+    """The host's memory in bytes, as psutil.virtual_memory().total (without importing
+    psutil in the rank)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        import psutil
+
+        return psutil.virtual_memory().total
 
 
 def start_client(sup) -> None:

@@ -20,8 +20,15 @@ process group exactly as if it had forked it itself. Requests and replies are pi
 tuples over a private ``socketpair`` (nobody else can write to it); the role's pipe and
 stdin travel as file descriptors (``SCM_RIGHTS``).
 
+The command line is parsed here too (``options.py``: ``click`` and ``dask.config`` are
+imported here, never in the rank), in a process forked for the purpose with the rank's
+arguments, environment, working directory, standard output and error; ``distributed`` is
+imported only once the rank has its settings (and not at all after ``--help``).
+
 Requests (rank -> zygote) and replies::
 
+    ("parse", argv, env, cwd)  + fds [stdout, stderr]  ->  ("parsed", ("settings", s, check)
+                                   | ("status", n) | ("error", message))   (may come first)
     ("start", role, label, spec, returns)  + fds [pipe, stdin?]  ->  ("started", pid)
     ("check", what, value)                                       ->  ("checked", error|None)
     ("exit",)
@@ -48,11 +55,12 @@ class ZygoteLauncher:
         self.sock = sock
         self.pid = pid
         self._ready = False
+        self._early_ready = None  # a "ready" that came before the reply to "parse"
 
     def _wait_ready(self) -> None:
         if self._ready:
             return
-        reply = self._receive()
+        reply = self._early_ready or self._receive()
         if reply[0] != "ready":
             raise LaunchError(f"the role starter of this rank answered {reply[0]!r}")
         if reply[1]:
@@ -104,6 +112,35 @@ class ZygoteLauncher:
     def _child(self, role, label, pid, fd, spec) -> Child:
         return Child(role, label, pid, fd, spec)
 
+    def parse(self, argv) -> tuple:
+        """This rank's command line, parsed by the zygote: ``("settings", settings,
+        check)``, or ``("status", n)`` once the zygote printed what the user must see."""
+        self.ask_parse(argv)
+        return self.parsed()
+
+    def ask_parse(self, argv) -> None:
+        """Send the command line (the reply is :meth:`parsed`)."""
+        message = ("parse", list(argv), dict(os.environ), os.getcwd())
+        flush()
+        try:
+            socket.send_fds(self.sock, [pickle.dumps(message)], [1, 2])
+        except OSError as e:
+            raise LaunchError("the process that starts this rank's roles ended "
+                              f"unexpectedly ({e})") from None
+
+    def parsed(self) -> tuple:
+        while True:
+            reply = self._receive()
+            if reply[0] == "ready" and self._early_ready is None:
+                self._early_ready = reply
+            elif reply[0] == "parsed":
+                break
+            else:
+                raise LaunchError(f"the role starter of this rank answered {reply[0]!r}")
+        if reply[1][0] == "error":
+            raise LaunchError(reply[1][1])
+        return reply[1]
+
     def check(self, what, value):
         reply = self._request(("check", what, value))
         return reply[1]
@@ -111,8 +148,10 @@ class ZygoteLauncher:
     #: how close() waits for the zygote: this rank's own zygote ends at once
     _close_wait = 0
 
-    def close(self) -> None:
-        """Tell the zygote this rank is done (then reap it, if it is ours)."""
+    def close(self, abandon: bool = False) -> None:
+        """Tell the zygote this rank is done (then reap it, if it is ours). ``abandon``:
+        no role was started (the rank exits after --help, or runs without this zygote):
+        this rank's own zygote is killed rather than waited for (it may be importing)."""
         if self.sock is None:
             return
         try:
@@ -122,15 +161,24 @@ class ZygoteLauncher:
         self.sock.close()
         self.sock = None
         if self.pid is not None:
+            if abandon:
+                self._abandon()
             try:
                 os.waitpid(self.pid, self._close_wait)
             except ChildProcessError:
                 pass
 
+    def _abandon(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
 
-def start(preload=("distributed",)) -> ZygoteLauncher:
+
+def start(preload=("distributed",), parse: bool = False) -> ZygoteLauncher:
     """Fork the zygote (call before MPI is loaded). In the process that ``initialize()``'s
-    client becomes, this raises :class:`BecomeClient` instead of returning."""
+    client becomes, this raises :class:`BecomeClient` instead of returning. ``parse``: the
+    rank's first request is "parse" (the command line), served before the imports."""
     become_subreaper()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     rank = os.getpid()
@@ -141,7 +189,7 @@ def start(preload=("distributed",)) -> ZygoteLauncher:
         return ZygoteLauncher(ours, pid)
     ours.close()
     try:
-        _serve(theirs, rank, preload)  # returns only by raising BecomeClient
+        _serve(theirs, rank, preload, parse)  # returns only by raising BecomeClient
     except BecomeClient:
         theirs.close()
         raise
@@ -150,7 +198,7 @@ def start(preload=("distributed",)) -> ZygoteLauncher:
     os._exit(0)
 
 
-def _serve(sock: socket.socket, rank: int, preload) -> None:
+def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None:
     import ctypes
 
     try:  # the zygote never outlives its rank, and leaves signals to it
@@ -162,6 +210,19 @@ def _serve(sock: socket.socket, rank: int, preload) -> None:
     set_title("dml-zygote")
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    if parse:
+        parser_error = import_parser()
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, _MAX, 4)
+        except OSError:
+            return
+        message = pickle.loads(data) if data else ("exit",)
+        if message[0] != "parse":
+            return
+        reply = parse_for(message, fds, parser_error)
+        _send(sock, ("parsed", reply))
+        if reply[0] != "settings":
+            return  # the rank exits: nothing to import for
     error = None
     try:
         import importlib
@@ -238,6 +299,82 @@ def _fork_role(sock, rank, role, spec, pipe, stdin, returns, run_role) -> int:
     if not data:
         raise OSError("fork failed")
     return int(data)
+
+
+def import_parser() -> str | None:
+    """Import what parsing the command line needs (click, dask.config); the error, if any."""
+    try:
+        from . import options  # noqa: F401
+    except BaseException as e:
+        return f"cannot import click and dask: {type(e).__name__}: {e}"
+    return None
+
+
+def parse_for(message, fds, error=None) -> tuple:
+    """Parse a rank's command line (``message``: ("parse", argv, env, cwd); ``fds``: its
+    stdout and stderr) in a process forked for it; the reply for the rank."""
+    if error:
+        for fd in fds:
+            os.close(fd)
+        return ("error", error)
+    read_fd, write_fd = os.pipe()
+    flush()
+    pid = os.fork()
+    if pid == 0:
+        try:  # never returns: whatever happens, this process ends here
+            os.close(read_fd)
+            try:
+                data = pickle.dumps(_parse_here(message, fds))
+            except BaseException as e:
+                data = pickle.dumps(("error", f"cannot parse the command line: "
+                                              f"{type(e).__name__}: {e}"))
+            flush()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(write_fd, view):]
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    for fd in fds:
+        os.close(fd)
+    chunks = []
+    while True:
+        chunk = os.read(read_fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    try:
+        return pickle.loads(b"".join(chunks))
+    except Exception:
+        return ("error", "the process that parses the command line ended unexpectedly")
+
+
+def _parse_here(message, fds) -> tuple:
+    """In the forked process: become the rank (its stdout, stderr, environment, working
+    directory and dask config) and parse as the command always did."""
+    _, argv, env, cwd = message
+    set_title("dml-parse")
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    os.dup2(fds[0], 1)
+    os.dup2(fds[1], 2)
+    for fd in fds:
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    import dask.config
+
+    if hasattr(dask.config, "_get_paths"):  # the rank's DASK_CONFIG and HOME
+        dask.config.paths[:] = dask.config._get_paths()
+    dask.config.refresh()
+    from .options import parse
+
+    return parse(argv)
 
 
 def _send(sock, message) -> None:
