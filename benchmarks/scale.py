@@ -16,7 +16,9 @@ Measured per trial (times from GO):
 * lat p50/p99/max  each worker's own ``await Worker(...)`` (connect + handshake + register);
 * retries   worker-side connect retries ("Could not connect", "Waiting to connect") and
             failed workers;
-* SYN drops the kernel's ListenDrops counter over the registration (full accept queues).
+* SYN drops the kernel's ListenDrops counter over the registration (full accept queues);
+* teardown  then the job ends (--teardown order): seconds until the scheduler process and
+            until every process is gone, and the scheduler's CPU meanwhile.
 Cost model: the version comparison each registration makes against every connected worker
 (``distributed.versions.error_message``), timed alone at --model-sizes connected workers.
 Trials are bounded (--timeout); all processes are in their own process groups, killed at the
@@ -31,7 +33,8 @@ nice 10 and switch off per-worker background timers (profiler off, tick 1 s, sys
 defaults.  On 2 cores the workers and the scheduler share the CPU, so absolute
 numbers are lower than on a cluster where each worker has its own host; compare the shape.
 
-Diagnostics: BENCH_SCALE_PROFILE=FILE dumps a cProfile of the scheduler process (last trial).
+Diagnostics: BENCH_SCALE_PROFILE=FILE dumps a cProfile of the scheduler process (last trial;
+with a teardown: FILE.registration until the job's end, FILE from there).
 Writes results/scale.{md,json,png}.  Usually run through ``bin/bench-scale``.
 """
 from __future__ import annotations
@@ -178,7 +181,7 @@ def child_scheduler(expect: int, config: dict, timeout: float, settle: float,
     import distributed
 
     from dask_mpi_launch import roles, scheduler_ext
-    from dask_mpi_launch.process import Channel
+    from dask_mpi_launch.children import Channel
     from dask_mpi_launch.security import security_from
     if which == "upstream":
         scheduler_ext.Scheduler = distributed.Scheduler  # run_scheduler imports it at call
@@ -239,11 +242,27 @@ def dask_setup(scheduler) -> None:
             "log": counter, "log_sample": keep,
         }
         print("DONE=" + json.dumps(out), flush=True)
-        await loop.run_in_executor(None, sys.stdin.readline)  # parent says stop (or kills)
+        # the parent says STOP (or kills), or END: the job ends, the role's own SIGTERM
+        # handling closes the scheduler (its CPU from here is the teardown's)
+        line = await loop.run_in_executor(None, sys.stdin.readline)
         prof = getattr(sys.modules.get("__main__"), "_PROF", None)
-        if prof is not None:
-            prof.disable()
-            prof.dump_stats(os.environ["BENCH_SCALE_PROFILE"])
+
+        def dump() -> None:
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(os.environ["BENCH_SCALE_PROFILE"])
+
+        if line.strip() == "END":
+            if prof is not None:  # the teardown's profile: from here to the exit
+                import atexit
+                prof.disable()
+                prof.dump_stats(os.environ["BENCH_SCALE_PROFILE"] + ".registration")
+                prof.clear()
+                prof.enable()
+                atexit.register(dump)
+            print(f"ENDCPU={_cpu()!r}", flush=True)
+            return
+        dump()
         os._exit(0)
 
     scheduler._bench_measure = asyncio.ensure_future(measure())
@@ -358,8 +377,17 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
                "cpu": round(_cpu() - cpu0, 3), "wall": round(time.time() - go, 3),
                "log": counter, "log_sample": keep}
         print("WORKERS=" + json.dumps(out), flush=True)
-        await loop.run_in_executor(None, sys.stdin.readline)
-        os._exit(0)  # closing 100s of workers politely is not what we measure
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if line.strip() != "CLOSE":
+            os._exit(0)  # STOP: no teardown measured
+        # CLOSE: the job ends here. Close the workers that are still running (what the
+        # worker role does on SIGTERM), wait for every one (also those the scheduler
+        # closed), then end
+        await asyncio.gather(*(w.close(reason="dask-mpi-launch: job ending")
+                               for w in workers if w.status.name not in ("closing", "closed")),
+                             return_exceptions=True)
+        await asyncio.gather(*(w.finished() for w in workers), return_exceptions=True)
+        os._exit(0)
 
     asyncio.run(main())
     return 0
@@ -378,7 +406,7 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
     import dask
     dask.config.set(config)
     from dask_mpi_launch import roles
-    from dask_mpi_launch.process import Channel
+    from dask_mpi_launch.children import Channel
     from dask_mpi_launch.security import security_from
 
     credentials = _read_credentials(tls_file)
@@ -386,6 +414,7 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
     print("READY", flush=True)
     go = float(sys.stdin.readline().split()[1])
     pipes: dict[int, tuple[int, float]] = {}
+    roles_pids: list[int] = []
     for i in range(count):
         r, w = os.pipe()
         t0 = time.time()
@@ -400,6 +429,7 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
                 os._exit(status)
         os.close(w)
         pipes[r] = (pid, t0)
+        roles_pids.append(pid)
     lat, errors, buffers = [], [], {fd: b"" for fd in pipes}
     while pipes and time.time() < go + timeout:
         ready, _, _ = select.select(list(pipes), [], [], 0.5)
@@ -421,7 +451,20 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
            "errors": errors[:5], "pending": len(pipes), "cpu": 0.0,
            "wall": round(time.time() - go, 3), "log": {}, "log_sample": errors[:5]}
     print("WORKERS=" + json.dumps(out), flush=True)
-    sys.stdin.readline()
+    if sys.stdin.readline().strip() == "CLOSE":
+        # the job ends: SIGTERM to the role processes still running (as their rank does),
+        # then wait for every one (bounded by the parent, which kills the group)
+        for pid in roles_pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in roles_pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        return 0
     os.killpg(0, signal.SIGKILL)  # the role processes with us
     return 0
 
@@ -507,8 +550,76 @@ def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
+def _reap(child: "Child") -> tuple[bool, float | None]:
+    """Whether the child has ended (reaped here), and its CPU seconds if it has."""
+    try:
+        pid, status, ru = os.wait4(child.p.pid, os.WNOHANG)
+    except ChildProcessError:
+        return True, None
+    if pid == 0:
+        return False, None
+    child.p.returncode = os.waitstatus_to_exitcode(status)
+    return True, ru.ru_utime + ru.ru_stime
+
+
+def teardown(sched: "Child", workers: list["Child"], order: str, timeout: float) -> dict:
+    """The end of the job, from the moment every worker is registered, in ``order``:
+
+    * ``scheduler-first`` (what the launcher does): the scheduler role gets SIGTERM and
+      closes (its ``close`` tells every worker to close); once it is gone, the worker
+      processes close what is still running;
+    * ``workers-first`` (the launcher before): every worker closes itself (the worker
+      role's SIGTERM handling), then the scheduler role gets SIGTERM.
+
+    Returns seconds from the job's end until the scheduler process and until every
+    process ended, and the scheduler's CPU seconds meanwhile; bounded by ``timeout``
+    (then the rest is killed and ``teardown_status`` says so)."""
+    t0 = time.time()
+    deadline = t0 + timeout
+    sched.send("END\n")
+    line = sched.expect("ENDCPU=", t0 + 30)
+    cpu0 = float(line) if line else None
+    ended: dict = {}
+
+    def wait_for(kids: list[Child]) -> bool:
+        while time.time() < deadline:
+            for c in kids:
+                if c not in ended:
+                    if c is sched:
+                        gone, cpu = _reap(c)
+                        if gone:
+                            ended[c] = (time.time(), cpu)
+                    elif c.p.poll() is not None:
+                        ended[c] = (time.time(), None)
+            if all(c in ended for c in kids):
+                return True
+            time.sleep(0.01)
+        return False
+
+    def close_workers() -> None:
+        for c in workers:
+            c.send("CLOSE\n")
+
+    if order == "scheduler-first":
+        os.kill(sched.p.pid, signal.SIGTERM)
+        ok = wait_for([sched])
+        close_workers()
+        ok = wait_for(workers) and ok
+    else:
+        close_workers()
+        ok = wait_for(workers)
+        os.kill(sched.p.pid, signal.SIGTERM)
+        ok = wait_for([sched]) and ok
+    out = {"teardown_order": order, "teardown_status": "ok" if ok else "timeout",
+           "t_sched_gone": round(ended[sched][0] - t0, 3) if sched in ended else None,
+           "t_all_gone": round(max(t for t, _ in ended.values()) - t0, 3) if ok else None}
+    cpu1 = ended.get(sched, (None, None))[1]
+    out["cpu_teardown"] = round(cpu1 - cpu0, 3) if None not in (cpu0, cpu1) else None
+    return out
+
+
 def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
-              which: str = "ours") -> dict:
+              which: str = "ours", order: str | None = None) -> dict:
     py = sys.executable
     me = str(Path(__file__).resolve())
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -559,6 +670,8 @@ def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
         res.update(json.loads(done))
         res["workers"] = reports
         res["status"] = "ok" if res["connected"] >= n else "timeout"
+        if order:
+            res.update(teardown(sched, children[1:], order, args.timeout))
         return res
     finally:
         # workers first (SIGKILL: closing them politely is not what we measure), then the
@@ -640,6 +753,10 @@ def summarize(trial: dict) -> dict:
         "failed": failed, "listen_drops": trial.get("listen_drops"),
         "worker_cpu": round(sum(r["cpu"] for r in reports), 1) if reports else None,
         "sched_rss": trial.get("maxrss_mb"), "load1": trial.get("load1"),
+        "teardown_order": trial.get("teardown_order"),
+        "teardown_status": trial.get("teardown_status"),
+        "t_sched_gone": trial.get("t_sched_gone"), "t_all_gone": trial.get("t_all_gone"),
+        "sched_teardown_cpu": trial.get("cpu_teardown"),
     }
     if trial["status"] != "ok":
         row["why"] = trial.get("why") or f"{trial.get('connected')} of {n} connected"
@@ -671,8 +788,10 @@ def table(rows: list[dict], timeout: float) -> list[str]:
     out = ["| variant | workers | status | first s | all s | 50 % s | 90 % s | workers/s "
            "| peak /s "
            "| sched CPU | sched ms/worker | sched-bound /s | unresp. (max s) "
-           "| lat p50/p99/max s | retries | SYN drops | failed | load |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+           "| lat p50/p99/max s | retries | SYN drops | failed "
+           "| teardown s: scheduler / all (sched CPU s) | load |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:"
+           "|---|---:|"]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}** ({r.get('why')})"
         t_all = _f(r["t_all"]) if r["t_all"] else f"> {timeout:g}"
@@ -686,8 +805,26 @@ def table(rows: list[dict], timeout: float) -> list[str]:
             f"| {unresp} "
             f"| {_f(r['lat50'])} / {_f(r['lat99'])} / {_f(r['latmax'])} "
             f"| {r['retries']} | {'–' if r.get('listen_drops') is None else r['listen_drops']} "
-            f"| {r['failed']} | {_f(r['load1'], 1)} |")
+            f"| {r['failed']} | {_teardown(r)} | {_f(r['load1'], 1)} |")
     return out
+
+
+def _teardown(r: dict) -> str:
+    """The teardown cell: seconds until the scheduler and every process were gone, and the
+    scheduler's CPU meanwhile.
+
+    >>> _teardown({"teardown_order": "scheduler-first", "teardown_status": "ok",
+    ...            "t_sched_gone": 0.5, "t_all_gone": 2.25, "sched_teardown_cpu": 0.4})
+    '0.50 / 2.25 (0.40)'
+    >>> _teardown({"teardown_order": None})
+    '–'
+    """
+    if not r.get("teardown_order"):
+        return "–"
+    if r.get("teardown_status") != "ok":
+        return f"**{r.get('teardown_status')}** ({_f(r.get('t_sched_gone'))} / –)"
+    return (f"{_f(r.get('t_sched_gone'))} / {_f(r.get('t_all_gone'))} "
+            f"({_f(r.get('sched_teardown_cpu'))})")
 
 
 def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dict | None,
@@ -729,7 +866,12 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
         "\"Waiting to connect\"); **SYN drops**: the kernel's ListenDrops counter during the "
         "registration (connects dropped, mostly because an accept queue was full; "
         "machine-wide); **failed**: workers not started within the "
-        f"{timeout:g}-s bound; **load**: 1-min load average at the trial's start. The "
+        f"{timeout:g}-s bound; **teardown**: once all are registered the job ends "
+        "(`scheduler-first`: the scheduler role gets SIGTERM, then the workers still "
+        "running are closed, the launcher's order; `workers-first`: every worker closes "
+        "as on its role's SIGTERM, then the scheduler): seconds until the scheduler "
+        "process and until every process is gone, and the scheduler's CPU seconds "
+        "meanwhile; **load**: 1-min load average at the trial's start. The "
         "worker processes run at nice 10 with per-worker background timers off (profiler, "
         "20-ms tick, system monitor, GIL monitor) and a local directory each, so hundreds "
         "fit in one process; still, workers and scheduler share 2 cores, so wall times are "
@@ -1133,6 +1275,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scheduler", nargs="+", choices=["ours", "upstream"], default=["ours"],
                     help="the scheduler role with our Scheduler (scheduler_ext) or with "
                          "distributed.Scheduler; several: interleaved at every size")
+    ap.add_argument("--teardown", nargs="*", choices=["scheduler-first", "workers-first"],
+                    default=["scheduler-first"],
+                    help="after the registration, end the job in this order and time it "
+                         "until every process is gone: scheduler-first (the launcher's "
+                         "order), workers-first (its order before); several: interleaved "
+                         "at every size; none: kill everything, no teardown measured")
     ap.add_argument("--real", type=int, default=8,
                     help="of the N workers, this many run the launcher's worker role "
                          "unchanged, one process each (the others are simulated, many per "
@@ -1198,7 +1346,8 @@ def main(argv: list[str] | None = None) -> int:
               f"sched_ms={_f(r['sched_ms'])} "
               f"lat99={_f(r['lat99'])} retries={r['retries']} failed={r['failed']} "
               f"worker_cpu={_f(r['worker_cpu'], 1)} s "
-              f"unresp={r['unresponsive']} load {_load()}" + (f" ({r['why']})" if r.get('why')
+              f"unresp={r['unresponsive']} teardown={_teardown(r)} "
+              f"load {_load()}" + (f" ({r['why']})" if r.get('why')
                                                              else ""), file=sys.stderr)
 
     meta.update(tls=args.tls, real=args.real)
@@ -1216,10 +1365,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"(+{args.real} real worker roles), {proto}, scheduler {args.scheduler}",
                   file=sys.stderr)
             for rep in range(args.curve_repeat):
+                combos = [(which, order) for which in args.scheduler
+                          for order in (args.teardown or [None])]
                 for n in args.workers:
-                    order = args.scheduler if (rep + n) % 2 == 0 else args.scheduler[::-1]
-                    for which in order:
-                        t = run_trial(n, f"{proto} {which}", {}, 0.0, args, Path(tmp), which)
+                    for which, order in (combos if (rep + n) % 2 == 0 else combos[::-1]):
+                        name = f"{proto} {which}" + (f" {order}" if len(args.teardown) > 1
+                                                      else "")
+                        t = run_trial(n, name, {}, 0.0, args, Path(tmp), which, order)
                         t["rep"] = rep
                         curve_trials.append(t)
                         show(t)
@@ -1231,7 +1383,7 @@ def main(argv: list[str] | None = None) -> int:
                     order.reverse()  # A B C, C B A, ...: load drift cancels out in medians
                 for name, (config, ramp) in order:
                     t = run_trial(at, name, config, ramp, args, Path(tmp),
-                                  args.scheduler[0])
+                                  args.scheduler[0], (args.teardown or [None])[0])
                     t["rep"] = rep
                     knob_trials.append(t)
                     show(t)
