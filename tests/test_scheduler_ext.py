@@ -138,3 +138,61 @@ def test_min_heartbeat_interval_slows_small_clusters_heartbeats():
 
     assert asyncio.run(interval("0s")) == 0.5  # distributed's for one worker
     assert asyncio.run(interval("2s")) == 2.0
+
+
+def _counting(scheduler_class):
+    """The scheduler class, counting the "remove-worker" notices it sends to workers."""
+
+    class Counting(scheduler_class):
+        def __init__(self, *args, **kwargs):
+            self.notices = 0
+            super().__init__(*args, **kwargs)
+
+        def worker_send(self, worker, msg):
+            if msg.get("op") == "remove-worker":
+                self.notices += 1
+            return super().worker_send(worker, msg)
+
+    return Counting
+
+
+async def _cluster_then(scheduler_class, end: str, n: int = 12) -> tuple[int, int, list]:
+    """n in-process workers; then one worker leaves (``end="one"``) or the scheduler
+    closes (``"close"``, what the role does when the job ends). Returns the notices sent
+    for it, the workers the scheduler still counts, and the workers' statuses at the end."""
+    s = await _counting(scheduler_class)(host="127.0.0.1", port=0, dashboard=False)
+    workers = await asyncio.gather(*(
+        distributed.Worker(s.address, nthreads=1, memory_limit=0, dashboard=False,
+                           host="127.0.0.1", name=f"w{i}") for i in range(n)))
+    try:
+        if end == "one":
+            await workers[0].close()
+            while len(s.workers) == n:
+                await asyncio.sleep(0.01)
+        else:
+            await s.close(reason="dask-mpi-launch: job ending")
+            await asyncio.wait_for(asyncio.gather(*(w.finished() for w in workers)), 60)
+        return s.notices, len(s.workers), [w.status.name for w in workers]
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
+        await s.close()
+
+
+@pytest.mark.timeout(180)
+def test_closing_the_scheduler_sends_no_notice_per_worker():
+    # upstream: each connection that ends during close() is a removal that notifies every
+    # remaining worker (O(n^2) at the end of a big job); ours: none, and every worker
+    # still closes because the scheduler told it to
+    notices, _, statuses = asyncio.run(_cluster_then(scheduler_ext.Scheduler, "close"))
+    assert notices == 0
+    assert statuses == ["closed"] * 12
+    upstream, _, statuses = asyncio.run(_cluster_then(distributed.Scheduler, "close"))
+    assert upstream > 12  # what the change avoids (if 0, upstream fixed it: drop ours)
+    assert statuses == ["closed"] * 12
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_leaving_a_running_cluster_is_removed_as_upstream_does():
+    notices, left, statuses = asyncio.run(_cluster_then(scheduler_ext.Scheduler, "one"))
+    assert left == 11 and notices == 11  # every other worker is told
+    assert statuses[0] == "closed" and statuses[1:] == ["running"] * 11
