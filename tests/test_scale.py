@@ -85,3 +85,26 @@ def test_doctests():
     import doctest
 
     assert doctest.testmod(scale).failed == 0
+
+
+@pytest.mark.timeout(60)
+def test_roles_raise_their_open_files_limit_to_the_hard_one():
+    # a scheduler holds two connections per worker: 20,000 descriptors at 10,000 workers,
+    # where sites often leave the soft limit at 1,024
+    import resource
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, soft)
+
+    def lower():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    code = ("import resource; from dask_mpi_launch.roles import raise_open_files_limit as r; "
+            "before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]; "
+            "print(before, r(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         preexec_fn=lower, timeout=50)
+    assert out.returncode == 0, out.stderr
+    expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    assert out.stdout.split() == [str(low), str(expected), str(expected)]
