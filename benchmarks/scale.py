@@ -133,12 +133,27 @@ def _quiet_logging(counter: dict, keep: list, debug_comm: bool = False) -> None:
 
 
 def _raise_nofile() -> None:
+    """The soft open-files limit up to the hard one (as the launcher's roles do), and the
+    hard one up to the kernel's nr_open where allowed (root): the scheduler holds two
+    connections per worker, 20,000+ descriptors at 10,000 workers."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    try:
+        nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        nr_open = hard
+    for limit in (max(hard, min(nr_open, 1 << 20)), hard):
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return
         except (ValueError, OSError):
             pass
+
+
+def _fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
 
 
 def listen_drops() -> int | None:
@@ -219,7 +234,20 @@ def dask_setup(scheduler) -> None:
         def add_worker(self, scheduler, worker):
             arrivals.append(time.time())
 
+        async def before_close(self):  # the teardown's phases, on stdout
+            print(f"PHASE=close-starts {time.time()!r}", flush=True)
+
+        async def close(self):
+            print(f"PHASE=comms-close {time.time()!r}", flush=True)
+
     scheduler.add_plugin(Arrivals())
+    _finished = scheduler.finished
+
+    async def finished():  # the role's wait: ends when close() is done
+        await _finished()
+        print(f"PHASE=closed {time.time()!r}", flush=True)
+
+    scheduler.finished = finished
 
     async def measure() -> None:
         loop = asyncio.get_running_loop()
@@ -238,6 +266,7 @@ def dask_setup(scheduler) -> None:
             "cpu_reg": round(cpu1 - cpu0, 3), "wall_reg": round(t_done - go, 3),
             "cpu_settle": round(cpu2 - cpu1, 3), "wall_settle": round(t_settle - t_done, 3),
             "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "fds": _fds(),
             "listen_drops": drops1 - drops0 if None not in (drops0, drops1) else None,
             "log": counter, "log_sample": keep,
         }
@@ -260,6 +289,8 @@ def dask_setup(scheduler) -> None:
                 prof.clear()
                 prof.enable()
                 atexit.register(dump)
+            import atexit
+            atexit.register(lambda: print(f"PHASE=exit {time.time()!r}", flush=True))
             print(f"ENDCPU={_cpu()!r}", flush=True)
             return
         dump()
@@ -322,7 +353,7 @@ def child_model(sizes: list[int]) -> int:
 # --- child: a process of workers ------------------------------------------------------------
 
 def child_workers(address: str, count: int, index: int, config: dict, timeout: float,
-                  ramp: float, local_dir: str, tls_file: str) -> int:
+                  ramp: float, local_dir: str, tls_file: str, spread: bool = True) -> int:
     import random
 
     import dask
@@ -344,6 +375,13 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
     Worker = import_term(settings.worker_class)
     role_options = {"interface": settings.interface, "protocol": settings.protocol,
                     "nthreads": 1, "memory_limit": 0, **settings.worker_options}
+    if spread:
+        # each process of simulated workers is a "host" of its own: its workers listen on
+        # 127.0.1.<index+1> (the kernel routes all of 127/8 to lo), so their listening
+        # ports do not use up 127.0.0.1's ephemeral ports, which the ~2 connections per
+        # worker to the scheduler need (10,000 workers: 20,000 of 28,232 by default)
+        role_options.pop("interface")
+        role_options["host"] = f"127.0.1.{index + 1}"
     security = security_from(_read_credentials(tls_file))
     if security is not None:
         role_options["security"] = security
@@ -375,6 +413,7 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
         await asyncio.gather(*(one(i) for i in range(count)))
         out = {"index": index, "started": len(workers), "failed": failed, "lat": lat,
                "cpu": round(_cpu() - cpu0, 3), "wall": round(time.time() - go, 3),
+               "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "log": counter, "log_sample": keep}
         print("WORKERS=" + json.dumps(out), flush=True)
         line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -550,6 +589,17 @@ def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
+def curve_config(n: int, scaled: bool) -> dict:
+    """The Dask config the launcher gives every role of an n-worker job (none: Dask's)."""
+    if not scaled:
+        return {}
+    import distributed  # noqa: F401 - its defaults, as in a role process
+
+    import dask_mpi_launch.config  # noqa: F401
+    from dask_mpi_launch.scale import for_job
+    return for_job(n)
+
+
 def _reap(child: "Child") -> tuple[bool, float | None]:
     """Whether the child has ended (reaped here), and its CPU seconds if it has."""
     try:
@@ -610,7 +660,17 @@ def teardown(sched: "Child", workers: list["Child"], order: str, timeout: float)
         ok = wait_for(workers)
         os.kill(sched.p.pid, signal.SIGTERM)
         ok = wait_for([sched]) and ok
+    phases = {}
+    while True:  # what the scheduler printed meanwhile (its pipe is read by a thread)
+        try:
+            line = sched.lines.get_nowait()
+        except queue.Empty:
+            break
+        if line and line.startswith("PHASE="):
+            name, t = line[len("PHASE="):].split()
+            phases[name] = round(float(t) - t0, 3)
     out = {"teardown_order": order, "teardown_status": "ok" if ok else "timeout",
+           "teardown_phases": phases,
            "t_sched_gone": round(ended[sched][0] - t0, 3) if sched in ended else None,
            "t_all_gone": round(max(t for t, _ in ended.values()) - t0, 3) if ok else None}
     cpu1 = ended.get(sched, (None, None))[1]
@@ -643,8 +703,8 @@ def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
                     + event.get("message", ""), "stderr": sched.stderr_tail()}
         for i, k in enumerate(split(n - real, args.procs)):
             c = Child([py, me, "_workers", address, str(k), str(i), json.dumps(config),
-                       str(args.timeout), str(ramp), local_dir, args.tls_file or "-"],
-                      env, str(tmp))
+                       str(args.timeout), str(ramp), local_dir, args.tls_file or "-",
+                       "spread" if args.spread else "lo"], env, str(tmp))
             children.append(c)
             _LIVE.append(c)
         if real:
@@ -753,6 +813,9 @@ def summarize(trial: dict) -> dict:
         "failed": failed, "listen_drops": trial.get("listen_drops"),
         "worker_cpu": round(sum(r["cpu"] for r in reports), 1) if reports else None,
         "sched_rss": trial.get("maxrss_mb"), "load1": trial.get("load1"),
+        "sched_fds": trial.get("fds"),
+        "worker_rss": max((r.get("maxrss_mb") or 0 for r in reports), default=None),
+        "config": trial.get("config") or {},
         "teardown_order": trial.get("teardown_order"),
         "teardown_status": trial.get("teardown_status"),
         "t_sched_gone": trial.get("t_sched_gone"), "t_all_gone": trial.get("t_all_gone"),
@@ -789,9 +852,9 @@ def table(rows: list[dict], timeout: float) -> list[str]:
            "| peak /s "
            "| sched CPU | sched ms/worker | sched-bound /s | unresp. (max s) "
            "| lat p50/p99/max s | retries | SYN drops | failed "
-           "| teardown s: scheduler / all (sched CPU s) | load |",
+           "| teardown s: scheduler / all (sched CPU s) | sched fds / MB | load |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:"
-           "|---|---:|"]
+           "|---|---|---:|"]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}** ({r.get('why')})"
         t_all = _f(r["t_all"]) if r["t_all"] else f"> {timeout:g}"
@@ -805,7 +868,9 @@ def table(rows: list[dict], timeout: float) -> list[str]:
             f"| {unresp} "
             f"| {_f(r['lat50'])} / {_f(r['lat99'])} / {_f(r['latmax'])} "
             f"| {r['retries']} | {'–' if r.get('listen_drops') is None else r['listen_drops']} "
-            f"| {r['failed']} | {_teardown(r)} | {_f(r['load1'], 1)} |")
+            f"| {r['failed']} | {_teardown(r)} "
+            f"| {r.get('sched_fds') or '–'} / {_f(r.get('sched_rss'), 0)} "
+            f"| {_f(r['load1'], 1)} |")
     return out
 
 
@@ -866,7 +931,9 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
         "\"Waiting to connect\"); **SYN drops**: the kernel's ListenDrops counter during the "
         "registration (connects dropped, mostly because an accept queue was full; "
         "machine-wide); **failed**: workers not started within the "
-        f"{timeout:g}-s bound; **teardown**: once all are registered the job ends "
+        f"{timeout:g}-s bound; **sched fds / MB**: the scheduler's open descriptors once "
+        "all are registered and its peak memory; **teardown**: once all are registered "
+        "the job ends "
         "(`scheduler-first`: the scheduler role gets SIGTERM, then the workers still "
         "running are closed, the launcher's order; `workers-first`: every worker closes "
         "as on its role's SIGTERM, then the scheduler): seconds until the scheduler "
@@ -875,7 +942,14 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
         "worker processes run at nice 10 with per-worker background timers off (profiler, "
         "20-ms tick, system monitor, GIL monitor) and a local directory each, so hundreds "
         "fit in one process; still, workers and scheduler share 2 cores, so wall times are "
-        "pessimistic for a real cluster, while the scheduler's CPU per worker carries over.",
+        "pessimistic for a real cluster, while the scheduler's CPU per worker carries over."
+        + (" Every process of the curve has the launcher's defaults for the job's size "
+           "(`scale.for_job(N)`: socket backlog, connect timeouts; the kernel caps the "
+           "backlog at somaxconn)." if meta.get("scaled") else "")
+        + (" Each process of simulated workers listens on a loopback address of its own "
+           "(127.0.1.K), like a host, so their listening ports leave 127.0.0.1's "
+           "ephemeral ports to the connections to the scheduler." if meta.get("spread")
+           else ""),
         "",
         "## Summary",
         "",
@@ -1262,7 +1336,8 @@ def main(argv: list[str] | None = None) -> int:
         return child_model([int(x) for x in argv[1:]])
     if argv and argv[0] == "_workers":
         return child_workers(argv[1], int(argv[2]), int(argv[3]), json.loads(argv[4]),
-                             float(argv[5]), float(argv[6]), argv[7], argv[8])
+                             float(argv[5]), float(argv[6]), argv[7], argv[8],
+                             argv[9] == "spread")
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: bin/bench-scale --workers 250 500 1000 1500 --at 1500 "
@@ -1281,6 +1356,14 @@ def main(argv: list[str] | None = None) -> int:
                          "until every process is gone: scheduler-first (the launcher's "
                          "order), workers-first (its order before); several: interleaved "
                          "at every size; none: kill everything, no teardown measured")
+    ap.add_argument("--scaled", action=argparse.BooleanOptionalAction, default=True,
+                    help="the curve with the launcher's defaults for each size "
+                         "(dask_mpi_launch.scale.for_job(N), in every process, as the launcher "
+                         "passes them to its roles); --no-scaled: Dask's defaults")
+    ap.add_argument("--spread", action=argparse.BooleanOptionalAction, default=True,
+                    help="each process of simulated workers listens on a loopback address "
+                         "of its own (127.0.1.K), like a host (--no-spread: all on "
+                         "127.0.0.1, whose ephemeral ports run out near 9,000 workers)")
     ap.add_argument("--real", type=int, default=8,
                     help="of the N workers, this many run the launcher's worker role "
                          "unchanged, one process each (the others are simulated, many per "
@@ -1347,10 +1430,12 @@ def main(argv: list[str] | None = None) -> int:
               f"lat99={_f(r['lat99'])} retries={r['retries']} failed={r['failed']} "
               f"worker_cpu={_f(r['worker_cpu'], 1)} s "
               f"unresp={r['unresponsive']} teardown={_teardown(r)} "
+              f"sched_fds={r.get('sched_fds')} sched_rss={r.get('sched_rss')} MB "
+              f"worker_proc_rss<={r.get('worker_rss')} MB "
               f"load {_load()}" + (f" ({r['why']})" if r.get('why')
                                                              else ""), file=sys.stderr)
 
-    meta.update(tls=args.tls, real=args.real)
+    meta.update(tls=args.tls, real=args.real, scaled=args.scaled, spread=args.spread)
     proto = "tls" if args.tls else "tcp"
     with tempfile.TemporaryDirectory(prefix="dml-bench-scale-") as tmp:  # 0700, ours
         args.tls_file = None
@@ -1371,7 +1456,8 @@ def main(argv: list[str] | None = None) -> int:
                     for which, order in (combos if (rep + n) % 2 == 0 else combos[::-1]):
                         name = f"{proto} {which}" + (f" {order}" if len(args.teardown) > 1
                                                       else "")
-                        t = run_trial(n, name, {}, 0.0, args, Path(tmp), which, order)
+                        t = run_trial(n, name, curve_config(n, args.scaled), 0.0, args,
+                                      Path(tmp), which, order)
                         t["rep"] = rep
                         curve_trials.append(t)
                         show(t)
