@@ -159,6 +159,8 @@ def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
             dashboard_address=http_address,
             security=security,
         )
+        # at the end the workers leave first, within half the grace (scheduler_ext.py)
+        scheduler.leave_timeout = settings.shutdown_timeout / 2
         try:
             await scheduler
         except OSError as e:

@@ -172,6 +172,8 @@ async def _cluster_then(scheduler_class, end: str, n: int = 12) -> tuple[int, in
         else:
             await s.close(reason="dask-mpi-launch: job ending")
             await asyncio.wait_for(asyncio.gather(*(w.finished() for w in workers)), 60)
+            if isinstance(s, scheduler_ext.Scheduler):  # every worker left by itself first
+                assert getattr(s, "_ending", None) == {w.address for w in workers}
         return s.notices, len(s.workers), [w.status.name for w in workers]
     finally:
         await asyncio.gather(*(w.close() for w in workers))
