@@ -37,13 +37,16 @@ def test_big_jobs_get_a_deeper_queue_and_longer_timeouts(clean_config):
         "distributed.comm.timeouts.connect": "250s",
         "mpi-launch.connect-timeout": "100s",
         "mpi-launch.wait-timeout": "150s",
+        "mpi-launch.shutdown-timeout": "40s",  # the scheduler closes 10,000 connections
     }
     assert scale.for_job(100_000)["distributed.comm.socket-backlog"] == 65535
     assert scale.for_job(100_000)["distributed.scheduler.worker-ttl"] == "1000s"
+    assert "mpi-launch.shutdown-timeout" not in scale.for_job(2000)
     line = scale.describe(changes)
     assert "distributed.comm.socket-backlog 10000" in line and "\n" not in line
     assert scale.settings_overrides(changes) == {"connect_timeout": 100.0,
-                                                 "wait_timeout": 150.0}
+                                                 "wait_timeout": 150.0,
+                                                 "shutdown_timeout": 40.0}
 
 
 def test_the_users_dask_config_wins(clean_config, monkeypatch):
@@ -51,7 +54,8 @@ def test_the_users_dask_config_wins(clean_config, monkeypatch):
     # in the environment, even with the default's own value
     monkeypatch.setenv("DASK_DISTRIBUTED__COMM__SOCKET_BACKLOG", "2048")
     # an explicit option (--wait-timeout)
-    changes = scale.for_job(10_000, explicit=["mpi-launch.wait_timeout"])
+    changes = scale.for_job(10_000, explicit=["mpi-launch.wait_timeout",
+                                              "mpi-launch.shutdown-timeout"])
     assert changes == {"mpi-launch.connect-timeout": "100s"}
 
 
