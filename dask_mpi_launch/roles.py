@@ -281,12 +281,29 @@ def run_worker(
                 channel.error(f"the worker could not start: {type(e).__name__}: {e}")
                 return 1
         channel.send("ready", name=str(name), address=worker.address)
+        _quiet_heartbeat_at_close(worker)
         how = await _until_finished_or_signal(worker, settings.shutdown_timeout)
         if how == "signal":
             await worker.close(reason="dask-mpi-launch: job ending")
         return 0
 
     return asyncio.run(main())
+
+
+def _quiet_heartbeat_at_close(worker) -> None:
+    """A heartbeat in flight when the worker closes fails (the worker's own close cuts its
+    connection) and distributed logs it with a traceback, "Failed to communicate with
+    scheduler during heartbeat." (seen at shutdown elsewhere too: dask/distributed#7192,
+    nv-morpheus/Morpheus#1990): once this worker closes, that record is dropped; while it
+    runs, it is logged as before."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        closing = getattr(worker.status, "name", "") in ("closing", "closed", "failed")
+        return not (closing and str(record.msg).startswith(
+            "Failed to communicate with scheduler during heartbeat"))
+
+    logging.getLogger("distributed.worker").addFilter(keep)
 
 
 # ---------------------------------------------------------------------------

@@ -198,3 +198,33 @@ def test_a_worker_leaving_a_running_cluster_is_removed_as_upstream_does():
     notices, left, statuses = asyncio.run(_cluster_then(scheduler_ext.Scheduler, "one"))
     assert left == 11 and notices == 11  # every other worker is told
     assert statuses[0] == "closed" and statuses[1:] == ["running"] * 11
+
+
+def test_a_heartbeat_cut_by_the_workers_own_close_is_not_logged():
+    from types import SimpleNamespace
+
+    from distributed.core import Status
+
+    from dask_mpi_launch.roles import _quiet_heartbeat_at_close
+
+    log = logging.getLogger("distributed.worker")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    worker = SimpleNamespace(status=Status.running)
+    handler, filters = Keep(), list(log.filters)
+    log.addHandler(handler)
+    try:
+        _quiet_heartbeat_at_close(worker)
+        log.error("Failed to communicate with scheduler during heartbeat.")  # running: kept
+        worker.status = Status.closing
+        log.error("Failed to communicate with scheduler during heartbeat.")  # dropped
+        log.error("Worker stream died during communication")  # anything else: kept
+    finally:
+        log.removeHandler(handler)
+        log.filters[:] = filters
+    assert seen == ["Failed to communicate with scheduler during heartbeat.",
+                    "Worker stream died during communication"]
