@@ -16,7 +16,9 @@ Measured per trial (times from GO):
 * lat p50/p99/max  each worker's own ``await Worker(...)`` (connect + handshake + register);
 * retries   worker-side connect retries ("Could not connect", "Waiting to connect") and
             failed workers;
-* SYN drops the kernel's ListenDrops counter over the registration (full accept queues).
+* SYN drops the kernel's ListenDrops counter over the registration (full accept queues);
+* teardown  then the job ends (--teardown order): seconds until the scheduler process and
+            until every process is gone, and the scheduler's CPU meanwhile.
 Cost model: the version comparison each registration makes against every connected worker
 (``distributed.versions.error_message``), timed alone at --model-sizes connected workers.
 Trials are bounded (--timeout); all processes are in their own process groups, killed at the
@@ -31,7 +33,8 @@ nice 10 and switch off per-worker background timers (profiler off, tick 1 s, sys
 defaults.  On 2 cores the workers and the scheduler share the CPU, so absolute
 numbers are lower than on a cluster where each worker has its own host; compare the shape.
 
-Diagnostics: BENCH_SCALE_PROFILE=FILE dumps a cProfile of the scheduler process (last trial).
+Diagnostics: BENCH_SCALE_PROFILE=FILE dumps a cProfile of the scheduler process (last trial;
+with a teardown: FILE.registration until the job's end, FILE from there).
 Writes results/scale.{md,json,png}.  Usually run through ``bin/bench-scale``.
 """
 from __future__ import annotations
@@ -130,12 +133,27 @@ def _quiet_logging(counter: dict, keep: list, debug_comm: bool = False) -> None:
 
 
 def _raise_nofile() -> None:
+    """The soft open-files limit up to the hard one (as the launcher's roles do), and the
+    hard one up to the kernel's nr_open where allowed (root): the scheduler holds two
+    connections per worker, 20,000+ descriptors at 10,000 workers."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    try:
+        nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        nr_open = hard
+    for limit in (max(hard, min(nr_open, 1 << 20)), hard):
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return
         except (ValueError, OSError):
             pass
+
+
+def _fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
 
 
 def listen_drops() -> int | None:
@@ -178,7 +196,7 @@ def child_scheduler(expect: int, config: dict, timeout: float, settle: float,
     import distributed
 
     from dask_mpi_launch import roles, scheduler_ext
-    from dask_mpi_launch.process import Channel
+    from dask_mpi_launch.children import Channel
     from dask_mpi_launch.security import security_from
     if which == "upstream":
         scheduler_ext.Scheduler = distributed.Scheduler  # run_scheduler imports it at call
@@ -216,7 +234,20 @@ def dask_setup(scheduler) -> None:
         def add_worker(self, scheduler, worker):
             arrivals.append(time.time())
 
+        async def before_close(self):  # the teardown's phases, on stdout
+            print(f"PHASE=close-starts {time.time()!r}", flush=True)
+
+        async def close(self):
+            print(f"PHASE=comms-close {time.time()!r}", flush=True)
+
     scheduler.add_plugin(Arrivals())
+    _finished = scheduler.finished
+
+    async def finished():  # the role's wait: ends when close() is done
+        await _finished()
+        print(f"PHASE=closed {time.time()!r}", flush=True)
+
+    scheduler.finished = finished
 
     async def measure() -> None:
         loop = asyncio.get_running_loop()
@@ -235,15 +266,34 @@ def dask_setup(scheduler) -> None:
             "cpu_reg": round(cpu1 - cpu0, 3), "wall_reg": round(t_done - go, 3),
             "cpu_settle": round(cpu2 - cpu1, 3), "wall_settle": round(t_settle - t_done, 3),
             "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "fds": _fds(),
             "listen_drops": drops1 - drops0 if None not in (drops0, drops1) else None,
             "log": counter, "log_sample": keep,
         }
         print("DONE=" + json.dumps(out), flush=True)
-        await loop.run_in_executor(None, sys.stdin.readline)  # parent says stop (or kills)
+        # the parent says STOP (or kills), or END: the job ends, the role's own SIGTERM
+        # handling closes the scheduler (its CPU from here is the teardown's)
+        line = await loop.run_in_executor(None, sys.stdin.readline)
         prof = getattr(sys.modules.get("__main__"), "_PROF", None)
-        if prof is not None:
-            prof.disable()
-            prof.dump_stats(os.environ["BENCH_SCALE_PROFILE"])
+
+        def dump() -> None:
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(os.environ["BENCH_SCALE_PROFILE"])
+
+        if line.strip() == "END":
+            if prof is not None:  # the teardown's profile: from here to the exit
+                import atexit
+                prof.disable()
+                prof.dump_stats(os.environ["BENCH_SCALE_PROFILE"] + ".registration")
+                prof.clear()
+                prof.enable()
+                atexit.register(dump)
+            import atexit
+            atexit.register(lambda: print(f"PHASE=exit {time.time()!r}", flush=True))
+            print(f"ENDCPU={_cpu()!r}", flush=True)
+            return
+        dump()
         os._exit(0)
 
     scheduler._bench_measure = asyncio.ensure_future(measure())
@@ -303,7 +353,7 @@ def child_model(sizes: list[int]) -> int:
 # --- child: a process of workers ------------------------------------------------------------
 
 def child_workers(address: str, count: int, index: int, config: dict, timeout: float,
-                  ramp: float, local_dir: str, tls_file: str) -> int:
+                  ramp: float, local_dir: str, tls_file: str, spread: bool = True) -> int:
     import random
 
     import dask
@@ -325,6 +375,13 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
     Worker = import_term(settings.worker_class)
     role_options = {"interface": settings.interface, "protocol": settings.protocol,
                     "nthreads": 1, "memory_limit": 0, **settings.worker_options}
+    if spread:
+        # each process of simulated workers is a "host" of its own: its workers listen on
+        # 127.0.1.<index+1> (the kernel routes all of 127/8 to lo), so their listening
+        # ports do not use up 127.0.0.1's ephemeral ports, which the ~2 connections per
+        # worker to the scheduler need (10,000 workers: 20,000 of 28,232 by default)
+        role_options.pop("interface")
+        role_options["host"] = f"127.0.1.{index + 1}"
     security = security_from(_read_credentials(tls_file))
     if security is not None:
         role_options["security"] = security
@@ -356,10 +413,20 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
         await asyncio.gather(*(one(i) for i in range(count)))
         out = {"index": index, "started": len(workers), "failed": failed, "lat": lat,
                "cpu": round(_cpu() - cpu0, 3), "wall": round(time.time() - go, 3),
+               "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "log": counter, "log_sample": keep}
         print("WORKERS=" + json.dumps(out), flush=True)
-        await loop.run_in_executor(None, sys.stdin.readline)
-        os._exit(0)  # closing 100s of workers politely is not what we measure
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if line.strip() != "CLOSE":
+            os._exit(0)  # STOP: no teardown measured
+        # CLOSE: the job ends here. Close the workers that are still running (what the
+        # worker role does on SIGTERM), wait for every one (also those the scheduler
+        # closed), then end
+        await asyncio.gather(*(w.close(reason="dask-mpi-launch: job ending")
+                               for w in workers if w.status.name not in ("closing", "closed")),
+                             return_exceptions=True)
+        await asyncio.gather(*(w.finished() for w in workers), return_exceptions=True)
+        os._exit(0)
 
     asyncio.run(main())
     return 0
@@ -378,7 +445,7 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
     import dask
     dask.config.set(config)
     from dask_mpi_launch import roles
-    from dask_mpi_launch.process import Channel
+    from dask_mpi_launch.children import Channel
     from dask_mpi_launch.security import security_from
 
     credentials = _read_credentials(tls_file)
@@ -386,6 +453,7 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
     print("READY", flush=True)
     go = float(sys.stdin.readline().split()[1])
     pipes: dict[int, tuple[int, float]] = {}
+    roles_pids: list[int] = []
     for i in range(count):
         r, w = os.pipe()
         t0 = time.time()
@@ -400,6 +468,7 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
                 os._exit(status)
         os.close(w)
         pipes[r] = (pid, t0)
+        roles_pids.append(pid)
     lat, errors, buffers = [], [], {fd: b"" for fd in pipes}
     while pipes and time.time() < go + timeout:
         ready, _, _ = select.select(list(pipes), [], [], 0.5)
@@ -421,7 +490,20 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
            "errors": errors[:5], "pending": len(pipes), "cpu": 0.0,
            "wall": round(time.time() - go, 3), "log": {}, "log_sample": errors[:5]}
     print("WORKERS=" + json.dumps(out), flush=True)
-    sys.stdin.readline()
+    if sys.stdin.readline().strip() == "CLOSE":
+        # the job ends: SIGTERM to the role processes still running (as their rank does),
+        # then wait for every one (bounded by the parent, which kills the group)
+        for pid in roles_pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in roles_pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        return 0
     os.killpg(0, signal.SIGKILL)  # the role processes with us
     return 0
 
@@ -507,8 +589,97 @@ def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
+def curve_config(n: int, scaled: bool) -> dict:
+    """The Dask config the launcher gives every role of an n-worker job (none: Dask's)."""
+    if not scaled:
+        return {}
+    import distributed  # noqa: F401 - its defaults, as in a role process
+
+    import dask_mpi_launch.config  # noqa: F401
+    from dask_mpi_launch.scale import for_job
+    return for_job(n)
+
+
+def _reap(child: "Child") -> tuple[bool, float | None]:
+    """Whether the child has ended (reaped here), and its CPU seconds if it has."""
+    try:
+        pid, status, ru = os.wait4(child.p.pid, os.WNOHANG)
+    except ChildProcessError:
+        return True, None
+    if pid == 0:
+        return False, None
+    child.p.returncode = os.waitstatus_to_exitcode(status)
+    return True, ru.ru_utime + ru.ru_stime
+
+
+def teardown(sched: "Child", workers: list["Child"], order: str, timeout: float) -> dict:
+    """The end of the job, from the moment every worker is registered, in ``order``:
+
+    * ``scheduler-first`` (what the launcher does): the scheduler role gets SIGTERM and
+      closes (its ``close`` tells every worker to close); once it is gone, the worker
+      processes close what is still running;
+    * ``workers-first`` (the launcher before): every worker closes itself (the worker
+      role's SIGTERM handling), then the scheduler role gets SIGTERM.
+
+    Returns seconds from the job's end until the scheduler process and until every
+    process ended, and the scheduler's CPU seconds meanwhile; bounded by ``timeout``
+    (then the rest is killed and ``teardown_status`` says so)."""
+    t0 = time.time()
+    deadline = t0 + timeout
+    sched.send("END\n")
+    line = sched.expect("ENDCPU=", t0 + 30)
+    cpu0 = float(line) if line else None
+    ended: dict = {}
+
+    def wait_for(kids: list[Child]) -> bool:
+        while time.time() < deadline:
+            for c in kids:
+                if c not in ended:
+                    if c is sched:
+                        gone, cpu = _reap(c)
+                        if gone:
+                            ended[c] = (time.time(), cpu)
+                    elif c.p.poll() is not None:
+                        ended[c] = (time.time(), None)
+            if all(c in ended for c in kids):
+                return True
+            time.sleep(0.01)
+        return False
+
+    def close_workers() -> None:
+        for c in workers:
+            c.send("CLOSE\n")
+
+    if order == "scheduler-first":
+        os.kill(sched.p.pid, signal.SIGTERM)
+        ok = wait_for([sched])
+        close_workers()
+        ok = wait_for(workers) and ok
+    else:
+        close_workers()
+        ok = wait_for(workers)
+        os.kill(sched.p.pid, signal.SIGTERM)
+        ok = wait_for([sched]) and ok
+    phases = {}
+    while True:  # what the scheduler printed meanwhile (its pipe is read by a thread)
+        try:
+            line = sched.lines.get_nowait()
+        except queue.Empty:
+            break
+        if line and line.startswith("PHASE="):
+            name, t = line[len("PHASE="):].split()
+            phases[name] = round(float(t) - t0, 3)
+    out = {"teardown_order": order, "teardown_status": "ok" if ok else "timeout",
+           "teardown_phases": phases,
+           "t_sched_gone": round(ended[sched][0] - t0, 3) if sched in ended else None,
+           "t_all_gone": round(max(t for t, _ in ended.values()) - t0, 3) if ok else None}
+    cpu1 = ended.get(sched, (None, None))[1]
+    out["cpu_teardown"] = round(cpu1 - cpu0, 3) if None not in (cpu0, cpu1) else None
+    return out
+
+
 def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
-              which: str = "ours") -> dict:
+              which: str = "ours", order: str | None = None) -> dict:
     py = sys.executable
     me = str(Path(__file__).resolve())
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -532,8 +703,8 @@ def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
                     + event.get("message", ""), "stderr": sched.stderr_tail()}
         for i, k in enumerate(split(n - real, args.procs)):
             c = Child([py, me, "_workers", address, str(k), str(i), json.dumps(config),
-                       str(args.timeout), str(ramp), local_dir, args.tls_file or "-"],
-                      env, str(tmp))
+                       str(args.timeout), str(ramp), local_dir, args.tls_file or "-",
+                       "spread" if args.spread else "lo"], env, str(tmp))
             children.append(c)
             _LIVE.append(c)
         if real:
@@ -559,6 +730,8 @@ def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
         res.update(json.loads(done))
         res["workers"] = reports
         res["status"] = "ok" if res["connected"] >= n else "timeout"
+        if order:
+            res.update(teardown(sched, children[1:], order, args.timeout))
         return res
     finally:
         # workers first (SIGKILL: closing them politely is not what we measure), then the
@@ -640,6 +813,13 @@ def summarize(trial: dict) -> dict:
         "failed": failed, "listen_drops": trial.get("listen_drops"),
         "worker_cpu": round(sum(r["cpu"] for r in reports), 1) if reports else None,
         "sched_rss": trial.get("maxrss_mb"), "load1": trial.get("load1"),
+        "sched_fds": trial.get("fds"),
+        "worker_rss": max((r.get("maxrss_mb") or 0 for r in reports), default=None),
+        "config": trial.get("config") or {},
+        "teardown_order": trial.get("teardown_order"),
+        "teardown_status": trial.get("teardown_status"),
+        "t_sched_gone": trial.get("t_sched_gone"), "t_all_gone": trial.get("t_all_gone"),
+        "sched_teardown_cpu": trial.get("cpu_teardown"),
     }
     if trial["status"] != "ok":
         row["why"] = trial.get("why") or f"{trial.get('connected')} of {n} connected"
@@ -671,8 +851,10 @@ def table(rows: list[dict], timeout: float) -> list[str]:
     out = ["| variant | workers | status | first s | all s | 50 % s | 90 % s | workers/s "
            "| peak /s "
            "| sched CPU | sched ms/worker | sched-bound /s | unresp. (max s) "
-           "| lat p50/p99/max s | retries | SYN drops | failed | load |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+           "| lat p50/p99/max s | retries | SYN drops | failed "
+           "| teardown s: scheduler / all (sched CPU s) | sched fds / MB | load |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:"
+           "|---|---|---:|"]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}** ({r.get('why')})"
         t_all = _f(r["t_all"]) if r["t_all"] else f"> {timeout:g}"
@@ -686,8 +868,28 @@ def table(rows: list[dict], timeout: float) -> list[str]:
             f"| {unresp} "
             f"| {_f(r['lat50'])} / {_f(r['lat99'])} / {_f(r['latmax'])} "
             f"| {r['retries']} | {'–' if r.get('listen_drops') is None else r['listen_drops']} "
-            f"| {r['failed']} | {_f(r['load1'], 1)} |")
+            f"| {r['failed']} | {_teardown(r)} "
+            f"| {r.get('sched_fds') or '–'} / {_f(r.get('sched_rss'), 0)} "
+            f"| {_f(r['load1'], 1)} |")
     return out
+
+
+def _teardown(r: dict) -> str:
+    """The teardown cell: seconds until the scheduler and every process were gone, and the
+    scheduler's CPU meanwhile.
+
+    >>> _teardown({"teardown_order": "scheduler-first", "teardown_status": "ok",
+    ...            "t_sched_gone": 0.5, "t_all_gone": 2.25, "sched_teardown_cpu": 0.4})
+    '0.50 / 2.25 (0.40)'
+    >>> _teardown({"teardown_order": None})
+    '–'
+    """
+    if not r.get("teardown_order"):
+        return "–"
+    if r.get("teardown_status") != "ok":
+        return f"**{r.get('teardown_status')}** ({_f(r.get('t_sched_gone'))} / –)"
+    return (f"{_f(r.get('t_sched_gone'))} / {_f(r.get('t_all_gone'))} "
+            f"({_f(r.get('sched_teardown_cpu'))})")
 
 
 def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dict | None,
@@ -729,11 +931,25 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
         "\"Waiting to connect\"); **SYN drops**: the kernel's ListenDrops counter during the "
         "registration (connects dropped, mostly because an accept queue was full; "
         "machine-wide); **failed**: workers not started within the "
-        f"{timeout:g}-s bound; **load**: 1-min load average at the trial's start. The "
+        f"{timeout:g}-s bound; **sched fds / MB**: the scheduler's open descriptors once "
+        "all are registered and its peak memory; **teardown**: once all are registered "
+        "the job ends "
+        "(`scheduler-first`: the scheduler role gets SIGTERM, then the workers still "
+        "running are closed, the launcher's order; `workers-first`: every worker closes "
+        "as on its role's SIGTERM, then the scheduler): seconds until the scheduler "
+        "process and until every process is gone, and the scheduler's CPU seconds "
+        "meanwhile; **load**: 1-min load average at the trial's start. The "
         "worker processes run at nice 10 with per-worker background timers off (profiler, "
         "20-ms tick, system monitor, GIL monitor) and a local directory each, so hundreds "
         "fit in one process; still, workers and scheduler share 2 cores, so wall times are "
-        "pessimistic for a real cluster, while the scheduler's CPU per worker carries over.",
+        "pessimistic for a real cluster, while the scheduler's CPU per worker carries over."
+        + (" Every process of the curve has the launcher's defaults for the job's size "
+           "(`scale.for_job(N)`: socket backlog, connect timeouts; the kernel caps the "
+           "backlog at somaxconn)." if meta.get("scaled") else "")
+        + (" Each process of simulated workers listens on a loopback address of its own "
+           "(127.0.1.K), like a host, so their listening ports leave 127.0.0.1's "
+           "ephemeral ports to the connections to the scheduler." if meta.get("spread")
+           else ""),
         "",
         "## Summary",
         "",
@@ -1120,7 +1336,8 @@ def main(argv: list[str] | None = None) -> int:
         return child_model([int(x) for x in argv[1:]])
     if argv and argv[0] == "_workers":
         return child_workers(argv[1], int(argv[2]), int(argv[3]), json.loads(argv[4]),
-                             float(argv[5]), float(argv[6]), argv[7], argv[8])
+                             float(argv[5]), float(argv[6]), argv[7], argv[8],
+                             argv[9] == "spread")
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: bin/bench-scale --workers 250 500 1000 1500 --at 1500 "
@@ -1133,6 +1350,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scheduler", nargs="+", choices=["ours", "upstream"], default=["ours"],
                     help="the scheduler role with our Scheduler (scheduler_ext) or with "
                          "distributed.Scheduler; several: interleaved at every size")
+    ap.add_argument("--teardown", nargs="*", choices=["scheduler-first", "workers-first"],
+                    default=["scheduler-first"],
+                    help="after the registration, end the job in this order and time it "
+                         "until every process is gone: scheduler-first (the launcher's "
+                         "order), workers-first (its order before); several: interleaved "
+                         "at every size; none: kill everything, no teardown measured")
+    ap.add_argument("--scaled", action=argparse.BooleanOptionalAction, default=True,
+                    help="the curve with the launcher's defaults for each size "
+                         "(dask_mpi_launch.scale.for_job(N), in every process, as the launcher "
+                         "passes them to its roles); --no-scaled: Dask's defaults")
+    ap.add_argument("--spread", action=argparse.BooleanOptionalAction, default=True,
+                    help="each process of simulated workers listens on a loopback address "
+                         "of its own (127.0.1.K), like a host (--no-spread: all on "
+                         "127.0.0.1, whose ephemeral ports run out near 9,000 workers)")
     ap.add_argument("--real", type=int, default=8,
                     help="of the N workers, this many run the launcher's worker role "
                          "unchanged, one process each (the others are simulated, many per "
@@ -1198,10 +1429,13 @@ def main(argv: list[str] | None = None) -> int:
               f"sched_ms={_f(r['sched_ms'])} "
               f"lat99={_f(r['lat99'])} retries={r['retries']} failed={r['failed']} "
               f"worker_cpu={_f(r['worker_cpu'], 1)} s "
-              f"unresp={r['unresponsive']} load {_load()}" + (f" ({r['why']})" if r.get('why')
+              f"unresp={r['unresponsive']} teardown={_teardown(r)} "
+              f"sched_fds={r.get('sched_fds')} sched_rss={r.get('sched_rss')} MB "
+              f"worker_proc_rss<={r.get('worker_rss')} MB "
+              f"load {_load()}" + (f" ({r['why']})" if r.get('why')
                                                              else ""), file=sys.stderr)
 
-    meta.update(tls=args.tls, real=args.real)
+    meta.update(tls=args.tls, real=args.real, scaled=args.scaled, spread=args.spread)
     proto = "tls" if args.tls else "tcp"
     with tempfile.TemporaryDirectory(prefix="dml-bench-scale-") as tmp:  # 0700, ours
         args.tls_file = None
@@ -1216,10 +1450,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"(+{args.real} real worker roles), {proto}, scheduler {args.scheduler}",
                   file=sys.stderr)
             for rep in range(args.curve_repeat):
+                combos = [(which, order) for which in args.scheduler
+                          for order in (args.teardown or [None])]
                 for n in args.workers:
-                    order = args.scheduler if (rep + n) % 2 == 0 else args.scheduler[::-1]
-                    for which in order:
-                        t = run_trial(n, f"{proto} {which}", {}, 0.0, args, Path(tmp), which)
+                    for which, order in (combos if (rep + n) % 2 == 0 else combos[::-1]):
+                        name = f"{proto} {which}" + (f" {order}" if len(args.teardown) > 1
+                                                      else "")
+                        t = run_trial(n, name, curve_config(n, args.scaled), 0.0, args,
+                                      Path(tmp), which, order)
                         t["rep"] = rep
                         curve_trials.append(t)
                         show(t)
@@ -1231,7 +1469,7 @@ def main(argv: list[str] | None = None) -> int:
                     order.reverse()  # A B C, C B A, ...: load drift cancels out in medians
                 for name, (config, ramp) in order:
                     t = run_trial(at, name, config, ramp, args, Path(tmp),
-                                  args.scheduler[0])
+                                  args.scheduler[0], (args.teardown or [None])[0])
                     t["rep"] = rep
                     knob_trials.append(t)
                     show(t)

@@ -55,6 +55,27 @@ async def _until_finished_or_signal(server, grace: float) -> str:
     return "finished" if finished.done() else "signal"
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; the new soft limit.
+
+    A scheduler holds two connections per worker (its stream and the pool the heartbeats
+    use): 10,000 workers need ~20,000 descriptors, while sites often leave the soft limit
+    at 1,024 or 4,096 under a much higher hard one; a worker exchanging data with many
+    peers needs one per peer. Past the soft limit ``accept`` fails (EMFILE) and workers
+    retry until they time out."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux's nr_open
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def run_role(role: str, spec: dict, channel: Channel) -> int:
     """Run the role ``spec["run"]`` (scheduler, worker, script, jupyter); its status."""
     from .children import set_title
@@ -62,6 +83,8 @@ def run_role(role: str, spec: dict, channel: Channel) -> int:
     from .tuning import apply_hpc_defaults
 
     set_title(f"dml-{spec['run']}")
+    if spec["run"] in ("scheduler", "worker"):
+        raise_open_files_limit()  # a connection per worker / per peer (10,000+ at scale)
     apply_hpc_defaults()  # quiet when idle, where the user has not chosen (tuning.py)
     if spec.get("dask_config"):  # big jobs (scale.py); a user's own config was left alone
         import dask.config
@@ -136,6 +159,8 @@ def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
             dashboard_address=http_address,
             security=security,
         )
+        # at the end the workers leave first, within half the grace (scheduler_ext.py)
+        scheduler.leave_timeout = settings.shutdown_timeout / 2
         try:
             await scheduler
         except OSError as e:
@@ -256,12 +281,29 @@ def run_worker(
                 channel.error(f"the worker could not start: {type(e).__name__}: {e}")
                 return 1
         channel.send("ready", name=str(name), address=worker.address)
+        _quiet_heartbeat_at_close(worker)
         how = await _until_finished_or_signal(worker, settings.shutdown_timeout)
         if how == "signal":
             await worker.close(reason="dask-mpi-launch: job ending")
         return 0
 
     return asyncio.run(main())
+
+
+def _quiet_heartbeat_at_close(worker) -> None:
+    """A heartbeat in flight when the worker closes fails (the worker's own close cuts its
+    connection) and distributed logs it with a traceback, "Failed to communicate with
+    scheduler during heartbeat." (seen at shutdown elsewhere too: dask/distributed#7192,
+    nv-morpheus/Morpheus#1990): once this worker closes, that record is dropped; while it
+    runs, it is logged as before."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        closing = getattr(worker.status, "name", "") in ("closing", "closed", "failed")
+        return not (closing and str(record.msg).startswith(
+            "Failed to communicate with scheduler during heartbeat"))
+
+    logging.getLogger("distributed.worker").addFilter(keep)
 
 
 # ---------------------------------------------------------------------------

@@ -26,6 +26,10 @@ together wait up to N / that rate for their turn:
 * ``distributed.scheduler.worker-ttl`` (5 minutes): raised to twice the queue if that is
   longer (from ~30,000 workers); below, distributed already stretches it to 10 heartbeat
   intervals, which grow with the cluster.
+* ``mpi-launch.shutdown-timeout`` (10 s): at the end the scheduler closes every worker's
+  connection, about :data:`CLOSES_PER_SECOND` a second (bench-scale's teardown: ~2 ms of
+  scheduler CPU per worker with TLS); raised to twice that time (from 2,500 workers) so a
+  big job's scheduler is not killed halfway through its close.
 """
 from __future__ import annotations
 
@@ -33,13 +37,16 @@ from collections.abc import Iterable, Mapping
 
 #: TLS registrations one scheduler takes per second (bench-scale on 2 busy cores: 200-300)
 REGISTRATIONS_PER_SECOND = 200.0
+#: worker connections one scheduler closes per second at the job's end (bench-scale)
+CLOSES_PER_SECOND = 500.0
 
 BACKLOG = "distributed.comm.socket-backlog"
 CONNECT = "distributed.comm.timeouts.connect"
 TTL = "distributed.scheduler.worker-ttl"
 ROLE_CONNECT = "mpi-launch.connect-timeout"
 WAIT = "mpi-launch.wait-timeout"
-KEYS = (BACKLOG, CONNECT, TTL, ROLE_CONNECT, WAIT)
+SHUTDOWN = "mpi-launch.shutdown-timeout"
+KEYS = (BACKLOG, CONNECT, TTL, ROLE_CONNECT, WAIT, SHUTDOWN)
 MAX_BACKLOG = 65535
 
 
@@ -85,6 +92,7 @@ def scale_defaults(n_workers: int, current_config: Mapping, defaults: Mapping | 
         ROLE_CONNECT: 2 * queue,
         WAIT: 3 * queue,
         TTL: 2 * queue,
+        SHUTDOWN: 2 * max(0, int(n_workers)) / CLOSES_PER_SECOND,
     }
     changes = {}
     for key, value in wanted.items():
@@ -129,7 +137,8 @@ def settings_overrides(changes: Mapping) -> dict:
     >>> settings_overrides({"mpi-launch.wait-timeout": "150s", BACKLOG: 10000})
     {'wait_timeout': 150.0}
     """
-    fields = {ROLE_CONNECT: "connect_timeout", WAIT: "wait_timeout"}
+    fields = {ROLE_CONNECT: "connect_timeout", WAIT: "wait_timeout",
+              SHUTDOWN: "shutdown_timeout"}
     return {fields[k]: _seconds(v) for k, v in changes.items() if k in fields}
 
 

@@ -6,8 +6,9 @@ other ranks (``control.py``) and signals. Nothing waits without a bound:
 
 * a failure anywhere (a role that cannot start, a rank's child that dies, a timeout) is sent
   to rank 0, which prints it once and tells every rank to stop;
-* stopping is ordered (client, then workers, then the scheduler) so a normal end prints no
-  connection noise; every step has a grace period after which the role's process group is
+* stopping is ordered (client, then the scheduler, whose close ends the workers, then the
+  workers it left) so a normal end prints no connection noise and costs the scheduler
+  O(workers); every step has a grace period after which the role's process group is
   killed;
 * the job's exit status (``status.Outcome``) is agreed by all ranks in a bounded all-reduce,
   then MPI is finalized so the launcher reports it unchanged; a rank that does not join in
@@ -100,7 +101,8 @@ class Supervisor:
         self.started: set[str] = set()  # "workers", "client" once asked to start
         self.coordinator = _Coordinator(self) if self.rank == 0 else None
         self.reported = False
-        self.closed: set[int] = set()  # worker ranks done (on the scheduler's rank)
+        self.closed: set[int] = set()  # the client's rank once done (on the scheduler's)
+        self.scheduler_closed = False  # the scheduler's rank closed it (on worker ranks)
 
     # ------------------------------------------------------------------
     # the whole life
@@ -349,6 +351,8 @@ class Supervisor:
             self.outcome.propose(*fields)
         elif kind == "closed":
             self.closed.add(fields[0])
+        elif kind == "scheduler-closed":
+            self.scheduler_closed = True
         elif kind == "stdin" and self.stdin_relay is not None:
             self.stdin_relay.feed(fields[0])
         elif self.coordinator:
@@ -391,23 +395,38 @@ class Supervisor:
             signal.signal(signum, handler)
 
     # ------------------------------------------------------------------
-    # STOPPING, in order: client, workers, then the scheduler
+    # STOPPING, in order: the client, then the scheduler, then the workers it left
 
     def shutdown(self) -> None:
+        """The scheduler closes before the workers: its close tells every worker to close
+        (one message each), while workers closing first would cost the scheduler a removal
+        each that notifies every remaining worker, O(workers^2) (scheduler_ext.py). So the
+        script's finally blocks still have the whole cluster; then the scheduler's rank
+        closes it and tells the worker ranks, which end what is left."""
         self.phase = Phase.STOPPING
         grace = self.settings.shutdown_timeout
         self._terminate(self.children.of(CLIENT), grace)
-        self._terminate(self.children.of(WORKER), grace)
-        if WORKER in self.roles and self.rank != self.scheduler_rank:
+        client = self.layout.client_rank
+        if CLIENT in self.roles and self.rank != self.scheduler_rank:
             self.control.send(self.scheduler_rank, "closed", self.rank)
         scheduler = self.children.of(SCHEDULER)
         if scheduler:
-            others = set(self.layout.worker_ranks) - {self.rank}
             deadline = time.monotonic() + grace
-            while (not others <= self.closed and scheduler[0].alive
-                   and time.monotonic() < deadline):
+            while (client not in (None, self.rank) and client not in self.closed
+                   and scheduler[0].alive and time.monotonic() < deadline):
                 self.poll_quietly()
             self._terminate(scheduler, grace)
+        if SCHEDULER in self.roles:
+            self.control.broadcast("scheduler-closed")
+        workers = self.children.of(WORKER)
+        if workers and self.settings.scheduler and SCHEDULER not in self.roles:
+            # closed by the scheduler's close; bounded: the client's and the scheduler's
+            # grace, in case the scheduler's rank cannot say
+            deadline = time.monotonic() + 2 * grace
+            while (not self.scheduler_closed and any(c.alive for c in workers)
+                   and time.monotonic() < deadline):
+                self.poll_quietly()
+        self._terminate(workers, grace)
         self.children.kill_leftovers()
         if self.stdin_relay is not None:
             self.stdin_relay.close()

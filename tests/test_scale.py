@@ -37,13 +37,16 @@ def test_big_jobs_get_a_deeper_queue_and_longer_timeouts(clean_config):
         "distributed.comm.timeouts.connect": "250s",
         "mpi-launch.connect-timeout": "100s",
         "mpi-launch.wait-timeout": "150s",
+        "mpi-launch.shutdown-timeout": "40s",  # the scheduler closes 10,000 connections
     }
     assert scale.for_job(100_000)["distributed.comm.socket-backlog"] == 65535
     assert scale.for_job(100_000)["distributed.scheduler.worker-ttl"] == "1000s"
+    assert "mpi-launch.shutdown-timeout" not in scale.for_job(2000)
     line = scale.describe(changes)
     assert "distributed.comm.socket-backlog 10000" in line and "\n" not in line
     assert scale.settings_overrides(changes) == {"connect_timeout": 100.0,
-                                                 "wait_timeout": 150.0}
+                                                 "wait_timeout": 150.0,
+                                                 "shutdown_timeout": 40.0}
 
 
 def test_the_users_dask_config_wins(clean_config, monkeypatch):
@@ -51,7 +54,8 @@ def test_the_users_dask_config_wins(clean_config, monkeypatch):
     # in the environment, even with the default's own value
     monkeypatch.setenv("DASK_DISTRIBUTED__COMM__SOCKET_BACKLOG", "2048")
     # an explicit option (--wait-timeout)
-    changes = scale.for_job(10_000, explicit=["mpi-launch.wait_timeout"])
+    changes = scale.for_job(10_000, explicit=["mpi-launch.wait_timeout",
+                                              "mpi-launch.shutdown-timeout"])
     assert changes == {"mpi-launch.connect-timeout": "100s"}
 
 
@@ -85,3 +89,26 @@ def test_doctests():
     import doctest
 
     assert doctest.testmod(scale).failed == 0
+
+
+@pytest.mark.timeout(60)
+def test_roles_raise_their_open_files_limit_to_the_hard_one():
+    # a scheduler holds two connections per worker: 20,000 descriptors at 10,000 workers,
+    # where sites often leave the soft limit at 1,024
+    import resource
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, soft)
+
+    def lower():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    code = ("import resource; from dask_mpi_launch.roles import raise_open_files_limit as r; "
+            "before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]; "
+            "print(before, r(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         preexec_fn=lower, timeout=50)
+    assert out.returncode == 0, out.stderr
+    expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    assert out.stdout.split() == [str(low), str(expected), str(expected)]

@@ -138,3 +138,93 @@ def test_min_heartbeat_interval_slows_small_clusters_heartbeats():
 
     assert asyncio.run(interval("0s")) == 0.5  # distributed's for one worker
     assert asyncio.run(interval("2s")) == 2.0
+
+
+def _counting(scheduler_class):
+    """The scheduler class, counting the "remove-worker" notices it sends to workers."""
+
+    class Counting(scheduler_class):
+        def __init__(self, *args, **kwargs):
+            self.notices = 0
+            super().__init__(*args, **kwargs)
+
+        def worker_send(self, worker, msg):
+            if msg.get("op") == "remove-worker":
+                self.notices += 1
+            return super().worker_send(worker, msg)
+
+    return Counting
+
+
+async def _cluster_then(scheduler_class, end: str, n: int = 12) -> tuple[int, int, list]:
+    """n in-process workers; then one worker leaves (``end="one"``) or the scheduler
+    closes (``"close"``, what the role does when the job ends). Returns the notices sent
+    for it, the workers the scheduler still counts, and the workers' statuses at the end."""
+    s = await _counting(scheduler_class)(host="127.0.0.1", port=0, dashboard=False)
+    workers = await asyncio.gather(*(
+        distributed.Worker(s.address, nthreads=1, memory_limit=0, dashboard=False,
+                           host="127.0.0.1", name=f"w{i}") for i in range(n)))
+    try:
+        if end == "one":
+            await workers[0].close()
+            while len(s.workers) == n:
+                await asyncio.sleep(0.01)
+        else:
+            await s.close(reason="dask-mpi-launch: job ending")
+            await asyncio.wait_for(asyncio.gather(*(w.finished() for w in workers)), 60)
+            if isinstance(s, scheduler_ext.Scheduler):  # every worker left by itself first
+                assert getattr(s, "_ending", None) == {w.address for w in workers}
+        return s.notices, len(s.workers), [w.status.name for w in workers]
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
+        await s.close()
+
+
+@pytest.mark.timeout(180)
+def test_closing_the_scheduler_sends_no_notice_per_worker():
+    # upstream: each connection that ends during close() is a removal that notifies every
+    # remaining worker (O(n^2) at the end of a big job); ours: none, and every worker
+    # still closes because the scheduler told it to
+    notices, _, statuses = asyncio.run(_cluster_then(scheduler_ext.Scheduler, "close"))
+    assert notices == 0
+    assert statuses == ["closed"] * 12
+    upstream, _, statuses = asyncio.run(_cluster_then(distributed.Scheduler, "close"))
+    assert upstream > 12  # what the change avoids (if 0, upstream fixed it: drop ours)
+    assert statuses == ["closed"] * 12
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_leaving_a_running_cluster_is_removed_as_upstream_does():
+    notices, left, statuses = asyncio.run(_cluster_then(scheduler_ext.Scheduler, "one"))
+    assert left == 11 and notices == 11  # every other worker is told
+    assert statuses[0] == "closed" and statuses[1:] == ["running"] * 11
+
+
+def test_a_heartbeat_cut_by_the_workers_own_close_is_not_logged():
+    from types import SimpleNamespace
+
+    from distributed.core import Status
+
+    from dask_mpi_launch.roles import _quiet_heartbeat_at_close
+
+    log = logging.getLogger("distributed.worker")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    worker = SimpleNamespace(status=Status.running)
+    handler, filters = Keep(), list(log.filters)
+    log.addHandler(handler)
+    try:
+        _quiet_heartbeat_at_close(worker)
+        log.error("Failed to communicate with scheduler during heartbeat.")  # running: kept
+        worker.status = Status.closing
+        log.error("Failed to communicate with scheduler during heartbeat.")  # dropped
+        log.error("Worker stream died during communication")  # anything else: kept
+    finally:
+        log.removeHandler(handler)
+        log.filters[:] = filters
+    assert seen == ["Failed to communicate with scheduler during heartbeat.",
+                    "Worker stream died during communication"]

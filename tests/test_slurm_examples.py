@@ -439,3 +439,57 @@ def test_jupyter_template(slurm, venv, workdir, tmp_path):
             _read(out_path))
     finally:
         slurm.run(["scancel", job_id], timeout=10)
+
+
+ONE_IMPORT = """\
+import os
+from distributed import Client
+
+client = Client()
+job = os.environ["SLURM_JOB_ID"].encode()
+
+
+def read(pid, name, mode="r"):
+    with open(f"/proc/{pid}/{name}", mode) as f:
+        return f.read()
+
+
+found = []  # (name, pid, parent, imported distributed: its msgpack extension is mapped)
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        name = read(pid, "comm").strip()
+        env = read(pid, "environ", "rb").split(b"\\0")
+        if not name.startswith("dml-") or b"SLURM_JOB_ID=" + job not in env:
+            continue
+        parent = int(read(pid, "stat").rsplit(")", 1)[1].split()[1])
+        found.append((name, int(pid), parent, "msgpack/_cmsgpack" in read(pid, "maps")))
+    except OSError:
+        continue
+zygotes = [pid for name, pid, _, _ in found if name == "dml-zygote"]
+print("zygotes=" + str(len(zygotes)))
+print("ranks=" + str(sum(name == "dml-rank" for name, _, _, _ in found)))
+print("ranks_with_distributed=" + str(sum(name == "dml-rank" and imported
+                                          for name, _, _, imported in found)))
+print("zygote_has_distributed=" + str(all(imported for name, _, _, imported in found
+                                          if name == "dml-zygote")))
+print("roles=" + str(sorted(name for name, _, _, _ in found
+                            if name not in ("dml-rank", "dml-zygote"))))
+print("roles_not_from_the_zygote=" + str(sum(
+    parent not in zygotes for name, _, parent, _ in found
+    if name not in ("dml-rank", "dml-zygote"))))
+"""
+
+
+def test_srun_template_imports_distributed_once_per_node(slurm, venv, workdir, tmp_path):
+    """The node zygote under srun: of the job's processes on this (one) node, only the
+    zygote imported distributed (its C extension msgpack is mapped: a rank that imported
+    it would have it too), and every role process is its child."""
+    (tmp_path / "client.py").write_text(ONE_IMPORT)
+    state, code, out = submit(slurm, venv, workdir / "srun-script.sbatch", "--ntasks=4",
+                              chdir=tmp_path)
+    assert_clean_success(state, code, out)
+    assert values(out) == {
+        "zygotes": "1", "ranks": "4", "ranks_with_distributed": "0",
+        "zygote_has_distributed": "True",
+        "roles": str(["dml-scheduler", "dml-script", "dml-worker", "dml-worker"]),
+        "roles_not_from_the_zygote": "0"}, out

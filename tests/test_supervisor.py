@@ -33,8 +33,33 @@ def test_script_status_is_every_ranks_and_shutdown_is_ordered(settings, capfd):
     statuses, launchers, log = run_job(4, settings(), {(1, "script"): script_exits(7)})
     assert statuses == [7, 7, 7, 7]
     order = [label for _, label, signum in log if signum != signal.SIGKILL]
-    assert order.index("worker 2") < order.index("scheduler")
-    assert order.index("worker 3") < order.index("scheduler")
+    # the scheduler first (its close ends the workers in O(workers)), then what it left
+    assert order.index("scheduler") < order.index("worker 2")
+    assert order.index("scheduler") < order.index("worker 3")
+    assert "error" not in capfd.readouterr().err
+
+
+def test_workers_the_schedulers_close_ended_are_not_signalled(settings, capfd):
+    import threading
+
+    closed = threading.Event()
+
+    def scheduler(child):  # its close tells every worker to close
+        child.send("address", address="tcp://fake:1", identity={}, dashboard=None)
+        signum = child.wait_signal()
+        closed.set()
+        child.exit(0 if signum else 1)
+
+    def worker(child):
+        child.send("ready", name=str(child.spec["name"]))
+        closed.wait(10)
+        child.exit(0)
+
+    statuses, _, log = run_job(4, settings(), {(1, "script"): script_exits(7),
+                                               (0, "scheduler"): scheduler,
+                                               (2, "worker"): worker, (3, "worker"): worker})
+    assert statuses == [7, 7, 7, 7]
+    assert [label for _, label, _ in log] == ["scheduler"]
     assert "error" not in capfd.readouterr().err
 
 
