@@ -236,10 +236,9 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
         if not imported and wanted and (not parse or parsed >= size or now - last >= IDLE):
             imported = True
             try:
-                import importlib
+                from .zygote import warm_up
 
-                for module in preload:
-                    importlib.import_module(module)
+                warm_up(preload)
                 from .roles import run_check, run_role
             except BaseException as e:
                 error = f"cannot import {' and '.join(preload)}: {type(e).__name__}: {e}"

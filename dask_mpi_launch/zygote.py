@@ -175,6 +175,30 @@ class ZygoteLauncher:
             pass
 
 
+# imported by every worker when it starts: in the zygote once, not in each worker (prometheus
+# is optional for distributed)
+WARM = ("distributed.http.worker.prometheus.core",)
+
+
+def warm_up(preload) -> None:
+    """Import ``preload`` (errors propagate) and, with ``distributed``, what every role
+    would otherwise do again after the fork: the worker's metrics modules, and
+    ``platform.uname()``'s processor, which distributed's version report asks for and
+    Python finds by running ``uname -p`` (a process start per role)."""
+    import importlib
+    import platform
+
+    for module in preload:
+        importlib.import_module(module)
+    if "distributed" in preload:
+        for module in WARM:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
+        platform.uname().processor  # noqa: B018 - cached from now on
+
+
 def start(preload=("distributed",), parse: bool = False) -> ZygoteLauncher:
     """Fork the zygote (call before MPI is loaded). In the process that ``initialize()``'s
     client becomes, this raises :class:`BecomeClient` instead of returning. ``parse``: the
@@ -225,10 +249,7 @@ def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None
             return  # the rank exits: nothing to import for
     error = None
     try:
-        import importlib
-
-        for module in preload:
-            importlib.import_module(module)
+        warm_up(preload)
         from .roles import run_check, run_role
     except BaseException as e:  # the rank reports it as one line
         error = f"cannot import {' and '.join(preload)}: {type(e).__name__}: {e}"
