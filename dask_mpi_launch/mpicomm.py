@@ -277,6 +277,7 @@ class Engine:
         self.stats = {"sent_bytes": 0, "received_bytes": 0, "sent_messages": 0,
                       "received_messages": 0, "connections": 0}
         self.spin_until = 0.0  # poll without pause until then (transfers expected to run)
+        self.crowded = _crowded()  # more ranks on this node than cores
         self.cpu_seconds = 0.0  # CPU time of the progress thread, updated when it idles
         self.lock = threading.Lock()
         self.todo: collections.deque = collections.deque()
@@ -352,7 +353,7 @@ class Engine:
                     now = time.monotonic()
                     if sleep == 0.0:
                         idle_since = now
-                    cap = _max_sleep(now - idle_since)
+                    cap = _max_sleep(now - idle_since, self.crowded)
                     sleep = min(max(sleep * 2, 20e-6), cap)
                     self.cpu_seconds = time.thread_time()
                     self.wake.wait(sleep)
@@ -379,7 +380,9 @@ class Engine:
             if busy:
                 sleep = 0.0
             elif self.ops and time.monotonic() < self.spin_until:
-                pass  # transfers in flight: keep calling MPI so the library moves the bytes
+                # transfers in flight: keep calling MPI so the library moves the bytes, but
+                # let a process waiting for this core (the peer, on a crowded node) run
+                os.sched_yield()
             else:  # something slow or stuck: keep polling, gently
                 sleep = min(max(sleep * 2, 20e-6), BUSY_MAX_SLEEP)
                 self.wake.wait(sleep)
@@ -618,16 +621,32 @@ def _peer_address(announced, rank: int) -> str:
     return "mpi://" + unparse_mpi_address("0.0.0.0", 0, rank)
 
 
-def _max_sleep(quiet_for: float) -> float:
+def _max_sleep(quiet_for: float, crowded: bool = False) -> float:
     """The longest back-off of the progress thread after ``quiet_for`` s without traffic:
-    short right after traffic (answers are on their way), longer as the quiet lasts.
+    short right after traffic (answers are on their way), longer as the quiet lasts. On a
+    crowded node (more ranks than cores) polling that often would take the cores from the
+    ranks doing the work, so the short step is left out.
 
-    >>> _max_sleep(0.0), _max_sleep(1.0), _max_sleep(60.0)
-    (0.0001, 0.001, 0.01)
+    >>> _max_sleep(0.0), _max_sleep(1.0), _max_sleep(60.0), _max_sleep(0.0, crowded=True)
+    (0.0001, 0.001, 0.01, 0.001)
     """
-    if quiet_for < HOT_FOR:
+    if quiet_for < HOT_FOR and not crowded:
         return HOT_MAX_SLEEP
     return BUSY_MAX_SLEEP if quiet_for < IDLE_AFTER else IDLE_MAX_SLEEP
+
+
+def _crowded(env=os.environ) -> bool:
+    """More ranks on this node (as the launcher tells it) than the node has cores.
+
+    >>> _crowded({"MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": str(10**6)})
+    True
+    >>> _crowded({})
+    False
+    """
+    from .nodezygote import local_rank
+
+    local = local_rank(env)
+    return local is not None and local[1] > (os.cpu_count() or 1)
 
 
 def _noop(*_):
