@@ -106,6 +106,9 @@ def _watch(child: ThreadChild, fd: int) -> None:
     except Exception as e:
         send("error", message=f"the worker could not start: {type(e).__name__}: {e}")
     else:
+        from .roles import _quiet_heartbeat_at_close
+
+        _quiet_heartbeat_at_close(handle.worker)  # as a worker process does
         send("ready", name=str(child.spec["name"]), address=address)
     handle.join(None)
     child.done = child.done or Ended(exited=0 if handle.status == "closed" else 1)
