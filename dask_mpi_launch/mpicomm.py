@@ -597,8 +597,7 @@ class Engine:
                 # a closed connection: its comm may still wait for the close marker
                 target = self._closing.get(cid)
             if target is not None and target.loop is not None:
-                _post(target.loop, target._deliver,
-                                                 item.error or item.frames)
+                _post(target.loop, target._deliver, item.error or item.frames)
             if item.error is not None and comm is not None:
                 self.conns.pop(cid, None)
         if not queue and cid not in self.conns:
@@ -1042,10 +1041,7 @@ class WorkerThread:
         self._stop_asked = True
         loop, worker = self.loop, self.worker
         if loop is not None and worker is not None and not loop.is_closed():
-            try:
-                _post(loop, lambda: asyncio.ensure_future(worker.close()))
-            except RuntimeError:  # the loop just closed
-                pass
+            _post(loop, lambda: asyncio.ensure_future(worker.close()))  # (closed: nothing)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread to end; True when it has."""

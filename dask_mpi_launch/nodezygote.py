@@ -33,7 +33,7 @@ import time
 from .children import Child, enter_role, flush, run_body, set_title
 from .errors import LaunchError
 from .status import Ended
-from .zygote import _MAX, ZygoteLauncher, _send, import_parser, parse_for
+from .zygote import _MAX, ZygoteLauncher, _send, import_parser, load_roles, parse_for
 
 _LOCAL = (("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
           ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
@@ -235,13 +235,7 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
         now = time.monotonic()
         if not imported and wanted and (not parse or parsed >= size or now - last >= IDLE):
             imported = True
-            try:
-                from .zygote import warm_up
-
-                warm_up(preload)
-                from .roles import run_check, run_role
-            except BaseException as e:
-                error = f"cannot import {' and '.join(preload)}: {type(e).__name__}: {e}"
+            error, run_check, run_role = load_roles(preload)
             for conn in conns:
                 _send(conn, ("ready", error))
         timeout = 1.0 if imported or not wanted else max(0.0, IDLE - (now - last))

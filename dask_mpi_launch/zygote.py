@@ -199,6 +199,17 @@ def warm_up(preload) -> None:
         platform.uname().processor  # noqa: B018 - cached from now on
 
 
+def load_roles(preload):
+    """(error, run_check, run_role) once ``preload`` is imported and warm (:func:`warm_up`);
+    the error is the one line the rank reports when an import failed (the functions None)."""
+    try:
+        warm_up(preload)
+        from .roles import run_check, run_role
+    except BaseException as e:
+        return f"cannot import {' and '.join(preload)}: {type(e).__name__}: {e}", None, None
+    return None, run_check, run_role
+
+
 def start(preload=("distributed",), parse: bool = False) -> ZygoteLauncher:
     """Fork the zygote (call before MPI is loaded). In the process that ``initialize()``'s
     client becomes, this raises :class:`BecomeClient` instead of returning. ``parse``: the
@@ -247,12 +258,7 @@ def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None
         _send(sock, ("parsed", reply))
         if reply[0] != "settings":
             return  # the rank exits: nothing to import for
-    error = None
-    try:
-        warm_up(preload)
-        from .roles import run_check, run_role
-    except BaseException as e:  # the rank reports it as one line
-        error = f"cannot import {' and '.join(preload)}: {type(e).__name__}: {e}"
+    error, run_check, run_role = load_roles(preload)
     _send(sock, ("ready", error))
     if error:
         return
