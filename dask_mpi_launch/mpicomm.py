@@ -73,6 +73,7 @@ import json
 import logging
 import os
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -114,6 +115,8 @@ RATE_FLOOR = 100e6  # bytes/s a transfer is granted on top of the stall timeout
 
 MAGIC = b"DMLM"
 KIND_DATA, KIND_CLOSE, KIND_ACCEPT = 0, 1, 2
+CHEAP = 0x80  # bit of a KIND_DATA header's kind: the frames are plain buffers (NumPy arrays,
+# bytes) that deserialize in O(1), so the receiver does it in its loop instead of a thread
 _HEAD = struct.Struct("<4sBxxxIIQ")  # magic, kind, connection id, nframes, chunk
 _INLINE_BIT = 1 << 63
 
@@ -229,6 +232,59 @@ def transfer_deadline(nbytes: int, stall: float) -> float:
     return stall + nbytes / RATE_FLOOR
 
 
+CHEAP_SMALL = 2**20  # bytes: an object below this is cheap to serialize whatever its type
+
+
+def cheap_to_serialize(msg) -> bool:
+    """Whether serializing ``msg`` (and deserializing it at the other end) is cheap: its
+    large leaves are C- or Fortran-contiguous NumPy arrays without Python objects, or bytes,
+    bytearray or memoryview, which distributed sends as they are (a ``get_data`` answer full
+    of array chunks); everything else in it comes to less than :data:`CHEAP_SMALL` bytes.
+    distributed hands a message above ``distributed.comm.offload`` (10 MiB) to a thread to
+    keep the event loop free while it is (de)serialized; for a cheap message that costs two
+    thread hand-offs and buys nothing, so it is done in the loop instead. Anything else (a
+    DataFrame, a pickled object) keeps distributed's choice.
+
+    >>> import numpy as np
+    >>> from distributed.protocol import to_serialize
+    >>> cheap_to_serialize({"status": "OK", "data": {"x": to_serialize(np.ones(2**21))}})
+    True
+    >>> cheap_to_serialize({"data": {"x": to_serialize(np.ones((2**11, 2**11))[:, ::2])}})
+    False
+    >>> cheap_to_serialize({"data": {k: to_serialize([0.5] * 2**10) for k in range(64)}})
+    False
+    """
+    budget = [CHEAP_SMALL, 100_000]  # bytes of real (de)serializing work; objects visited
+    return _cheap(msg, budget, 0)
+
+
+def _cheap(obj, budget, depth) -> bool:
+    budget[1] -= 1
+    if budget[1] < 0 or depth > 8:
+        return False
+    if isinstance(obj, (int, float, bool, type(None))):
+        return True
+    if isinstance(obj, (bytes, bytearray, memoryview, str)):  # msgpack copies these
+        budget[0] -= len(obj)
+        return budget[0] > 0
+    if isinstance(obj, dict):
+        return all(_cheap(v, budget, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_cheap(v, budget, depth + 1) for v in obj)
+    if type(obj).__name__ in ("Serialize", "ToPickle"):
+        obj = obj.data
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return True
+        np = sys.modules.get("numpy")
+        if (np is not None and type(obj) is np.ndarray and not obj.dtype.hasobject
+                and (obj.flags.c_contiguous or obj.flags.f_contiguous)):
+            return True
+    from distributed.sizeof import safe_sizeof
+
+    budget[0] -= safe_sizeof(obj, default_size=CHEAP_SMALL)
+    return budget[0] > 0
+
+
 # --- the progress engine (one per process) -------------------------------------------------
 
 SPIN_RATE = 5e8  # bytes/s: the progress thread spins while transfers may still run at this
@@ -245,10 +301,10 @@ class _Op:
 
 
 class _Incoming:
-    __slots__ = ("frames", "left", "error")
+    __slots__ = ("frames", "left", "error", "cheap")
 
-    def __init__(self, frames, left):
-        self.frames, self.left, self.error = frames, left, None
+    def __init__(self, frames, left, cheap=False):
+        self.frames, self.left, self.error, self.cheap = frames, left, None, cheap
 
 
 class Engine:
@@ -277,7 +333,9 @@ class Engine:
         self.stats = {"sent_bytes": 0, "received_bytes": 0, "sent_messages": 0,
                       "received_messages": 0, "connections": 0}
         self.spin_until = 0.0  # poll without pause until then (transfers expected to run)
-        self.crowded = _crowded()  # more ranks on this node than cores
+        self.oversubscribed = _crowded()  # more ranks on this node than cores
+        self.crowded = self.oversubscribed  # ... and the node's cores are busy now
+        self.crowded_checked = 0.0
         self.cpu_seconds = 0.0  # CPU time of the progress thread, updated when it idles
         self.lock = threading.Lock()
         self.todo: collections.deque = collections.deque()
@@ -353,6 +411,9 @@ class Engine:
                     now = time.monotonic()
                     if sleep == 0.0:
                         idle_since = now
+                    if self.oversubscribed and now > self.crowded_checked + CROWDED_EVERY:
+                        self.crowded_checked = now
+                        self.crowded = _cores_busy()
                     cap = _max_sleep(now - idle_since, self.crowded)
                     sleep = min(max(sleep * 2, 20e-6), cap)
                     self.cpu_seconds = time.thread_time()
@@ -480,12 +541,13 @@ class Engine:
         _post(loop, _resolve, fut, comm)
 
     # messages
-    def _send(self, comm, frames, fut, loop):
+    def _send(self, comm, frames, fut, loop, cheap=False):
         if comm.remote_id is None or comm._broken:
             _post(loop, _fail, fut, CommClosedError("MPI comm closed"))
             return
         MPI = self.MPI
-        head, big = pack_header(KIND_DATA, comm.remote_id, frames, chunk=self.chunk)
+        head, big = pack_header(KIND_DATA | (CHEAP if cheap else 0), comm.remote_id, frames,
+                                chunk=self.chunk)
         reqs = [self.comm.Isend([head, MPI.BYTE], dest=comm.peer, tag=TAG_HEADER)]
         tag = DATA_TAG_BASE + comm.remote_id
         nbytes = len(head)
@@ -536,6 +598,8 @@ class Engine:
         except ValueError:
             logger.error("MPI data plane: garbage header from rank %d dropped", source)
             return
+        cheap = bool(kind & CHEAP)
+        kind &= ~CHEAP
         if kind == KIND_ACCEPT:
             self._on_accept(source, cid, chunk)
             return
@@ -558,7 +622,7 @@ class Engine:
         frames = [None] * len(sizes)
         for i, v in inline.items():
             frames[i] = v
-        item = _Incoming(frames, len(big))
+        item = _Incoming(frames, len(big), cheap)
         queue.append(item)
         if not big:
             self._deliver(cid)
@@ -597,7 +661,7 @@ class Engine:
                 # a closed connection: its comm may still wait for the close marker
                 target = self._closing.get(cid)
             if target is not None and target.loop is not None:
-                _post(target.loop, target._deliver, item.error or item.frames)
+                _post(target.loop, target._deliver, item.error or (item.frames, item.cheap))
             if item.error is not None and comm is not None:
                 self.conns.pop(cid, None)
         if not queue and cid not in self.conns:
@@ -623,8 +687,8 @@ def _peer_address(announced, rank: int) -> str:
 def _max_sleep(quiet_for: float, crowded: bool = False) -> float:
     """The longest back-off of the progress thread after ``quiet_for`` s without traffic:
     short right after traffic (answers are on their way), longer as the quiet lasts. On a
-    crowded node (more ranks than cores) polling that often would take the cores from the
-    ranks doing the work, so the short step is left out.
+    crowded node (more ranks than cores, and the cores busy) polling that often would take
+    the cores from the ranks doing the work, so the short step is left out.
 
     >>> _max_sleep(0.0), _max_sleep(1.0), _max_sleep(60.0), _max_sleep(0.0, crowded=True)
     (0.0001, 0.001, 0.01, 0.001)
@@ -632,6 +696,31 @@ def _max_sleep(quiet_for: float, crowded: bool = False) -> float:
     if quiet_for < HOT_FOR and not crowded:
         return HOT_MAX_SLEEP
     return BUSY_MAX_SLEEP if quiet_for < IDLE_AFTER else IDLE_MAX_SLEEP
+
+
+CROWDED_EVERY = 1.0  # seconds between looks at the node's load (oversubscribed nodes only)
+
+
+def cores_busy(loadavg: str, cores: int) -> bool:
+    """From ``/proc/loadavg``: more threads want a core than there are, on average over the
+    last minute or right now (the reader itself not counted).
+
+    >>> cores_busy("2.50 1.00 0.50 1/300 99", 2), cores_busy("0.10 0.50 0.50 4/300 99", 2)
+    (True, True)
+    >>> cores_busy("1.50 1.00 0.50 2/300 99", 2)
+    False
+    """
+    fields = loadavg.split()
+    running = int(fields[3].split("/")[0]) - 1
+    return float(fields[0]) > cores or running > cores
+
+
+def _cores_busy() -> bool:
+    try:
+        with open("/proc/loadavg") as f:
+            return cores_busy(f.read(), os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        return True
 
 
 def _crowded(env=os.environ) -> bool:
@@ -741,10 +830,11 @@ class MPIComm(Comm):
         if isinstance(item, BaseException):
             self._mark_closed(notify=False)
             raise item
+        frames, cheap = item
         try:
-            return await from_frames(item, deserialize=self.deserialize,
+            return await from_frames(frames, deserialize=self.deserialize,
                                      deserializers=deserializers,
-                                     allow_offload=self.allow_offload)
+                                     allow_offload=self.allow_offload and not cheap)
         except EOFError:
             self.abort()
             raise CommClosedError("aborted MPI comm on truncated data") from None
@@ -752,15 +842,16 @@ class MPIComm(Comm):
     async def write(self, msg, serializers=None, on_error="message"):
         if self._closed or self._broken:
             raise CommClosedError(f"{self!r} is closed")
+        cheap = cheap_to_serialize(msg)
         frames = await to_frames(
-            msg, allow_offload=self.allow_offload, serializers=serializers,
+            msg, allow_offload=self.allow_offload and not cheap, serializers=serializers,
             on_error=on_error,
             context={"sender": self.local_info, "recipient": self.remote_info,
                      **self.handshake_options},
             frame_split_size=NO_SPLIT)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self.engine.call(self.engine._send, self, frames, fut, loop)
+        self.engine.call(self.engine._send, self, frames, fut, loop, cheap)
         try:
             return await fut
         except CommClosedError:

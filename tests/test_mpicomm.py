@@ -59,6 +59,38 @@ def test_header_round_trip_inline_frames_are_slices_of_the_buffer():
     assert inline[0].obj is head  # zero-copy: a view into the received header
 
 
+def test_only_plain_buffers_skip_the_offload_thread():
+    """A get_data answer of contiguous arrays is (de)serialized in the loop, flagged in the
+    header so the receiver does the same; a DataFrame, a strided view or a pile of pickled
+    objects keeps distributed's offload to a thread."""
+    import numpy as np
+    import pandas as pd
+    from distributed.protocol import to_serialize
+
+    def answer(**data):
+        return {"status": "OK", "data": {k: to_serialize(v) for k, v in data.items()}}
+
+    big = np.arange(2**23, dtype="f8")  # 64 MiB
+    assert mpicomm.cheap_to_serialize(answer(a=big, b=big.reshape(2**11, -1).T,
+                                             c=bytes(2**25)))
+    assert not mpicomm.cheap_to_serialize(answer(a=big, d=pd.DataFrame({"x": big})))
+    assert not mpicomm.cheap_to_serialize(answer(a=big.reshape(2**11, -1)[:, ::2]))
+    assert not mpicomm.cheap_to_serialize(answer(**{f"k{i}": list(range(10**4))
+                                                    for i in range(20)}))
+    assert not mpicomm.cheap_to_serialize({"op": "x", "payload": b"z" * 2**21})  # msgpack copy
+    assert mpicomm.cheap_to_serialize({"op": "get_data", "keys": ["x"] * 100})
+    head, _ = mpicomm.pack_header(mpicomm.KIND_DATA | mpicomm.CHEAP, 9, [bytes(10)])
+    kind = mpicomm.unpack_header(head)[0]
+    assert kind & mpicomm.CHEAP and kind & ~mpicomm.CHEAP == mpicomm.KIND_DATA
+
+
+def test_polling_backs_off_only_where_the_cores_are_busy():
+    assert not mpicomm.cores_busy("0.40 0.30 0.20 2/400 1", 2)
+    assert mpicomm.cores_busy("3.10 0.30 0.20 1/400 1", 2)  # over the last minute
+    assert mpicomm.cores_busy("0.40 0.30 0.20 6/400 1", 4)  # right now
+    assert mpicomm._max_sleep(0.0, crowded=False) < mpicomm._max_sleep(0.0, crowded=True)
+
+
 def test_header_inline_total_is_bounded():
     frames = [bytes(1000)] * 50
     head, big = mpicomm.pack_header(mpicomm.KIND_DATA, 1, frames, inline_max=1000,
