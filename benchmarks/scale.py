@@ -132,6 +132,26 @@ def _quiet_logging(counter: dict, keep: list, debug_comm: bool = False) -> None:
     logging.getLogger("tornado").setLevel(logging.CRITICAL)
 
 
+def _one_log_handler_per_process() -> None:
+    """Every Worker adds a handler (for ``get_logs``) to distributed.worker's logger, so with
+    hundreds of workers in one process each log line went to hundreds of handlers (quadratic:
+    half of the simulated workers' CPU at 250 per process). A real worker process has one:
+    the simulated workers of a process share one."""
+    from distributed.node import ServerNode
+
+    setup = ServerNode._setup_logging
+    shared: dict = {}
+
+    def _setup_logging(self, logger) -> None:
+        if logger.name in shared:
+            self._deque_handler = shared[logger.name]
+        else:
+            setup(self, logger)
+            shared[logger.name] = self._deque_handler
+
+    ServerNode._setup_logging = _setup_logging
+
+
 def _raise_nofile() -> None:
     """The soft open-files limit up to the hard one (as the launcher's roles do), and the
     hard one up to the kernel's nr_open where allowed (root): the scheduler holds two
@@ -365,6 +385,7 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
     counter: dict = {}
     keep: list = []
     _quiet_logging(counter, keep, debug_comm=True)
+    _one_log_handler_per_process()
     from distributed.utils import import_term
 
     from dask_mpi_launch.security import security_from

@@ -63,10 +63,10 @@ def security_from(credentials: dict | None):
     """A ``distributed.Security`` for every role (None: plain TCP)."""
     if not credentials:
         return None
-    from distributed.security import Security
+    from .tls import JobSecurity
 
     ca, cert, key = credentials["ca"], credentials["cert"], credentials["key"]
-    return Security(
+    return JobSecurity(
         require_encryption=True, tls_ca_file=ca,
         tls_client_cert=cert, tls_client_key=key,
         tls_scheduler_cert=cert, tls_scheduler_key=key,
