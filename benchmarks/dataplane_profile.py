@@ -8,11 +8,13 @@ workers A and B)::
 
 For each size (MiB) an array is made on A and a
 task on B needs it; the data-plane engines of both workers are instrumented (time stamps
-around ``Engine._send``, ``Engine._on_header``, ``Engine._deliver`` and ``from_frames``) and
+around ``Engine._send``, ``Engine._on_header``, ``Engine._deliver``, ``from_frames`` and the comm's ``read``/``write``) and
 the transfer that B's own log reports is cut into phases, median over the timed repeats:
 
 - request noticed: B writes ``get_data`` -> A's progress thread has its header;
-- responder: A's header -> A's answer handed to MPI (distributed's handler, serialization);
+- A's loop wakes: A's header -> A's comm.read returns the request (a thread hand-off);
+- A's handler: -> A's comm.write starts (distributed's ``get_data`` handler);
+- A serializes: -> A's answer handed to MPI (serialization, hand-off to the progress thread);
 - answer noticed: A's answer handed to MPI -> B's progress thread has its header;
 - copy: B posts the receives -> the last byte is in B's fresh buffer (MPI's own work);
 - deserialize: B's buffer complete -> B's read returns the array;
@@ -56,6 +58,19 @@ def _install(dask_worker):
 
     for name in ("_send", "_on_header", "_deliver"):
         wrap(name)
+    for name in ("read", "write"):  # the comm's coroutines, in the worker's loop
+        orig = getattr(mpicomm.MPIComm, name)
+
+        def make(orig, name):
+            async def timed(self, *args, **kwargs):
+                t = time.time()
+                try:
+                    return await orig(self, *args, **kwargs)
+                finally:
+                    getattr(mpicomm.engine(), "_profile", []).append((name, t, time.time()))
+            return timed
+
+        setattr(mpicomm.MPIComm, name, make(orig, name))
     from_frames = mpicomm.from_frames
 
     async def timed_from_frames(*args, **kwargs):
@@ -93,8 +108,14 @@ def phases(a_events, b_events):
     b_head = _first(b_events, "_on_header", a_send[1])
     b_done = _first(b_events, "_deliver", b_head[1])
     b_read = _first(b_events, "from_frames", b_done[1])
+    a_read = _first(a_events, "read", a_head[1] - 60)  # the read that got the request ...
+    a_read = next((e for e in a_events if e[0] == "read" and a_head[1] <= e[2] <= a_send[1]),
+                  a_read)
+    a_write = _first(a_events, "write", a_read[2])
     return {"request noticed": a_head[1] - request[1],
-            "responder": a_send[1] - a_head[1],
+            "A's loop wakes": a_read[2] - a_head[1],
+            "A's handler": a_write[1] - a_read[2],
+            "A serializes": a_send[1] - a_write[1],
             "answer noticed": b_head[1] - a_send[1],
             "copy": b_done[1] - b_head[1],
             "deserialize": b_read[2] - b_done[1]}
@@ -109,7 +130,8 @@ def main() -> None:
     client.wait_for_workers(2)
     a, b = sorted(client.scheduler_info()["workers"])[:2]
     client.run(_install, workers=[a, b])
-    names = ["request noticed", "responder", "answer noticed", "copy", "deserialize", "other"]
+    names = ["request noticed", "A's loop wakes", "A's handler", "A serializes",
+             "answer noticed", "copy", "deserialize", "other"]
     print("| size | transfer ms (B's log) | GB/s | " + " | ".join(f"{n} ms" for n in names)
           + " |")
     print("|---" * (len(names) + 3) + "|")
