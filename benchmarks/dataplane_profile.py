@@ -6,10 +6,11 @@ workers A and B)::
     mpiexec -n 4 dask-mpi-launch --protocol mpi --interface lo --no-dashboard \\
         benchmarks/dataplane_profile.py [--repeat 7] 8 64 256 1024
 
-For each size (MiB) an array is made on A and a
-task on B needs it; the data-plane engines of both workers are instrumented (time stamps
-around ``Engine._send``, ``Engine._on_header``, ``Engine._deliver``, ``from_frames`` and the comm's ``read``/``write``) and
-the transfer that B's own log reports is cut into phases, median over the timed repeats:
+For each size (MiB) an array is made on A and a task on B needs it; the data-plane engines
+of both workers are instrumented (time stamps around ``Engine._send``,
+``Engine._on_header``, ``Engine._deliver``, ``from_frames`` and the comm's
+``read``/``write``) and the transfer that B's own log reports is cut into phases, median
+over the timed repeats:
 
 - request noticed: B writes ``get_data`` -> A's progress thread has its header;
 - A's loop wakes: A's header -> A's comm.read returns the request (a thread hand-off);
