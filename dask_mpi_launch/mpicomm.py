@@ -108,6 +108,7 @@ HOT_MAX_SLEEP = 0.0001  # seconds: longest back-off in the first HOT_FOR s after
 HOT_FOR = 0.25  # (a request's answer, or the next request, usually follows within it)
 BUSY_MAX_SLEEP = 0.001  # seconds: longest back-off in the first IDLE_AFTER s of quiet
 IDLE_AFTER = 2.0
+ANSWER_WINDOW = 0.05  # s: a read this soon after its comm's write waits for the answer
 IDLE_MAX_SLEEP = 0.01  # seconds: the longest back-off of an idle progress thread
 NO_SPLIT = 2**62  # distributed splits frames at 64 MiB unless told a larger size; we chunk
 # ourselves, and unsplit frames need no merging copy on the receiving side
@@ -333,6 +334,8 @@ class Engine:
         self.stats = {"sent_bytes": 0, "received_bytes": 0, "sent_messages": 0,
                       "received_messages": 0, "connections": 0}
         self.spin_until = 0.0  # poll without pause until then (transfers expected to run)
+        self.awaiting = 0  # reads waiting for the answer to their comm's own request ...
+        self.awaiting_since = 0.0  # ... the latest since then: poll at the hot step for it
         self.oversubscribed = _crowded()  # more ranks on this node than cores
         self.crowded = self.oversubscribed  # ... and the node's cores are busy now
         self.crowded_checked = 0.0
@@ -354,6 +357,14 @@ class Engine:
         self.thread.start()
 
     # called from any thread
+    def expect_answer(self, delta: int) -> None:
+        """A read starts (+1) or stops (-1) waiting for the answer to its own request."""
+        with self.lock:
+            self.awaiting += delta
+        if delta > 0:
+            self.awaiting_since = time.monotonic()
+            self.wake.set()
+
     def call(self, fn, *args) -> None:
         """Run ``fn(*args)`` in the progress thread, in submission order."""
         if self.stopping:
@@ -415,6 +426,8 @@ class Engine:
                         self.crowded_checked = now
                         self.crowded = _cores_busy()
                     cap = _max_sleep(now - idle_since, self.crowded)
+                    if self.awaiting and now - self.awaiting_since < HOT_FOR:
+                        cap = HOT_MAX_SLEEP  # an answer is due (even on a crowded node)
                     sleep = min(max(sleep * 2, 20e-6), cap)
                     self.cpu_seconds = time.thread_time()
                     self.wake.wait(sleep)
@@ -808,6 +821,8 @@ class MPIComm(Comm):
         self._broken = False
         self._inbox: collections.deque = collections.deque()
         self._waiter = None
+        self._wrote_at = float("-inf")
+        self.asks = False  # the connecting side (rpc, get_data), whose reads await answers
         self._finalizer = weakref.finalize(self, _finalize, eng, local_id, peer)
         self._finalizer.atexit = False
 
@@ -822,10 +837,18 @@ class MPIComm(Comm):
             if self._closed:
                 raise CommClosedError(f"{self!r} is closed")
             self._waiter = asyncio.get_running_loop().create_future()
+            # the connecting side's read right after its write waits for the answer (the
+            # get_data of a transfer): the progress thread polls at its shortest step until
+            # it comes
+            answer = self.asks and time.monotonic() - self._wrote_at < ANSWER_WINDOW
+            if answer:
+                self.engine.expect_answer(1)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+                if answer:
+                    self.engine.expect_answer(-1)
         item = self._inbox.popleft()
         if isinstance(item, BaseException):
             self._mark_closed(notify=False)
@@ -853,7 +876,9 @@ class MPIComm(Comm):
         fut = loop.create_future()
         self.engine.call(self.engine._send, self, frames, fut, loop, cheap)
         try:
-            return await fut
+            n = await fut
+            self._wrote_at = time.monotonic()
+            return n
         except CommClosedError:
             self._mark_closed(notify=False)
             raise
@@ -941,6 +966,7 @@ class MPIConnector(Connector):
                  else "mpi://" + unparse_mpi_address("0.0.0.0", 0, eng.rank))
         comm = MPIComm(eng, local_id, rank, local,
                        "mpi://" + unparse_mpi_address(host, port, rank), deserialize, loop)
+        comm.asks = True  # this side sends requests; the listener's side answers them
         comm._finalizer.detach()
         fut = loop.create_future()
 

@@ -112,7 +112,7 @@ def stats(dask_worker):
     from dask_mpi_launch import mpicomm as m
 
     e = m.engine()
-    return dict(e.stats) if e is not None else None
+    return dict(e.stats, awaiting=e.awaiting) if e is not None else None
 
 
 client = Client(address, security=security, timeout=60)

@@ -180,6 +180,8 @@ def test_computations_move_their_data_over_mpi(venv):
     assert res["rows"] == 400_000 and res["v_sum_ok"] and res["keys_disjoint"], r
     assert res["min_copies"] == 3 and res["sum_ok"] and res["holders"] >= 2, r
     assert res["idle_cpu_fraction"] <= 0.02, r
+    # every read that waited for its answer got it (no engine left polling at the hot step)
+    assert all(s["awaiting"] == 0 for s in res["mpi_stats"].values()), r
     received = sum(s["received_bytes"] for s in res["mpi_stats"].values())
     assert received > res["nbytes"] / 2, r  # the data went over MPI, not TCP
 
