@@ -43,8 +43,10 @@ fatal error). A worker in the rank cannot be restarted when it dies: the rank is
 
 Transport
 ---------
-One progress thread per process makes every MPI call of the data plane (so the event loops
-never block in MPI), polls with ``Iprobe``/``Testall`` and backs off exponentially to
+One progress thread per process makes the data plane's MPI calls (so the event loops never
+block in MPI; only a message's non-blocking ``Isend`` calls are posted by the writing loop
+itself, MPI_THREAD_MULTIPLE allowing it, to save a hand-off), polls with
+``Iprobe``/``Testall`` and backs off exponentially to
 :data:`IDLE_MAX_SLEEP` when nothing is in flight (an idle rank uses well under 2% of a core);
 while a transfer is in flight it keeps calling MPI so the library progresses the copy.
 
@@ -309,7 +311,8 @@ class _Incoming:
 
 
 class Engine:
-    """Owns the data-plane communicator; every data-plane MPI call runs in its thread."""
+    """Owns the data-plane communicator; its thread makes the MPI calls (but the Isends of
+    :meth:`send`) and tests every request."""
 
     def __init__(self, comm, stall_timeout: float | None = None, chunk: int = CHUNK):
         from mpi4py import MPI
@@ -347,6 +350,7 @@ class Engine:
         self.connecting: dict[int, tuple] = {}  # local id -> (comm, loop, future)
         self.listeners: dict[tuple[str, int], MPIListener] = {}
         self.ops: list[_Op] = []
+        self.posted: collections.deque = collections.deque()  # ops posted by other threads
         self.inbox: dict[int, collections.deque] = {}  # local id -> [_Incoming] in order
         self._closing: dict[int, MPIComm] = {}  # closed locally, may still get the marker
         self._ids = itertools.count(1)
@@ -364,6 +368,16 @@ class Engine:
         if delta > 0:
             self.awaiting_since = time.monotonic()
             self.wake.set()
+
+    def send(self, comm, frames, fut, loop, cheap=False) -> None:
+        """Post a message's sends right here, in the caller's (the event loop's) thread:
+        MPI_THREAD_MULTIPLE allows it, and it saves a hand-off to the progress thread
+        (which then tests them). Messages of one comm stay in order: its writes come one
+        after the other from its loop."""
+        if self.stopping:
+            raise CommClosedError("the MPI data plane is shut down")
+        self._send(comm, frames, fut, loop, cheap)
+        self.wake.set()
 
     def call(self, fn, *args) -> None:
         """Run ``fn(*args)`` in the progress thread, in submission order."""
@@ -405,6 +419,8 @@ class Engine:
         sleep = idle_since = 0.0
         while not self.stopping:
             busy = False
+            while self.posted:
+                self.ops.append(self.posted.popleft())
             while True:
                 with self.lock:
                     if not self.todo:
@@ -417,7 +433,10 @@ class Engine:
                 except Exception:  # noqa: BLE001 - keep the engine alive
                     logger.exception("MPI data plane: %s failed", getattr(fn, "__name__", fn))
             try:
-                if not (self.ops or busy) and not self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG):
+                # (an op posted by send() after the check below sets the wake-up again: the
+                # wait returns at once)
+                if (not (self.ops or self.posted or busy)
+                        and not self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)):
                     # idle: one MPI call per wake-up, then back off (further after a while)
                     now = time.monotonic()
                     if sleep == 0.0:
@@ -449,9 +468,9 @@ class Engine:
             except Exception:  # noqa: BLE001
                 logger.exception("MPI data plane: progress failed")
             if self.drain_until is not None and not self.todo and (
-                    not self.ops or time.monotonic() > self.drain_until):
+                    not (self.ops or self.posted) or time.monotonic() > self.drain_until):
                 break
-            if busy:
+            if busy or self.posted:
                 sleep = 0.0
             elif self.ops and time.monotonic() < self.spin_until:
                 # transfers in flight: keep calling MPI so the library moves the bytes, but
@@ -572,7 +591,7 @@ class Engine:
         except MPI.Exception as e:
             comm._broken = True
             _post(loop, _fail, fut, CommClosedError(f"MPI error: {e}"))
-            self.ops.append(_Op(reqs, _noop, _noop, None, (head, big)))
+            self.posted.append(_Op(reqs, _noop, _noop, None, (head, big)))
             return
 
         def failed(exc):
@@ -586,8 +605,9 @@ class Engine:
             self.stats["sent_messages"] += 1
             _post(loop, _resolve, fut, nbytes)
 
-        self.ops.append(_Op(reqs, sent, failed, time.monotonic() + transfer_deadline(nbytes, self.stall),
-                            (head, big)))
+        self.posted.append(_Op(reqs, sent, failed,
+                               time.monotonic() + transfer_deadline(nbytes, self.stall),
+                               (head, big)))
 
     def _send_close(self, rank, remote_id):
         head, _ = pack_header(KIND_CLOSE, remote_id, [])
@@ -874,7 +894,7 @@ class MPIComm(Comm):
             frame_split_size=NO_SPLIT)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self.engine.call(self.engine._send, self, frames, fut, loop, cheap)
+        self.engine.send(self, frames, fut, loop, cheap)
         try:
             n = await fut
             self._wrote_at = time.monotonic()
