@@ -735,17 +735,17 @@ CROWDED_EVERY = 1.0  # seconds between looks at the node's load (oversubscribed 
 
 
 def cores_busy(loadavg: str, cores: int) -> bool:
-    """From ``/proc/loadavg``: more threads want a core than there are, on average over the
-    last minute or right now (the reader itself not counted).
+    """From ``/proc/loadavg``: more threads want a core than there are right now (the
+    reader itself not counted), or half as many again on average over the last minute.
 
-    >>> cores_busy("2.50 1.00 0.50 1/300 99", 2), cores_busy("0.10 0.50 0.50 4/300 99", 2)
+    >>> cores_busy("3.50 1.00 0.50 1/300 99", 2), cores_busy("0.10 0.50 0.50 4/300 99", 2)
     (True, True)
-    >>> cores_busy("1.50 1.00 0.50 2/300 99", 2)
+    >>> cores_busy("2.50 1.00 0.50 3/300 99", 2)
     False
     """
     fields = loadavg.split()
     running = int(fields[3].split("/")[0]) - 1
-    return float(fields[0]) > cores or running > cores
+    return running > cores or float(fields[0]) > 1.5 * cores
 
 
 def _cores_busy() -> bool:

@@ -87,6 +87,7 @@ def test_only_plain_buffers_skip_the_offload_thread():
 def test_polling_backs_off_only_where_the_cores_are_busy():
     assert not mpicomm.cores_busy("0.40 0.30 0.20 2/400 1", 2)
     assert mpicomm.cores_busy("3.10 0.30 0.20 1/400 1", 2)  # over the last minute
+    assert not mpicomm.cores_busy("2.90 0.30 0.20 1/400 1", 2)  # ... not by much
     assert mpicomm.cores_busy("0.40 0.30 0.20 6/400 1", 4)  # right now
     assert mpicomm._max_sleep(0.0, crowded=False) < mpicomm._max_sleep(0.0, crowded=True)
 
