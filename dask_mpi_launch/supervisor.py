@@ -279,15 +279,20 @@ class Supervisor:
     # ------------------------------------------------------------------
     # starting roles
 
-    def announce(self, address, identity, dashboard, name_prefix=None) -> None:
+    def announce(self, address, identity, dashboard, name_prefix=None,
+                 network=None) -> None:
         """The scheduler's rank knows the address: tell every rank, with what helps them
-        connect (or explain why they cannot)."""
-        from . import diagnose
+        connect (or explain why they cannot). ``network``: this host's interfaces and
+        network identity as the scheduler found them (it has psutil imported), else
+        found here."""
+        if network is None:
+            from . import diagnose
 
+            network = (diagnose.local_interfaces(), diagnose.network_identity())
         info = {"address": address, "identity": identity, "dashboard": dashboard,
                 "name_prefix": name_prefix or self.settings.name,
-                "host": self.host, "interfaces": diagnose.local_interfaces(),
-                "network": diagnose.network_identity(), "credentials": self.credentials}
+                "host": self.host, "interfaces": network[0],
+                "network": network[1], "credentials": self.credentials}
         if self.settings.scheduler and not self.settings.tls:
             say(f"warning: TLS is off: anyone who can reach {address} can run code as you "
                 "on this cluster (drop --no-tls / --protocol tcp to secure it)")
@@ -302,7 +307,11 @@ class Supervisor:
         if kind == "error":
             self.fail(child.role, event.get("message", "unknown error"))
         elif kind == "address" and child.role == SCHEDULER:
-            self.announce(event["address"], event.get("identity"), event.get("dashboard"))
+            self.credentials = event.get("credentials")  # made by the scheduler (TLS)
+            network = (event["interfaces"], event.get("network")) if (
+                "interfaces" in event) else None
+            self.announce(event["address"], event.get("identity"), event.get("dashboard"),
+                          network=network)
         elif kind == "jupyter" and child.role == CLIENT:
             self.control.send(0, "jupyter", event["url"])
         elif kind == "ready" and child.role == WORKER:
