@@ -26,13 +26,13 @@ import select
 import signal
 import socket
 import time
-from dataclasses import replace
 
 from . import scale, starting
 from .children import Child, Family, StdinRelay, read_stdin
 from .control import ControlPlane
 from .errors import LaunchError
 from .layout import CLIENT, SCHEDULER, WORKER
+from .record import replace
 from .settings import Settings, check_interface, check_scheduler_file, check_script
 from .status import FAILED, NORMAL, SCRIPT, SIGNALLED, Outcome, say
 
@@ -392,16 +392,15 @@ class Supervisor:
             say(f"error on rank {rank} ({role}, host {host}): {text}")
 
     def _install_signal_handlers(self) -> None:
-        import threading
-
         def handler(signum, frame):
             if self.signalled is None:
                 self.signalled = signum
 
-        if threading.current_thread() is not threading.main_thread():
-            return  # (tests run ranks in threads)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, handler)
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, handler)
+        except ValueError:  # not the main thread (tests run ranks in threads)
+            pass
 
     # ------------------------------------------------------------------
     # STOPPING, in order: the client, then the scheduler, then the workers it left
