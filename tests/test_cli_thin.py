@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from launch import finish
+from launch import finish, wait_no_leftovers
 
 HANG = 90
 
@@ -62,6 +62,24 @@ def test_no_share_imports_ranks_are_thin_too(mpich, script):
     out = _ranks(mpich, script, "--no-share-imports", script(CLIENT))
     assert out.status == 0, out
     assert out.out.count("heavy [] unused []") == 4, out
+
+
+@pytest.mark.mpi
+def test_tls_without_cryptography_is_one_line(mpich, script, tmp_path):
+    # the scheduler's process makes the credentials: where cryptography is missing its
+    # rank says so once, as rank 0 did when it made them, and nothing is left running
+    fake = tmp_path / "site" / "cryptography"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    path = script("print('the script ran', flush=True)", "no_crypto_job.py")
+    out = mpich.launch(4, path, timeout=HANG, env={"PYTHONPATH": os.pathsep.join(
+        [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    assert out.status == 1, out
+    assert out.output.count("dask-mpi-launch: error on rank 0 (scheduler, host ") == 1, out
+    assert out.output.count("TLS needs the cryptography package: pip install cryptography "
+                            "(or run with --no-tls)") == 1, out
+    assert "the script ran" not in out.out, out
+    assert wait_no_leftovers(str(path)) == []
 
 
 @pytest.mark.mpi
