@@ -1,14 +1,35 @@
 """dask-mpi-launch: a Dask cluster on the ranks of an MPI job, in one line.
 
 Importing this package is light: it imports neither mpi4py nor distributed, so MPI is
-always initialized first, when :func:`initialize` or the command line starts.
+always initialized first, when :func:`initialize` or the command line starts. The
+functions below are imported where first used (a thin rank of the command line needs
+none of them).
 """
 __version__ = "0.1.0"
 
-from .bootstrap import initialize, send_close_signal  # noqa: E402
-from .execute import execute  # noqa: E402
-from .security import connect  # noqa: E402
 from .errors import LaunchError, UsageError, WorldTooSmallError, WorldTooSmallException  # noqa: E402
+
+_LAZY = {
+    "initialize": "bootstrap",
+    "send_close_signal": "bootstrap",
+    "execute": "execute",
+    "connect": "security",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "initialize",

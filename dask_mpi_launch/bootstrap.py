@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
 _state = {}  # initialize(exit=False) on the client rank: the monitor thread and its stop
 
@@ -225,6 +224,8 @@ def _client_in_process(supervisor) -> bool:
     finally:
         for signum, handler in handlers.items():  # the script keeps its own signals
             signal.signal(signum, handler)
+    import threading
+
     stop = threading.Event()
     thread = threading.Thread(target=supervisor.monitor, args=(stop,), daemon=True,
                               name="dask-mpi-launch-monitor")

@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 import warnings
-from typing import Protocol
 
 from .status import Ended, exit_status
 
@@ -218,8 +217,9 @@ class Family:
             child.signal(signal.SIGKILL)
 
 
-class Launcher(Protocol):
-    """Starts role processes for a rank (see :class:`ForkLauncher` and ``zygote.py``)."""
+class Launcher:
+    """Starts role processes for a rank (see :class:`ForkLauncher` and ``zygote.py``): an
+    interface, duck-typed (not ``typing.Protocol``, which thin ranks do not import)."""
 
     def start(self, role: str, label: str, spec: dict, *, stdin: int | None = None,
               returns: bool = False) -> Child | None: ...

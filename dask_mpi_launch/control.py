@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import time
 from array import array
-from typing import Callable, Optional, Protocol
+from collections.abc import Callable
 
 TAG = 0x6D6C  # "ml"
 
 
-class ControlPlane(Protocol):
-    """What a supervisor needs from the messages between ranks. Nothing blocks without a
+class ControlPlane:
+    """What a supervisor needs from the messages between ranks (an interface, duck-typed:
+    not ``typing.Protocol``, which thin ranks do not import). Nothing blocks without a
     bound; ``poll`` is called while a collective waits (to keep serving children)."""
 
     rank: int
@@ -49,10 +50,10 @@ class ControlPlane(Protocol):
     def flush(self, timeout: float) -> None: ...
 
     def allreduce_max(self, value: int, timeout: float,
-                      poll: Optional[Callable[[], None]] = None) -> Optional[int]: ...
+                      poll: Callable[[], None] | None = None) -> int | None: ...
 
     def allreduce_sum(self, value: int, timeout: float,
-                      poll: Optional[Callable[[], None]] = None) -> Optional[int]: ...
+                      poll: Callable[[], None] | None = None) -> int | None: ...
 
     def finish(self) -> None: ...
 

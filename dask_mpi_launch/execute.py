@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import time
-import traceback
 
 # How long ranks wait for the client rank's outcome after the cluster closed: the client
 # only has send_close_signal() to return from, which is itself bounded.
@@ -100,6 +99,8 @@ def execute(
         except SystemExit as e:
             outcome = [_exit_status(e.code), 1]
         except BaseException as e:
+            import traceback
+
             # as Python prints an uncaught exception, from the function's frame on
             traceback.print_exception(type(e), e, e.__traceback__.tb_next)
             outcome = [130 if isinstance(e, KeyboardInterrupt) else 1, 1]

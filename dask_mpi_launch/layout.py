@@ -22,9 +22,8 @@ join a running cluster.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .errors import UsageError, WorldTooSmallError
+from .record import Record
 
 SCHEDULER = "scheduler"
 CLIENT = "client"
@@ -33,8 +32,7 @@ WORKER = "worker"
 LAYOUTS = ("dedicated", "compact", "full")
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(Record):
     name: str
     size: int
     has_client: bool = True

@@ -91,9 +91,19 @@ def run_role(role: str, spec: dict, channel: Channel) -> int:
 
         dask.config.set(spec["dask_config"])
     s, run = spec["settings"], spec["run"]
-    security = security_from(spec.get("credentials"))
     if run == "scheduler":
-        return run_scheduler(s, channel, security=security)
+        credentials = None
+        if spec.get("new_credentials"):  # this job's, made here (the rank never imports
+            from .errors import LaunchError  # cryptography), told to the rank with the address
+            from .security import new_credentials
+
+            try:
+                credentials = new_credentials()
+            except LaunchError as e:
+                channel.error(e.message)
+                return e.status
+        return run_scheduler(s, channel, credentials=credentials)
+    security = security_from(spec.get("credentials"))
     if run == "worker":
         return run_worker(s, channel, spec["address"], spec["name"], spec["nthreads"],
                           spec["memory_limit"], security=security,
@@ -138,8 +148,17 @@ def scheduler_start_error(settings: Settings, e: OSError) -> str:
     return f"the scheduler could not start: {e}"
 
 
-def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
+def run_scheduler(settings: Settings, channel: Channel, security=None,
+                  credentials=None) -> int:
+    """The scheduler, with ``security`` or this job's ``credentials`` (TLS; both None:
+    plain TCP), which go to the rank with its address through the role's pipe (the rank
+    passes them on to the other ranks)."""
     from .scheduler_ext import Scheduler  # registration in O(1): see scheduler_ext.py
+
+    if credentials is not None:
+        from .security import security_from
+
+        security = security_from(credentials)
 
     _quiet(settings.log_level)
 
@@ -179,8 +198,12 @@ def run_scheduler(settings: Settings, channel: Channel, security=None) -> int:
         if link and asked not in ("", "0") and str(served) != asked:
             print(f"{PREFIX}: dashboard port {asked} is busy (another cluster on this "
                   f"host?): the dashboard is at {link}", file=sys.stderr, flush=True)
+        from . import diagnose  # what the rank sends with the address (psutil is here)
+
         channel.send("address", address=scheduler.address, identity=scheduler.identity(),
-                     dashboard=link)
+                     dashboard=link, credentials=credentials,
+                     interfaces=diagnose.local_interfaces(),
+                     network=diagnose.network_identity())
         how = await _until_finished_or_signal(scheduler, settings.shutdown_timeout)
         if how == "signal":
             await scheduler.close(reason="dask-mpi-launch: job ending")

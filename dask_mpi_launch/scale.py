@@ -132,7 +132,7 @@ def apply(changes: Mapping) -> None:
 
 def settings_overrides(changes: Mapping) -> dict:
     """The ``Settings`` fields for the ``mpi-launch.*`` changes, in seconds (settings
-    resolved before the job's size was known take them with ``dataclasses.replace``).
+    resolved before the job's size was known take them with ``record.replace``).
 
     >>> settings_overrides({"mpi-launch.wait-timeout": "150s", BACKLOG: 10000})
     {'wait_timeout': 150.0}

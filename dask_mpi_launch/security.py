@@ -1,9 +1,10 @@
 """TLS by default: throw-away credentials for one job, passed between ranks in memory.
 
-Rank 0 makes a key and a self-signed certificate for this job only (distributed's
-``Security.temporary()``, with ``cryptography``) and sends them to the other ranks with
-the scheduler's address, over MPI: they never touch the file system, the command line or
-the environment. Scheduler, workers and the client script use them; ``Client()`` in the
+The scheduler's process makes a key and a self-signed certificate for this job only
+(distributed's ``Security.temporary()``, with ``cryptography``: imported there, never in
+the thin ranks) and tells them to its rank with its address, through its private pipe;
+the rank sends them to the other ranks over MPI: they never touch the file system, the
+command line or the environment. Scheduler, workers and the client script use them; ``Client()`` in the
 script needs no arguments.
 
 Clients outside the job (a notebook on the login node, a join job) find them beside the
@@ -15,7 +16,6 @@ scheduler file, in a directory only the owner can read, removed when the cluster
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 _FILES = {"ca": "ca.pem", "cert": "cert.pem", "key": "key.pem"}
@@ -96,6 +96,8 @@ def directory_for(scheduler_file: str) -> str:
 
 def write_beside(scheduler_file: str, credentials: dict) -> str:
     """Write the credentials in ``<scheduler_file>.credentials/`` (0700, files 0600)."""
+    import shutil
+
     directory = directory_for(scheduler_file)
     shutil.rmtree(directory, ignore_errors=True)
     os.mkdir(directory, 0o700)
@@ -120,6 +122,8 @@ def read_beside(scheduler_file: str) -> dict | None:
 
 
 def remove_beside(scheduler_file: str) -> None:
+    import shutil
+
     shutil.rmtree(directory_for(scheduler_file), ignore_errors=True)
 
 

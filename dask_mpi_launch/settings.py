@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
-
 from .errors import UsageError
 from .layout import LAYOUTS, Layout, layout_name
+from .record import Record, factory, replace
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(Record):
     # what runs on the client rank: a script file, a module (-m), or the
     # caller of initialize() (script is None and module is None)
     script: str | None = None
@@ -38,10 +35,10 @@ class Settings:
     dashboard: bool = True
     dashboard_address: str = ":8787"
     nthreads: int | None = None
-    memory_limit: Any = "auto"
+    memory_limit: object = "auto"  # bytes, a size like "4GB", "auto", 0 or None
     local_directory: str | None = None
     worker_class: str = "distributed.Worker"
-    worker_options: dict = field(default_factory=dict)
+    worker_options: dict = factory(dict)
     worker_processes: int = 1
     worker_restarts: int = 3  # per worker process, before its death ends the job
     scheduler: bool = True  # False: join the cluster of scheduler_file (join mode)
@@ -131,7 +128,7 @@ def resolve(**options) -> Settings:
     """
     from . import config
 
-    known = {f.name for f in fields(Settings)}
+    known = set(Settings.FIELDS)
     unknown = set(options) - known
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")

@@ -21,16 +21,14 @@ def local_ranks(env=os.environ) -> int:
 
 
 def start_scheduler(sup) -> None:
-    """The scheduler, with this job's TLS credentials (made here, on its rank)."""
+    """The scheduler. With TLS it makes this job's credentials itself (where ``distributed``
+    is imported: the rank never imports ``cryptography``) and reports them to this rank
+    with its address, through its private pipe."""
     s = sup.settings
     if s.scheduler_file and os.path.exists(s.scheduler_file):
         os.unlink(s.scheduler_file)  # never leave an earlier job's file to be read
-    if s.tls:
-        from .security import new_credentials
-
-        sup.credentials = new_credentials()
     sup.children.start(SCHEDULER, "scheduler", {"run": "scheduler",
-                                                "credentials": sup.credentials})
+                                                "new_credentials": bool(s.tls)})
 
 
 def start_workers(sup) -> None:

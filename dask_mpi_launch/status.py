@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass
+
+from .record import Record
 
 PREFIX = "dask-mpi-launch"
 
@@ -57,8 +58,7 @@ def signal_status(signum: int) -> int:
     return 128 + int(signum)
 
 
-@dataclass(frozen=True)
-class Ended:
+class Ended(Record):
     """How a process ended, from its wait status: ``exited`` with a status, or killed by
     ``signal``."""
 

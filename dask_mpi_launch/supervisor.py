@@ -26,13 +26,13 @@ import select
 import signal
 import socket
 import time
-from dataclasses import replace
 
 from . import scale, starting
 from .children import Child, Family, StdinRelay, read_stdin
 from .control import ControlPlane
 from .errors import LaunchError
 from .layout import CLIENT, SCHEDULER, WORKER
+from .record import replace
 from .settings import Settings, check_interface, check_scheduler_file, check_script
 from .status import FAILED, NORMAL, SCRIPT, SIGNALLED, Outcome, say
 
@@ -279,15 +279,20 @@ class Supervisor:
     # ------------------------------------------------------------------
     # starting roles
 
-    def announce(self, address, identity, dashboard, name_prefix=None) -> None:
+    def announce(self, address, identity, dashboard, name_prefix=None,
+                 network=None) -> None:
         """The scheduler's rank knows the address: tell every rank, with what helps them
-        connect (or explain why they cannot)."""
-        from . import diagnose
+        connect (or explain why they cannot). ``network``: this host's interfaces and
+        network identity as the scheduler found them (it has psutil imported), else
+        found here."""
+        if network is None:
+            from . import diagnose
 
+            network = (diagnose.local_interfaces(), diagnose.network_identity())
         info = {"address": address, "identity": identity, "dashboard": dashboard,
                 "name_prefix": name_prefix or self.settings.name,
-                "host": self.host, "interfaces": diagnose.local_interfaces(),
-                "network": diagnose.network_identity(), "credentials": self.credentials}
+                "host": self.host, "interfaces": network[0],
+                "network": network[1], "credentials": self.credentials}
         if self.settings.scheduler and not self.settings.tls:
             say(f"warning: TLS is off: anyone who can reach {address} can run code as you "
                 "on this cluster (drop --no-tls / --protocol tcp to secure it)")
@@ -302,7 +307,11 @@ class Supervisor:
         if kind == "error":
             self.fail(child.role, event.get("message", "unknown error"))
         elif kind == "address" and child.role == SCHEDULER:
-            self.announce(event["address"], event.get("identity"), event.get("dashboard"))
+            self.credentials = event.get("credentials")  # made by the scheduler (TLS)
+            network = (event["interfaces"], event.get("network")) if (
+                "interfaces" in event) else None
+            self.announce(event["address"], event.get("identity"), event.get("dashboard"),
+                          network=network)
         elif kind == "jupyter" and child.role == CLIENT:
             self.control.send(0, "jupyter", event["url"])
         elif kind == "ready" and child.role == WORKER:
@@ -383,16 +392,15 @@ class Supervisor:
             say(f"error on rank {rank} ({role}, host {host}): {text}")
 
     def _install_signal_handlers(self) -> None:
-        import threading
-
         def handler(signum, frame):
             if self.signalled is None:
                 self.signalled = signum
 
-        if threading.current_thread() is not threading.main_thread():
-            return  # (tests run ranks in threads)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, handler)
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, handler)
+        except ValueError:  # not the main thread (tests run ranks in threads)
+            pass
 
     # ------------------------------------------------------------------
     # STOPPING, in order: the client, then the scheduler, then the workers it left

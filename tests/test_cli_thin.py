@@ -1,23 +1,30 @@
 """Thin ranks: a CLI rank imports neither click, dask nor distributed (its zygote parses the
 command line with the rank's environment and working directory, and imports distributed
-once per node); what the user sees is unchanged."""
+once per node), nor what it does not need (cryptography: the scheduler makes the TLS
+credentials; dataclasses, typing, shutil, traceback...: file look-ups on every rank);
+what the user sees is unchanged."""
 import os
 
 import pytest
 
-from launch import finish
+from launch import finish, wait_no_leftovers
 
 HANG = 90
 
 # runs the real command line in the rank, and says at the rank's very end which heavy
-# packages that process imported (exit_rank: the end of a rank whose MPI is finalized)
+# packages, and which modules it has no use for, that process imported (exit_rank: the end
+# of a rank whose MPI is finalized)
 RANK = """
 import os, sys
 from dask_mpi_launch import children, cli
+UNUSED = {"cryptography", "psutil", "dataclasses", "inspect", "ast", "tokenize", "typing",
+          "shutil", "traceback", "threading"}
 def report(*_):
     rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
-    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"click", "dask", "distributed"})
-    print(f"rank {rank} heavy {heavy}", flush=True)
+    top = {m.split(".")[0] for m in sys.modules}
+    heavy = sorted(top & {"click", "dask", "distributed"})
+    unused = "coverage" if "coverage" in top else sorted(top & UNUSED)  # (coverage's own)
+    print(f"rank {rank} heavy {heavy} unused {unused}", flush=True)
 real = children.exit_rank
 children.exit_rank = lambda status: (report(), real(status))
 try:
@@ -47,14 +54,32 @@ def test_cli_ranks_import_no_click_dask_or_distributed(venv, script):
     assert out.status == 0, out
     assert "result 42 True" in out.out, out  # the client role has distributed, of course
     for rank in range(4):
-        assert f"rank {rank} heavy []" in out.out, out
+        assert f"rank {rank} heavy [] unused []" in out.out, out  # TLS on: rank 0 too
 
 
 @pytest.mark.mpi
 def test_no_share_imports_ranks_are_thin_too(mpich, script):
     out = _ranks(mpich, script, "--no-share-imports", script(CLIENT))
     assert out.status == 0, out
-    assert out.out.count("heavy []") == 4, out
+    assert out.out.count("heavy [] unused []") == 4, out
+
+
+@pytest.mark.mpi
+def test_tls_without_cryptography_is_one_line(mpich, script, tmp_path):
+    # the scheduler's process makes the credentials: where cryptography is missing its
+    # rank says so once, as rank 0 did when it made them, and nothing is left running
+    fake = tmp_path / "site" / "cryptography"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    path = script("print('the script ran', flush=True)", "no_crypto_job.py")
+    out = mpich.launch(4, path, timeout=HANG, env={"PYTHONPATH": os.pathsep.join(
+        [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    assert out.status == 1, out
+    assert out.output.count("dask-mpi-launch: error on rank 0 (scheduler, host ") == 1, out
+    assert out.output.count("TLS needs the cryptography package: pip install cryptography "
+                            "(or run with --no-tls)") == 1, out
+    assert "the script ran" not in out.out, out
+    assert wait_no_leftovers(str(path)) == []
 
 
 @pytest.mark.mpi
