@@ -4,8 +4,8 @@ The scheduler's process makes a key and a self-signed certificate for this job o
 (distributed's ``Security.temporary()``, with ``cryptography``: imported there, never in
 the thin ranks) and tells them to its rank with its address, through its private pipe;
 the rank sends them to the other ranks over MPI: they never touch the file system, the
-command line or the environment. Scheduler, workers and the client script use them; ``Client()`` in the
-script needs no arguments.
+command line or the environment. Scheduler, workers and the client script use them;
+``Client()`` in the script needs no arguments.
 
 Clients outside the job (a notebook on the login node, a join job) find them beside the
 scheduler file, in a directory only the owner can read, removed when the cluster ends::
