@@ -23,7 +23,7 @@ _FILES = {"ca": "ca.pem", "cert": "cert.pem", "key": "key.pem"}
 
 def new_credentials(days: int = 30) -> dict:
     """``{"ca", "cert", "key"}`` PEM texts for one job: an elliptic-curve key (P-256, made
-    in well under a millisecond, where RSA takes ~50 ms on rank 0's critical path) and a
+    in well under a millisecond, where RSA takes ~50 ms on the scheduler's critical path) and a
     self-signed certificate that is its own CA, named like ``Security.temporary()``'s."""
     import datetime
 
