@@ -342,6 +342,7 @@ class Engine:
         self.oversubscribed = _crowded()  # more ranks on this node than cores
         self.crowded = self.oversubscribed  # ... and the node's cores are busy now
         self.crowded_checked = 0.0
+        self.cpu_before = None  # the node's (idle, total) CPU time at the last look
         self.cpu_seconds = 0.0  # CPU time of the progress thread, updated when it idles
         self.lock = threading.Lock()
         self.todo: collections.deque = collections.deque()
@@ -443,7 +444,10 @@ class Engine:
                         idle_since = now
                     if self.oversubscribed and now > self.crowded_checked + CROWDED_EVERY:
                         self.crowded_checked = now
-                        self.crowded = _cores_busy()
+                        times = _cpu_times()
+                        self.crowded = (times is None or self.cpu_before is None
+                                        or cores_busy(self.cpu_before, times))
+                        self.cpu_before = times
                     cap = _max_sleep(now - idle_since, self.crowded)
                     if self.awaiting and now - self.awaiting_since < HOT_FOR:
                         cap = HOT_MAX_SLEEP  # an answer is due (even on a crowded node)
@@ -731,29 +735,38 @@ def _max_sleep(quiet_for: float, crowded: bool = False) -> float:
     return BUSY_MAX_SLEEP if quiet_for < IDLE_AFTER else IDLE_MAX_SLEEP
 
 
-CROWDED_EVERY = 1.0  # seconds between looks at the node's load (oversubscribed nodes only)
+CROWDED_EVERY = 1.0  # seconds between looks at the node's CPU use (oversubscribed nodes)
+CROWDED_IDLE = 0.1  # a node with less than this share of its CPU time idle is crowded
 
 
-def cores_busy(loadavg: str, cores: int) -> bool:
-    """From ``/proc/loadavg``: more threads want a core than there are right now (the
-    reader itself not counted), or half as many again on average over the last minute.
+def cpu_times(stat: str) -> tuple[int, int]:
+    """(idle, total) jiffies of the node from ``/proc/stat``'s first line (idle and iowait
+    count as idle).
 
-    >>> cores_busy("3.50 1.00 0.50 1/300 99", 2), cores_busy("0.10 0.50 0.50 4/300 99", 2)
-    (True, True)
-    >>> cores_busy("2.50 1.00 0.50 3/300 99", 2)
-    False
+    >>> cpu_times("cpu  100 0 50 800 50 0 0 0 0 0\\ncpu0 ...")
+    (850, 1000)
     """
-    fields = loadavg.split()
-    running = int(fields[3].split("/")[0]) - 1
-    return running > cores or float(fields[0]) > 1.5 * cores
+    fields = [int(x) for x in stat.split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
 
 
-def _cores_busy() -> bool:
+def cores_busy(before: tuple[int, int], after: tuple[int, int]) -> bool:
+    """Whether the node's cores were (nearly) all busy between two :func:`cpu_times`:
+    measured use over the last interval, not the load average, which lags by a minute.
+
+    >>> cores_busy((850, 1000), (880, 2000)), cores_busy((850, 1000), (1500, 2000))
+    (True, False)
+    """
+    total = after[1] - before[1]
+    return total > 0 and (after[0] - before[0]) / total < CROWDED_IDLE
+
+
+def _cpu_times() -> tuple[int, int] | None:
     try:
-        with open("/proc/loadavg") as f:
-            return cores_busy(f.read(), os.cpu_count() or 1)
+        with open("/proc/stat") as f:
+            return cpu_times(f.readline())
     except (OSError, ValueError, IndexError):
-        return True
+        return None
 
 
 def _crowded(env=os.environ) -> bool:

@@ -85,10 +85,13 @@ def test_only_plain_buffers_skip_the_offload_thread():
 
 
 def test_polling_backs_off_only_where_the_cores_are_busy():
-    assert not mpicomm.cores_busy("0.40 0.30 0.20 2/400 1", 2)
-    assert mpicomm.cores_busy("3.10 0.30 0.20 1/400 1", 2)  # over the last minute
-    assert not mpicomm.cores_busy("2.90 0.30 0.20 1/400 1", 2)  # ... not by much
-    assert mpicomm.cores_busy("0.40 0.30 0.20 6/400 1", 4)  # right now
+    idle = mpicomm.cpu_times("cpu  100 0 50 800 50 0 0 0 0 0")
+    assert not mpicomm.cores_busy(idle, (idle[0] + 500, idle[1] + 1000))  # half idle
+    assert mpicomm.cores_busy(idle, (idle[0] + 50, idle[1] + 1000))  # 5% idle
+    assert not mpicomm.cores_busy(idle, idle)  # no time passed: no verdict
+    with open("/proc/stat") as f:  # the real file parses, and its counters only grow
+        now = mpicomm.cpu_times(f.read())
+    assert now[1] >= now[0] > 0
     assert mpicomm._max_sleep(0.0, crowded=False) < mpicomm._max_sleep(0.0, crowded=True)
 
 
