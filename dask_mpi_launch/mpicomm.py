@@ -341,8 +341,8 @@ class Engine:
         self.awaiting_since = 0.0  # ... the latest since then: poll at the hot step for it
         self.oversubscribed = _crowded()  # more ranks on this node than cores
         self.crowded = self.oversubscribed  # ... and the node's cores are busy now
-        self.crowded_checked = 0.0
-        self.cpu_before = None  # the node's (idle, total) CPU time at the last look
+        self.cpu_before = _cpu_times() if self.oversubscribed else None  # at the last look
+        self.crowded_checked = time.monotonic()  # (the first verdict comes a second later)
         self.cpu_seconds = 0.0  # CPU time of the progress thread, updated when it idles
         self.lock = threading.Lock()
         self.todo: collections.deque = collections.deque()
@@ -445,8 +445,8 @@ class Engine:
                     if self.oversubscribed and now > self.crowded_checked + CROWDED_EVERY:
                         self.crowded_checked = now
                         times = _cpu_times()
-                        self.crowded = (times is None or self.cpu_before is None
-                                        or cores_busy(self.cpu_before, times))
+                        if times is not None and self.cpu_before is not None:
+                            self.crowded = cores_busy(self.cpu_before, times)
                         self.cpu_before = times
                     cap = _max_sleep(now - idle_since, self.crowded)
                     if self.awaiting and now - self.awaiting_since < HOT_FOR:
