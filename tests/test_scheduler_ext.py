@@ -228,3 +228,53 @@ def test_a_heartbeat_cut_by_the_workers_own_close_is_not_logged():
         log.filters[:] = filters
     assert seen == ["Failed to communicate with scheduler during heartbeat.",
                     "Worker stream died during communication"]
+
+
+async def _burst(scheduler_class, n: int = 10, leave: int = 4):
+    """n in-process workers, ``leave`` of them close at once. Returns, per remaining
+    worker, the departures it was told of and the batched sends that carried notices."""
+    s = await scheduler_class(host="127.0.0.1", port=0, dashboard=False)
+    s.notice_delay = 2.0  # every departure of the burst in one batch (default 50 ms)
+    workers = await asyncio.gather(*(
+        distributed.Worker(s.address, nthreads=1, memory_limit=0, dashboard=False,
+                           host="127.0.0.1", name=f"w{i}") for i in range(n)))
+    gone, stay = workers[:leave], workers[leave:]
+    told = {w.address: [] for w in stay}
+    sends = {w.address: 0 for w in stay}
+    try:
+        for w in stay:
+            handler = w.stream_handlers["remove-worker"]
+
+            def record(_handler=handler, _told=told[w.address], **msg):
+                _told.append(msg["worker"])
+                return _handler(**msg)
+
+            w.stream_handlers["remove-worker"] = record
+            bs = s.stream_comms[w.address]
+            send = bs.send
+
+            def counting(*msgs, _send=send, _a=w.address):
+                if any(m.get("op") == "remove-worker" for m in msgs):
+                    sends[_a] += 1
+                return _send(*msgs)
+
+            bs.send = counting
+        await asyncio.gather(*(w.close() for w in gone))
+        deadline = asyncio.get_running_loop().time() + 30
+        while (any(len(t) < leave for t in told.values())
+               and asyncio.get_running_loop().time() < deadline):
+            await asyncio.sleep(0.05)
+        return {w.address for w in gone}, {a: list(t) for a, t in told.items()}, dict(sends)
+    finally:  # (closing the others sends more notices: not counted)
+        await asyncio.gather(*(w.close() for w in stay))
+        await s.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_burst_of_departures_reaches_every_worker_in_one_send_each():
+    gone, told, sends = asyncio.run(_burst(scheduler_ext.Scheduler))
+    assert all(sorted(t) == sorted(gone) for t in told.values()), told  # each told of all 4
+    assert set(sends.values()) == {1}, sends  # ... in one send
+    gone, told, sends = asyncio.run(_burst(distributed.Scheduler))  # upstream: 4 each
+    assert all(sorted(t) == sorted(gone) for t in told.values()), told
+    assert set(sends.values()) == {4}, sends
