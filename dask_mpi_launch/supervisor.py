@@ -434,6 +434,12 @@ class Supervisor:
             while (not self.scheduler_closed and any(c.alive for c in workers)
                    and time.monotonic() < deadline):
                 self.poll_quietly()
+            # the scheduler's close told them to go, and its rank's word can come before
+            # they are gone: a moment more to leave by themselves before any signal
+            deadline = time.monotonic() + min(grace / 2, 2.0)
+            while (self.scheduler_closed and any(c.alive for c in workers)
+                   and time.monotonic() < deadline):
+                self.poll_quietly()
         self._terminate(workers, grace)
         self.children.kill_leftovers()
         if self.stdin_relay is not None:
