@@ -109,9 +109,9 @@ def phases(a_events, b_events):
     b_head = _first(b_events, "_on_header", a_send[1])
     b_done = _first(b_events, "_deliver", b_head[1])
     b_read = _first(b_events, "from_frames", b_done[1])
-    a_read = _first(a_events, "read", a_head[1] - 60)  # the read that got the request ...
-    a_read = next((e for e in a_events if e[0] == "read" and a_head[1] <= e[2] <= a_send[1]),
-                  a_read)
+    # the read that returned the request: the last of A's reads to end before its answer
+    a_read = max((e for e in a_events if e[0] == "read" and e[2] <= a_send[1]),
+                 key=lambda e: e[2])
     a_write = _first(a_events, "write", a_read[2])
     return {"request noticed": a_head[1] - request[1],
             "A's loop wakes": a_read[2] - a_head[1],

@@ -87,6 +87,7 @@ from distributed.comm.core import BaseListener, Comm, CommClosedError, Connector
 from distributed.comm.registry import Backend
 from distributed.comm.utils import from_frames, to_frames
 from distributed.protocol.utils import host_array
+from distributed.sizeof import safe_sizeof
 from distributed.utils import ensure_ip, ensure_memoryview, get_ip
 
 logger = logging.getLogger(__name__)
@@ -282,8 +283,6 @@ def _cheap(obj, budget, depth) -> bool:
         if (np is not None and type(obj) is np.ndarray and not obj.dtype.hasobject
                 and (obj.flags.c_contiguous or obj.flags.f_contiguous)):
             return True
-    from distributed.sizeof import safe_sizeof
-
     budget[0] -= safe_sizeof(obj, default_size=CHEAP_SMALL)
     return budget[0] > 0
 

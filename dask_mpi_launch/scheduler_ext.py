@@ -126,6 +126,7 @@ class Scheduler(_upstream.Scheduler):
         import dask.config
         from dask.utils import parse_timedelta
 
+        self._notices: dict = {}  # departed address -> its "remove-worker" notice, pending
         super().__init__(*args, **kwargs)
         self._version_index = VersionIndex()
         self.add_plugin(self._version_index)
@@ -202,7 +203,7 @@ class Scheduler(_upstream.Scheduler):
         fails and is retried elsewhere). Upstream fix: the same batching in
         ``remove_worker``."""
         if isinstance(msg, dict) and msg.get("op") == "remove-worker":
-            pending = self.__dict__.setdefault("_notices", {})
+            pending = self._notices
             if not pending:
                 try:
                     asyncio.get_running_loop().call_later(self.notice_delay, self._send_notices)
