@@ -43,7 +43,9 @@ def lab(mpich, tmp_path_factory):
     proc = mpich.start(
         [mpich.mpiexec, "-n", "3", str(mpich.bin / "dask-mpi-launch"), "--jupyter",
          "--name", name],
-        env={"DASK_MPI_LAUNCH__DASHBOARD": "True", "TMPDIR": str(tmp)}, cwd=tmp)
+        env={"DASK_MPI_LAUNCH__DASHBOARD": "True", "TMPDIR": str(tmp),
+             "MPIEXEC_TIMEOUT": "900"},  # the module's job, not one test's: bound by its tests
+        cwd=tmp)
     lines: list[str] = []
     errors: list[str] = []
     readers = [threading.Thread(target=lambda s=s, o=o: o.extend(s), daemon=True)
@@ -359,11 +361,18 @@ def test_lab_shows_a_dask_pane_through_the_proxy(lab):
         assert found, f"the Dask pane list stayed empty (URL field: {typed!r})"
         assert typed == f"proxy/{port}/status", typed  # filled in for the user (relative:
         # it works through any tunnel port), not a previous job's URL from the workspace
-        assert browser.click(task_stream)
-        src = browser.wait_for(
-            "(document.querySelector('iframe[src*=\"individual-task-stream\"]') || {}).src",
-            deadline)
-        assert src == f"{lab['base']}/proxy/{port}/individual-task-stream", src
+        iframe = "(document.querySelector('iframe[src*=\"individual-task-stream\"]') || {}).src"
+        src = None
+        while not src and time.monotonic() < deadline:
+            # the list may still be laying itself out: a click that missed is clicked again
+            assert browser.click(task_stream)
+            src = browser.wait_for(iframe, min(deadline, time.monotonic() + 5))
+        if src != f"{lab['base']}/proxy/{port}/individual-task-stream":
+            browser.screenshot("jupyterlab-dask-pane-failed.png")
+            frames = browser.eval("Array.from(document.querySelectorAll('iframe'))"
+                                  ".map(f => f.src).join(' ')")
+            pytest.fail(f"no Task Stream iframe (iframes: {frames!r}); job {lab['proc'].poll()}"
+                        f"\n{''.join(lab['lines'])}\n{''.join(lab['errors'])}")
         result = {}
         worker = threading.Thread(target=lambda: result.update(
             out=_run_in_kernel(lab, TASKS_CODE, timeout=90)), daemon=True)
