@@ -64,9 +64,25 @@ WORKER_LIGHT = {
     "distributed.admin.system-monitor.interval": "10s",
     # else every Worker() tries `import gilknocker` again: ~2 ms of sys.path scanning each
     "distributed.admin.system-monitor.gil.enabled": False,
+    # host-wide disk counters: one reading per host is what a cluster does, not one per worker
+    "distributed.admin.system-monitor.disk": False,
 }
 
 WORKER_NICE = 10
+
+
+def _be_nice() -> None:
+    """Nice 10 for this process and for its session's scheduling group.  Every child runs
+    in a session of its own, and with the kernel's autogroup scheduling (Debian's default,
+    /proc/sys/kernel/sched_autogroup_enabled) each session is a group that gets an equal
+    share of the CPU whatever its processes' nice values: the scheduler had one share in
+    nine (0.21 of a core), as if 8 busy hosts shared its core.  The group's own nice
+    (/proc/self/autogroup) gives the scheduler its core first again."""
+    os.nice(WORKER_NICE)
+    try:
+        Path("/proc/self/autogroup").write_text(str(WORKER_NICE))
+    except OSError:
+        pass  # no autogroups: the process's nice value is enough
 
 # name -> Dask config applied in every process; "ramp=S" variants are handled separately.
 SWEEP = {
@@ -317,6 +333,70 @@ def dask_setup(scheduler) -> None:
         os._exit(0)
 
     scheduler._bench_measure = asyncio.ensure_future(measure())
+    if os.environ.get("BENCH_SCALE_STALLS"):
+        _watch_stalls(os.environ["BENCH_SCALE_STALLS"])
+
+
+def _watch_stalls(path: str, limit: float = 1.0) -> None:
+    """Diagnostics: where the scheduler's event loop is while it stalls.  A loop callback
+    beats every 50 ms; a thread samples the loop thread's stack every 0.2 s while the beat
+    is more than ``limit`` s old, and times every garbage collection over 50 ms.  Written
+    to ``path`` (JSON) every 5 s: stalls (start, seconds, the most frequent stacks) and GCs."""
+    import gc
+    import threading
+    import traceback
+    from collections import Counter
+
+    loop = asyncio.get_running_loop()
+    state = {"beat": time.monotonic(), "ident": threading.get_ident()}
+    t0 = time.monotonic()
+    stalls: list[dict] = []
+    gcs: list[dict] = []
+    gc_start = {}
+
+    def beat() -> None:
+        state["beat"] = time.monotonic()
+        loop.call_later(0.05, beat)
+
+    def on_gc(phase: str, info: dict) -> None:
+        if threading.get_ident() != state["ident"]:
+            return
+        if phase == "start":
+            gc_start["t"] = time.perf_counter()
+        elif "t" in gc_start:
+            took = time.perf_counter() - gc_start.pop("t")
+            if took > 0.05:
+                gcs.append({"at": round(time.monotonic() - t0, 2), "s": round(took, 3),
+                            "gen": info["generation"], "collected": info["collected"]})
+
+    def watch() -> None:
+        current = None
+        last_write = time.monotonic()
+        while True:
+            time.sleep(0.2)
+            now = time.monotonic()
+            late = now - state["beat"]
+            if late > limit:
+                if current is None:
+                    current = {"at": round(state["beat"] - t0, 2), "stacks": Counter()}
+                frame = sys._current_frames().get(state["ident"])
+                if frame is not None:
+                    stack = traceback.extract_stack(frame)[-14:]
+                    current["stacks"][" <- ".join(
+                        f"{Path(f.filename).name}:{f.lineno}:{f.name}"
+                        for f in reversed(stack))] += 1
+            elif current is not None:
+                current["s"] = round(now - t0 - current["at"], 2)
+                current["stacks"] = current["stacks"].most_common(6)
+                stalls.append(current)
+                current = None
+            if now - last_write > 5:
+                last_write = now
+                Path(path).write_text(json.dumps({"stalls": stalls, "gcs": gcs}, indent=1))
+
+    gc.callbacks.append(on_gc)
+    loop.call_soon(beat)
+    threading.Thread(target=watch, daemon=True, name="bench-stalls").start()
 
 
 def _read_credentials(path: str) -> dict | None:
@@ -374,13 +454,14 @@ def child_model(sizes: list[int]) -> int:
 
 def child_workers(address: str, count: int, index: int, config: dict, timeout: float,
                   ramp: float, local_dir: str, tls_file: str, spread: bool = True) -> int:
+    import gc
     import random
 
     import dask
     dask.config.set({**config, **WORKER_LIGHT})
     # The simulated workers share the machine with the scheduler: let the scheduler have
     # its core first, as it would on a cluster (and be polite to other work).
-    os.nice(WORKER_NICE)
+    _be_nice()
     _raise_nofile()
     counter: dict = {}
     keep: list = []
@@ -407,13 +488,20 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
     if security is not None:
         role_options["security"] = security
 
+    prof = None
+    if os.environ.get("BENCH_SCALE_WORKER_PROFILE") and index == 0:
+        import cProfile  # diagnostics: the first process of simulated workers, to WORKERS
+        prof = cProfile.Profile()
     print("READY", flush=True)
     go = float(sys.stdin.readline().split()[1])
     rnd = random.Random(index)
+    if prof is not None:
+        prof.enable()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         workers, lat, failed = [], [], {}
+        frozen = [16]
         cpu0 = _cpu()
 
         async def one(i: int) -> None:
@@ -427,11 +515,21 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
                            local_directory=os.path.join(local_dir, f"{index}-{i}"))
                 await asyncio.wait_for(w, timeout=max(0.1, go + timeout - time.time()))
                 workers.append(w)
+                if len(workers) >= 1.25 * frozen[0]:
+                    # hundreds of workers in one process: keep their long-lived objects
+                    # out of this process's full collections (a real worker process holds
+                    # one worker), as the scheduler does (scheduler_ext.HeapFreezer)
+                    frozen[0] = len(workers)
+                    gc.collect(1)
+                    gc.freeze()
                 lat.append(round(time.time() - t0, 4))
             except Exception as e:  # noqa: BLE001 - counted, reported
                 failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
 
         await asyncio.gather(*(one(i) for i in range(count)))
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(os.environ["BENCH_SCALE_WORKER_PROFILE"])
         out = {"index": index, "started": len(workers), "failed": failed, "lat": lat,
                "cpu": round(_cpu() - cpu0, 3), "wall": round(time.time() - go, 3),
                "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -461,7 +559,7 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
     after the imports as a rank forks its role processes), reporting through its channel."""
     import select
 
-    os.nice(WORKER_NICE)
+    _be_nice()
     _raise_nofile()
     import dask
     dask.config.set(config)

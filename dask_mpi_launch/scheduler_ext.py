@@ -118,6 +118,48 @@ if not PATCHED:
                  "workers with its own version check", distributed.__version__)
 
 
+class HeapFreezer(SchedulerPlugin):
+    """Keeps the scheduler's long-lived objects out of Python's full garbage collections.
+
+    A full (generation 2) collection walks every tracked object of the process, and it runs
+    each time the long-lived heap has grown by a quarter: during a registration burst that
+    is every few hundred workers, each one longer than the last. At 10,000 TLS workers the
+    scheduler's collections took 70 s of its event loop (up to 5 s each, during which no
+    connection is accepted, so the accept queue overflows and the connecting workers back
+    off for tens of seconds; ``BENCH_SCALE_STALLS`` in ``benchmarks/scale.py``).
+
+    What a registered worker leaves in the scheduler lives as long as the worker, so each
+    time the cluster has grown by :attr:`growth` since the last time (from :attr:`from_workers`
+    workers on), the young generations are collected (cheap) and everything that survived
+    is frozen (``gc.freeze``): later collections skip it. The imported modules are frozen
+    at the scheduler's start. The price: a reference cycle among frozen objects is freed
+    only by its reference counts, never by the collector (distributed's state of a worker
+    that leaves is freed by reference counting; a cycle left behind costs its memory only).
+    """
+
+    name = "dask-mpi-launch-heap-freezer"
+    from_workers: int = 500
+    growth: float = 1.25
+
+    def __init__(self):
+        import gc
+        self._gc = gc
+        self.frozen_at = 0
+        self.freezes = 0
+        self.freeze()
+
+    def freeze(self) -> None:
+        self._gc.collect(1)
+        self._gc.freeze()
+        self.freezes += 1
+
+    def add_worker(self, scheduler, worker: str) -> None:
+        n = len(scheduler.workers)
+        if n >= self.from_workers and n >= self.frozen_at * self.growth:
+            self.frozen_at = n
+            self.freeze()
+
+
 class Scheduler(_upstream.Scheduler):
     """``distributed.Scheduler`` whose version check on registration costs O(distinct
     version sets) instead of O(workers); everything else is upstream's."""
@@ -130,6 +172,8 @@ class Scheduler(_upstream.Scheduler):
         super().__init__(*args, **kwargs)
         self._version_index = VersionIndex()
         self.add_plugin(self._version_index)
+        self._heap_freezer = HeapFreezer()
+        self.add_plugin(self._heap_freezer)
         # quiet when idle (tuning.py): on small clusters distributed asks for a heartbeat
         # from every worker every 0.5-1 s, the scheduler's main idle cost
         self._min_heartbeat = parse_timedelta(

@@ -278,3 +278,38 @@ def test_a_burst_of_departures_reaches_every_worker_in_one_send_each():
     gone, told, sends = asyncio.run(_burst(distributed.Scheduler))  # upstream: 4 each
     assert all(sorted(t) == sorted(gone) for t in told.values()), told
     assert set(sends.values()) == {4}, sends
+
+
+def test_the_heap_is_frozen_as_the_cluster_grows_so_full_collections_skip_it():
+    """HeapFreezer: from ``from_workers`` on, each growth by ``growth`` freezes what
+    survived (gc.freeze), so a full collection no longer walks the registered workers."""
+    import gc
+
+    sched = _Sched()
+    try:
+        freezer = scheduler_ext.HeapFreezer()
+        assert freezer.freezes == 1  # the imported modules, at the scheduler's start
+        freezes_at, kept = [], []
+        for i in range(2000):
+            sched.workers[f"tls://10.0.0.1:{i}"] = _WS({"packages": {"n": str(i)}})
+            kept.append([{"state": i}])  # what a worker leaves in the scheduler
+            before = freezer.freezes
+            freezer.add_worker(sched, f"tls://10.0.0.1:{i}")
+            if freezer.freezes > before:
+                freezes_at.append(i + 1)
+        assert freezes_at == [500, 625, 782, 978, 1223, 1529, 1912]
+        frozen = gc.get_freeze_count()
+        assert frozen > 2 * 1912  # every worker's objects up to the last freeze
+        tracked_ids = {id(o) for o in gc.get_objects()}  # the generations a collection walks
+        assert id(kept[100]) not in tracked_ids and id(kept[1900]) not in tracked_ids
+        assert id(kept[1999]) in tracked_ids  # joined after the last freeze: still collected
+    finally:
+        gc.unfreeze()
+
+
+def test_the_scheduler_role_has_the_heap_freezer():
+    async def main():
+        async with scheduler_ext.Scheduler(dashboard_address=":0", host="127.0.0.1") as s:
+            return [p for p in s.plugins.values() if isinstance(p, scheduler_ext.HeapFreezer)]
+
+    assert len(asyncio.run(main())) == 1
