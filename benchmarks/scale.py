@@ -1017,7 +1017,8 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
         "# Scaling by simulation: one scheduler, many workers",
         "",
         *machine_lines({**meta, "mpi_library": None}, None,
-                       " (other test suites ran on the machine too)"),
+                       (" (1-min average: most of it is the benchmark's own previous trial; nothing "
+                        "else should run: see the load column)")),
         f"- kernel: net.core.somaxconn {meta.get('somaxconn')}, "
         f"tcp_max_syn_backlog {meta.get('syn_backlog')}, open files {meta.get('nofile')}",
         f"- command: `{command}`",
