@@ -124,7 +124,8 @@ def phases(a_events, b_events):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sizes", nargs="*", type=int, default=[8, 64, 256, 1024], help="MiB")
+    ap.add_argument("sizes", nargs="*", default=["8", "64", "256", "1024"],
+                    help="MiB, or bytes with a B suffix (8B: the latency of a tiny array)")
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
     client = Client()
@@ -136,8 +137,9 @@ def main() -> None:
     print("| size | transfer ms (B's log) | GB/s | " + " | ".join(f"{n} ms" for n in names)
           + " |")
     print("|---" * (len(names) + 3) + "|")
-    for mib in args.sizes:
-        n = mib * 2**20
+    for size in args.sizes:
+        n = int(size[:-1]) if size.endswith("B") else int(size) * 2**20
+        label = size if size.endswith("B") else f"{size} MiB"
         rows, totals = [], []
         for rep in range(args.repeat + 1):  # the first is a warm-up
             x = client.submit(np.ones, n // 8, workers=[a], pure=False)
@@ -152,7 +154,7 @@ def main() -> None:
                 rows.append(row)
                 totals.append(got[b][1])
         total = statistics.median(totals)
-        print(f"| {mib} MiB | {total * 1e3:.2f} | {n / total / 1e9:.2f} | "
+        print(f"| {label} | {total * 1e3:.2f} | {n / total / 1e9:.2f} | "
               + " | ".join(f"{statistics.median(r[k] for r in rows) * 1e3:.2f}" for k in names)
               + " |", flush=True)
     client.close()
