@@ -253,6 +253,7 @@ class _Browser:
         """A real mouse click (press and release) at the centre of the element."""
         where = self.eval(f"(() => {{ const e = {element_js}; if (!e) return null; "
                           "const r = e.getBoundingClientRect(); "
+                          "if (!r.width || !r.height) return null; "  # hidden: nothing to click
                           "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
         if not where:
             return False
@@ -362,10 +363,17 @@ def test_lab_shows_a_dask_pane_through_the_proxy(lab):
         assert typed == f"proxy/{port}/status", typed  # filled in for the user (relative:
         # it works through any tunnel port), not a previous job's URL from the workspace
         iframe = "(document.querySelector('iframe[src*=\"individual-task-stream\"]') || {}).src"
+        shown = (f"(() => {{ const b = {task_stream}; if (!b) return false; "
+                 "const r = b.getBoundingClientRect(); return r.width > 0 && r.height > 0; })()")
         src = None
         while not src and time.monotonic() < deadline:
+            if not browser.eval(shown):
+                # Lab, restoring its layout, collapsed the sidebar again: reopen it
+                browser.click(dask_tab)
+                browser.wait_for(shown, min(deadline, time.monotonic() + 5))
+                continue
             # the list may still be laying itself out: a click that missed is clicked again
-            assert browser.click(task_stream)
+            browser.click(task_stream)
             src = browser.wait_for(iframe, min(deadline, time.monotonic() + 5))
         if src != f"{lab['base']}/proxy/{port}/individual-task-stream":
             browser.screenshot("jupyterlab-dask-pane-failed.png")
