@@ -454,7 +454,6 @@ def child_model(sizes: list[int]) -> int:
 
 def child_workers(address: str, count: int, index: int, config: dict, timeout: float,
                   ramp: float, local_dir: str, tls_file: str, spread: bool = True) -> int:
-    import gc
     import random
 
     import dask
@@ -469,6 +468,7 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
     _one_log_handler_per_process()
     from distributed.utils import import_term
 
+    from dask_mpi_launch.scheduler_ext import HeapFreezer
     from dask_mpi_launch.security import security_from
 
     # what the launcher's worker role builds (roles.run_worker): its worker class, interface,
@@ -488,6 +488,8 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
     if security is not None:
         role_options["security"] = security
 
+    freezer = HeapFreezer()  # (its first freeze, of the imports, before the start)
+    freezer.from_workers = 20
     prof = None
     if os.environ.get("BENCH_SCALE_WORKER_PROFILE") and index == 0:
         import cProfile  # diagnostics: the first process of simulated workers, to WORKERS
@@ -501,7 +503,6 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
     async def main() -> None:
         loop = asyncio.get_running_loop()
         workers, lat, failed = [], [], {}
-        frozen = [16]
         cpu0 = _cpu()
 
         async def one(i: int) -> None:
@@ -515,13 +516,10 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
                            local_directory=os.path.join(local_dir, f"{index}-{i}"))
                 await asyncio.wait_for(w, timeout=max(0.1, go + timeout - time.time()))
                 workers.append(w)
-                if len(workers) >= 1.25 * frozen[0]:
-                    # hundreds of workers in one process: keep their long-lived objects
-                    # out of this process's full collections (a real worker process holds
-                    # one worker), as the scheduler does (scheduler_ext.HeapFreezer)
-                    frozen[0] = len(workers)
-                    gc.collect(1)
-                    gc.freeze()
+                # hundreds of workers in one process: keep their long-lived objects out of
+                # this process's full collections (a real worker process holds one worker),
+                # as the scheduler does
+                freezer.grown(len(workers))
                 lat.append(round(time.time() - t0, 4))
             except Exception as e:  # noqa: BLE001 - counted, reported
                 failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
@@ -1017,8 +1015,8 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
         "# Scaling by simulation: one scheduler, many workers",
         "",
         *machine_lines({**meta, "mpi_library": None}, None,
-                       (" (1-min average: most of it is the benchmark's own previous trial; nothing "
-                        "else should run: see the load column)")),
+                       (" (1-min average: most of it is the benchmark's own previous "
+                        "trial; nothing else should run: see the load column)")),
         f"- kernel: net.core.somaxconn {meta.get('somaxconn')}, "
         f"tcp_max_syn_backlog {meta.get('syn_backlog')}, open files {meta.get('nofile')}",
         f"- command: `{command}`",

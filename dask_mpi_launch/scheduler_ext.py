@@ -155,7 +155,10 @@ class HeapFreezer(SchedulerPlugin):
         self.freezes += 1
 
     def add_worker(self, scheduler, worker: str) -> None:
-        n = len(scheduler.workers)
+        self.grown(len(scheduler.workers))
+
+    def grown(self, n: int) -> None:
+        """The process now holds ``n`` workers: freeze if they grew enough since the last."""
         if n >= self.from_workers and n >= self.frozen_at * self.growth:
             self.frozen_at = n
             self.freeze()
