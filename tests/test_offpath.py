@@ -48,7 +48,8 @@ if is_client:
         print("client sees", len(client.scheduler_info()["workers"]), flush=True)
     send_close_signal()
     time.sleep(1.5)  # outlives the other ranks' scripts: must not be killed
-print("done", is_client, flush=True)
+sys.stdout.write(f"done {{is_client}}\\n")  # one write: ranks share mpiexec's stdout, and
+sys.stdout.flush()  # print's pieces (unbuffered) interleaved with another rank's once in CI
 """
 
 
