@@ -18,6 +18,9 @@ import os
 import sys
 
 _state = {}  # initialize(exit=False) on the client rank: the monitor thread and its stop
+# this process already joined a layout ({"client": bool}): by initialize(), or as a role
+# process of a running job (a script run by ``dask-mpi-launch`` that calls initialize())
+_joined: dict = {}
 
 
 def initialize(
@@ -59,6 +62,8 @@ def initialize(
     Keywords not given fall back to the ``mpi-launch`` section of dask.config.
     ``nanny=True`` is ``worker_class="distributed.Nanny"`` (dask-mpi's spelling).
     """
+    if _joined:  # a second call never starts a second layout (nor MPI in a role process)
+        return _joined["client"]
     from . import mpi
     from .children import BecomeClient, ForkLauncher
     from .errors import LaunchError
@@ -89,7 +94,7 @@ def initialize(
                 launcher = zygote.start()
             except BecomeClient as become:  # this is the client, started by the zygote
                 _become_client(become, settings.shutdown_timeout, finalize_guard=False)
-                return True
+                return _joined.setdefault("client", True)
         MPI = mpi.load()
         if not exit and mpi.we_finalize():
             mpi.finalize_at_exit()  # every rank returns: MPI ends with the interpreter
@@ -114,18 +119,18 @@ def initialize(
     supervisor = Supervisor(settings, control, launcher, finalize=exit,
                             client_in_process=in_process)
     if in_process:
-        return _client_in_process(supervisor)
+        return _joined.setdefault("client", _client_in_process(supervisor))
     try:
         status = supervisor.run()
     except BecomeClient as become:  # forked from this rank (MPI was initialized before)
         _become_client(become, settings.shutdown_timeout,
                        finalize_guard=not mpi.we_finalize())
-        return True
+        return _joined.setdefault("client", True)
     if not exit:
         if supervisor.outcome.priority == FAILED:
             raise supervisor.error or LaunchError("the cluster failed (see the message above)",
                                                   status or 1)
-        return False
+        return _joined.setdefault("client", False)
     # The serving ranks: MPI is finalized, and the interpreter's teardown could make MPI
     # kill the process. The script ran (finally blocks, atexit) in the client's process.
     from .children import exit_rank

@@ -30,6 +30,11 @@ FORK_SAFETY = {  # fabrics that pin memory: make fork after MPI_Init as safe as 
 }
 
 
+#: the close reason our scheduler gives a worker without a nanny in ``client.restart()``:
+#: its rank starts it again (the nanny's part; scheduler_ext.Scheduler.restart_workers)
+RESTART_REASON = "dask-mpi-launch-restart"
+
+
 class BecomeClient(BaseException):
     """Raised in the client process of ``initialize()`` to unwind into the calling script."""
 
@@ -59,6 +64,10 @@ class Channel:
 class Child:
     """The rank's handle on one role process."""
 
+    #: a worker process says "leaving" when it ends alive and well; without it, its end is a
+    #: death whatever its status (roles.run_worker)
+    announces_leaving = True
+
     def __init__(self, role: str, label: str, pid: int, fd: int, spec=None):
         self.role = role
         self.label = label  # e.g. "worker 3-1", for messages
@@ -67,6 +76,7 @@ class Child:
         self.spec = spec  # what it runs, to start it again
         self.ended: Ended | None = None
         self.fresh = False  # ended, reaped by Family.ended(), not yet handled
+        self.left: str | None = None  # why it said it leaves ("leaving"), if it did
         self._buffer = b""
 
     @property
@@ -159,9 +169,11 @@ class Family:
     def may_restart(self, child: Child) -> bool:
         return self.restarts.get(child.label, 0) < self.settings.worker_restarts
 
-    def restart(self, child: Child) -> int:
-        """Start ``child``'s role again under the same label; return the restart count."""
-        n = self.restarts[child.label] = self.restarts.get(child.label, 0) + 1
+    def restart(self, child: Child, counted: bool = True) -> int:
+        """Start ``child``'s role again under the same label; return the restart count
+        (``counted``: a death, not a restart Dask asked for)."""
+        n = self.restarts.get(child.label, 0) + counted
+        self.restarts[child.label] = n
         self.members.remove(child)
         child.signal(signal.SIGKILL)  # whatever it left in its group
         spec = {k: v for k, v in child.spec.items() if k not in ("settings", "dask_config")}
@@ -229,6 +241,77 @@ class Launcher:
     def close(self) -> None: ...
 
 
+def descendants(root: int | None = None, spare=()) -> list[int]:
+    """Every process below ``root`` (default: this one) in the process tree, from /proc,
+    without the subtrees of ``spare``. Orphans of our roles (a double-forked daemon, a
+    ``start_new_session`` helper) are reparented to the rank, a child subreaper, so they
+    are found here however they detached."""
+    root = os.getpid() if root is None else root
+    below: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        below.setdefault(ppid, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        for pid in below.get(todo.pop(), ()):
+            if pid not in spare:
+                found.append(pid)
+                todo.append(pid)
+    return found
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:60]
+    except OSError:
+        return "?"
+
+
+def end_descendants(grace: float = 2.0, spare=()) -> list[str]:
+    """End what the job's roles left running below this process (SIGTERM, then SIGKILL
+    after ``grace`` seconds), reaping each; return them as "pid (command)" for the
+    rank's one line. Nothing below a rank outlives it, and nothing keeps the launcher's
+    standard output open after the job (``mpiexec`` waits for its end of file)."""
+    left = descendants(spare=spare)
+    named = [f"{pid} ({_command(pid)})" for pid in left]
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 1.0)):
+        for pid in left:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while left and time.monotonic() < deadline:
+            _reap_any()
+            left = descendants(spare=spare)
+            if left:
+                time.sleep(0.02)
+        if not left:
+            break
+    _reap_any()
+    return named
+
+
+def _reap_any() -> None:
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
 def set_title(name: str) -> None:
     """Name this process in ps/top (``dml-scheduler``, ``dml-worker``...; PR_SET_NAME)."""
     try:
@@ -293,8 +376,15 @@ def enter_role(parent: int, stdin: int | None, wait: float = 0.0) -> None:
             pass
 
 
-def run_body(body, channel: Channel) -> None:
-    """Run a role's body and end the process with its status (never returns)."""
+def run_body(body, channel: Channel, spec: dict | None = None) -> None:
+    """Run a role's body and end the process with its status (never returns), as
+    ``python script.py`` ends (:func:`end_as_python_would`): the scheduler's and the
+    workers' ending is bounded by the shutdown grace, the script's is not (as under
+    ``python``, its non-daemon threads are waited for); the scheduler runs no user code,
+    so its (large) heap is not searched for open files."""
+    spec = spec or {}
+    bound = None if spec.get("run") in ("script", "jupyter") else getattr(
+        spec.get("settings"), "shutdown_timeout", None)
     status = 1
     try:
         status = body(channel)
@@ -303,8 +393,77 @@ def run_body(body, channel: Channel) -> None:
     except BaseException as e:  # one line to the rank instead of a traceback per rank
         channel.error(f"{type(e).__name__}: {e}")
     finally:
-        flush()
-        os._exit(status if isinstance(status, int) else 1)
+        end_as_python_would(status if isinstance(status, int) else 1, bound,
+                            files=spec.get("run") != "scheduler")
+
+
+def end_as_python_would(status: int, bound: float | None = None, files: bool = True) -> None:
+    """End this forked process as the interpreter ends ``python script.py``, then exit
+    with ``status`` (never returns).
+
+    A role process is a fork of the zygote deep in its stack, so it cannot return to the
+    interpreter's own exit; ``os._exit`` alone lost a non-daemon thread's work, pending
+    ``ThreadPoolExecutor`` work, an unclosed file's buffered bytes and C ``printf`` output
+    (issue 21). So, in Python's order: non-daemon threads are joined (and
+    ``concurrent.futures``' exit hooks run, ``threading._shutdown``), the ``atexit``
+    handlers run, unreachable objects are collected (their finalizers run: a file left
+    open is closed), every file object still open is flushed, then C stdio; only then
+    ``os._exit``, which skips what a fork must not run twice (the zygote's own exit).
+    A signal during this still ends the process (SIGTERM's handler bounds it)."""
+    if bound is not None:
+        signal.alarm(max(1, int(bound + 0.999)))  # SIGALRM's default action ends us
+    flush()
+    try:
+        import threading
+
+        threading._shutdown()
+    except BaseException:
+        pass
+    try:
+        import atexit
+
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    if files:
+        _close_files()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except Exception:
+        pass
+    os._exit(status)
+
+
+def _close_files() -> None:
+    """Flush every file object still open, as Python's teardown would: ``python`` clears
+    ``__main__``'s globals, so a file left open there is closed (text layer first, then its
+    buffer). Here the script's globals may sit in a reference cycle (a function defined in
+    the script refers to them), where the collector finalizes the raw file before its
+    buffer and the buffered bytes are lost: so every writable file is flushed first, text
+    files then buffered ones, before anything is collected."""
+    try:
+        import gc
+        import io
+
+        gc.unfreeze()  # objects made since a gc.freeze() sit in its permanent generation
+        streams = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
+        objects = gc.get_objects()
+        for kind in (io.TextIOBase, io.BufferedIOBase):
+            # type(), not isinstance(): a proxy's __class__ may raise
+            for obj in objects:
+                if issubclass(type(obj), kind) and id(obj) not in streams:
+                    try:
+                        if not obj.closed and obj.writable():
+                            obj.flush()
+                    except Exception:
+                        pass
+        del objects
+        gc.collect()
+    except BaseException:
+        pass
+    flush()
 
 
 class ForkLauncher:
@@ -335,7 +494,7 @@ class ForkLauncher:
         if returns:
             os.set_inheritable(write_fd, False)
             raise BecomeClient(spec["address"], spec.get("credentials"))
-        run_body(lambda ch: self.run_role(role, spec, ch), channel)
+        run_body(lambda ch: self.run_role(role, spec, ch), channel, spec)
 
     def check(self, what, value):
         from .roles import run_check

@@ -27,6 +27,8 @@ START_TIMEOUT = 120.0
 class ThreadChild(Child):
     """A worker in a thread of this rank, seen as a role process."""
 
+    announces_leaving = False  # its end status is the thread's own: 0 once closed
+
     def __init__(self, label: str, spec: dict, handle, fd: int):
         super().__init__("worker", label, -1, fd, spec)
         self.handle = handle

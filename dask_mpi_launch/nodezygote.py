@@ -30,7 +30,8 @@ import socket
 import struct
 import time
 
-from .children import Child, enter_role, flush, run_body, set_title
+from .children import (Child, become_subreaper, end_descendants, enter_role, flush,
+                       run_body, set_title)
 from .errors import LaunchError
 from .status import Ended
 from .zygote import _MAX, ZygoteLauncher, _send, import_parser, load_roles, parse_for
@@ -140,6 +141,11 @@ class NodeLauncher(ZygoteLauncher):
     # never wait for the other ranks of the node (the first rank's zygote ends with it)
     _close_wait = os.WNOHANG
 
+    @property
+    def spare(self) -> tuple:
+        """Not for this rank to end: the node's zygote it forked serves the others."""
+        return (self.pid,) if self.pid else ()
+
     def _abandon(self) -> None:
         """The node's first rank started nothing (it exits after --help, say): the other
         ranks of the node may still need the zygote to parse their command line, so it is
@@ -207,14 +213,13 @@ IDLE = 1.0  # seconds without a new command line after which the zygote imports 
 
 def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
            parse: bool = False, size: int = 1, wait: float = 10.0) -> None:
-    import ctypes
-
-    try:  # the zygote never outlives the node's first rank, and leaves signals to it
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-    except Exception:
-        pass
+    # No parent-death signal: the zygote outlives the node's first rank until every rank
+    # of the node has closed its connection (a rank that dies closes it too), so each
+    # rank's roles are ended by the zygote when their rank goes (_drop), and the roles'
+    # orphans, reparented to the zygote (a subreaper), when it ends.
     if os.getppid() != leader:
         return
+    become_subreaper()
     set_title("dml-zygote")
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
@@ -292,6 +297,7 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
                 os.close(fd)
         _reap(owners)
     listener.close()
+    end_descendants(2.0)  # what the node's roles left running (daemons, helpers)
 
 
 # What tells the ranks of a node apart in their environment: nothing that the settings
@@ -367,4 +373,4 @@ def _fork(role, spec, fds, has_stdin, run_role, sockets, wake) -> int:
     os.sched_setaffinity(0, spec.pop("affinity"))
     from .children import Channel
 
-    run_body(lambda ch: run_role(role, spec, ch), Channel(pipe))
+    run_body(lambda ch: run_role(role, spec, ch), Channel(pipe), spec)

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from .children import Channel
+from .children import RESTART_REASON, Channel  # noqa: F401 (RESTART_REASON: scheduler_ext)
 from .status import PREFIX, exit_status
 from .settings import Settings
 
@@ -91,6 +91,9 @@ def run_role(role: str, spec: dict, channel: Channel) -> int:
 
         dask.config.set(spec["dask_config"])
     s, run = spec["settings"], spec["run"]
+    from .bootstrap import _joined
+
+    _joined["client"] = run in ("script", "jupyter")  # initialize() here returns at once
     if run == "scheduler":
         credentials = None
         if spec.get("new_credentials"):  # this job's, made here (the rank never imports
@@ -273,6 +276,11 @@ def run_worker(
     if not settings.scheduler:  # join mode: leave if the cluster goes away
         options.setdefault("death_timeout", settings.wait_timeout)
 
+    problem = _full_directory(settings.local_directory)
+    if problem:
+        channel.error(problem)
+        return 1
+
     async def main() -> int:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.wait_timeout
@@ -305,12 +313,84 @@ def run_worker(
                 return 1
         channel.send("ready", name=str(name), address=worker.address)
         _quiet_heartbeat_at_close(worker)
+        _report_full_disk(worker, channel)
+        closed = _close_reason(worker)
         how = await _until_finished_or_signal(worker, settings.shutdown_timeout)
         if how == "signal":
             await worker.close(reason="dask-mpi-launch: job ending")
+        # the one way a worker process leaves alive and well: said here, once Dask closed it
+        # (the scheduler, its lifetime, a lost scheduler) or the rank asked; a process that
+        # ends without saying it (a task's os._exit or sys.exit, a crash) is a dead worker
+        channel.send("leaving", reason=closed.get("reason", how))
         return 0
 
     return asyncio.run(main())
+
+
+def _close_reason(worker) -> dict:
+    """Record the reason of the worker's first close (``{"reason": ...}`` once closed):
+    ``Worker.close`` is called by attribute, and as a handler of the scheduler's "close"
+    message, bound when the worker was made."""
+    seen: dict = {}
+    original = worker.close
+
+    async def close(*args, **kwargs):
+        seen.setdefault("reason", str(kwargs.get("reason", "worker-close")))
+        return await original(*args, **kwargs)
+
+    worker.close = close
+    for table in (getattr(worker, "handlers", {}), getattr(worker, "stream_handlers", {})):
+        for key, handler in list(table.items()):
+            if handler == original:
+                table[key] = close
+    return seen
+
+
+#: a worker's local directory with less free space than this is full: it could not spill
+MIN_FREE = 16 << 20
+
+
+def _full_directory(directory) -> str | None:
+    """One line if the worker's local (spill) directory is (nearly) full at start."""
+    import tempfile
+
+    path = directory or tempfile.gettempdir()
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None  # distributed says what is wrong with it
+    free = st.f_bavail * st.f_frsize
+    if free >= MIN_FREE:
+        return None
+    return (f"the local directory {path} is full ({free >> 10} KiB free): the worker could "
+            "not spill to disk (free some space, or choose another --local-directory)")
+
+
+def _report_full_disk(worker, channel: Channel) -> None:
+    """A spill that fails for want of space ends the job with one line: distributed
+    logs the ENOSPC traceback, keeps the data in memory and, once memory is past its
+    pause threshold, pauses the worker for good (a job that never ends, issue 21)."""
+
+    class Full(logging.Handler):
+        said = False
+
+        def emit(self, record: logging.LogRecord) -> None:
+            error = record.exc_info[1] if record.exc_info else None
+            if self.said or getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+                return
+            self.said = True
+            channel.error(f"the local directory {worker.local_directory} is full: spilling "
+                          f"to disk failed ({error.strerror}); free some space, or choose "
+                          "another --local-directory")
+
+    def other(record: logging.LogRecord) -> bool:  # said once, by us, instead
+        error = record.exc_info[1] if record.exc_info else None
+        return getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT)
+
+    logging.getLogger("distributed.spill").addHandler(Full(logging.ERROR))
+    for logger in (logging.getLogger("distributed"), logging.getLogger()):
+        for handler in logger.handlers:
+            handler.addFilter(other)
 
 
 def _quiet_heartbeat_at_close(worker) -> None:
@@ -373,7 +453,6 @@ def terminate_on_signal(grace: float) -> None:
 
 def run_script(settings: Settings, channel: Channel, address: str, credentials=None) -> int:
     """Run the script or module as ``__main__``; return the status Python would exit with."""
-    import atexit
     import runpy
 
     set_client_environment(address, credentials)
@@ -397,11 +476,7 @@ def run_script(settings: Settings, channel: Channel, address: str, credentials=N
     except BaseException as e:
         _print_user_traceback(e)
         status = 130 if isinstance(e, KeyboardInterrupt) else 1
-    try:
-        atexit._run_exitfuncs()
-    except BaseException:
-        pass
-    return status
+    return status  # threads, atexit and files: as python ends (children.end_as_python_would)
 
 
 def _import_parent(module: str, channel: Channel) -> bool:

@@ -211,6 +211,24 @@ class Scheduler(_upstream.Scheduler):
                 await asyncio.sleep(0.02)
         return await super().close(timeout=timeout, reason=reason)
 
+    #: the close reason that makes a worker's rank start it again (children.RESTART_REASON)
+    restart_reason = "dask-mpi-launch-restart"
+
+    async def restart_workers(self, workers=None, **kwargs):
+        """Upstream's, where the workers' ranks play the nanny: upstream shuts the workers
+        without a nanny down "hoping an external deployment system will restart them", so
+        ``client.restart()`` with the default ``distributed.Worker`` left no worker and
+        timed out. Here their close message says "restart" and each worker's rank starts
+        it again at once (the same name, a fresh process); upstream then waits for them
+        to come back as it waits for a nanny's worker."""
+        addresses = list(self.workers) if workers is None else workers
+        self._restarting = {a for a in addresses
+                            if a in self.workers and not self.workers[a].nanny}
+        try:
+            return await super().restart_workers(workers, **kwargs)
+        finally:
+            self._restarting = set()
+
     async def remove_worker(self, address: str, *, stimulus_id: str, expected: bool = False,
                             close: bool = True):
         """Upstream's, except while the scheduler closes: then nothing to do.
@@ -232,6 +250,12 @@ class Scheduler(_upstream.Scheduler):
             if ending is not None:
                 ending.add(address)
             return "already-removed"
+        if close and address in getattr(self, "_restarting", ()):
+            bs = self.stream_comms.get(address)
+            if bs is not None:
+                with contextlib.suppress(Exception):
+                    bs.send({"op": "close", "reason": self.restart_reason})
+                close = False
         return await super().remove_worker(address, stimulus_id=stimulus_id,
                                            expected=expected, close=close)
 

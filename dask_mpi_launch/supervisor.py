@@ -28,7 +28,8 @@ import socket
 import time
 
 from . import scale, starting
-from .children import Child, Family, StdinRelay, read_stdin
+from .children import (RESTART_REASON, Child, Family, StdinRelay, end_descendants,
+                       read_stdin)
 from .control import ControlPlane
 from .errors import LaunchError
 from .layout import CLIENT, SCHEDULER, WORKER
@@ -312,6 +313,8 @@ class Supervisor:
                 "interfaces" in event) else None
             self.announce(event["address"], event.get("identity"), event.get("dashboard"),
                           network=network)
+        elif kind == "leaving":
+            child.left = str(event.get("reason", ""))
         elif kind == "jupyter" and child.role == CLIENT:
             self.control.send(0, "jupyter", event["url"])
         elif kind == "ready" and child.role == WORKER:
@@ -331,17 +334,31 @@ class Supervisor:
                 self.stop(ended.status, SCRIPT)
         elif ended.ok and child.role == SCHEDULER and not self.settings.has_client:
             self.stop(0, NORMAL)  # cluster-only mode: a client shut the scheduler down
-        elif ended.ok:
+        elif child.role == WORKER and ended.ok and child.left == RESTART_REASON:
+            self.children.restart(child, counted=False)  # client.restart(): the nanny's part
+        elif ended.ok and (child.left is not None or child.role != WORKER
+                           or not child.announces_leaving):
             # closed by Dask itself (client.shutdown(), retire_workers): fine; in join mode
             # the rank is done once all its workers are
             if not self.settings.scheduler and not any(c.alive for c in self.children):
                 self.stop(0, NORMAL)
         elif child.role == WORKER and self.children.may_restart(child):
-            n = self.children.restart(child)  # (OOM killer, SIGKILL...): same name
-            say(f"{child.label} (rank {self.rank}, host {self.host}) {ended.describe()}: "
+            # dead: killed (OOM killer, SIGKILL), or ended by a task (os._exit, sys.exit)
+            # with whatever status, since it did not say it leaves (roles.run_worker)
+            n = self.children.restart(child)  # same name: its tasks are rescheduled
+            say(f"{child.label} (rank {self.rank}, host {self.host}) {self._death(ended)}: "
                 f"restarting it ({n} of {self.settings.worker_restarts})")
         else:
-            self.fail(child.role, f"the {child.label} process {ended.describe()}")
+            self.fail(child.role, f"the {child.label} process {self._death(ended)}"
+                      + (f" (after {self.settings.worker_restarts} restarts)"
+                         if child.role == WORKER and self.settings.worker_restarts else ""))
+
+    @staticmethod
+    def _death(ended) -> str:
+        if ended.ok:  # a worker ends with 0 only after saying it leaves
+            return ("ended with status 0 without being asked to (a task called sys.exit "
+                    "or os._exit?)")
+        return ended.describe()
 
     # ------------------------------------------------------------------
     # what other ranks say
@@ -447,6 +464,22 @@ class Supervisor:
         if self.coordinator:
             self.coordinator.remove_scheduler_file()
         self.launcher.close()
+        self._end_strays()
+
+    def _end_strays(self) -> None:
+        """What the roles left running (orphans reparented to this rank, a subreaper): a
+        daemon the script started, a task's helper that left its session. Not where this
+        process is the user's script (initialize(exit=False)'s client), whose own
+        children are its business; the node's shared zygote serves other ranks still."""
+        if not self.children.reap_orphans:
+            return
+        launcher = getattr(self.launcher, "base", self.launcher)
+        spare = tuple(getattr(launcher, "spare", ()))
+        ended = end_descendants(min(2.0, self.settings.shutdown_timeout), spare)
+        if ended:
+            shown = ", ".join(ended[:3]) + (" ..." if len(ended) > 3 else "")
+            say(f"rank {self.rank} (host {self.host}): ended {len(ended)} process"
+                f"{'es' if len(ended) > 1 else ''} the job left running: {shown}")
 
     def _terminate(self, children, grace: float) -> None:
         signum = signal.SIGINT if self.signalled == signal.SIGINT else signal.SIGTERM

@@ -234,12 +234,8 @@ def start(preload=("distributed",), parse: bool = False) -> ZygoteLauncher:
 
 
 def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None:
-    import ctypes
-
-    try:  # the zygote never outlives its rank, and leaves signals to it
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-    except Exception:
-        pass
+    # No parent-death signal: when the rank dies, its end of the socket closes, and the
+    # zygote ends the roles it started (_guard) before it goes.
     if os.getppid() != rank:
         os._exit(0)
     set_title("dml-zygote")
@@ -262,13 +258,15 @@ def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None
     _send(sock, ("ready", error))
     if error:
         return
+    started: dict[int, float] = {}  # role pid -> its shutdown grace
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(sock, _MAX, 4)
         except OSError:
+            data = b""
+        if not data:  # the rank died (it says "exit" when it ends)
+            _guard(started)
             return
-        if not data:
-            return  # the rank closed its end
         message = pickle.loads(data)
         if message[0] == "exit":
             return
@@ -284,11 +282,45 @@ def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None
         try:  # (in initialize()'s client, BecomeClient goes up from here to the script)
             reply = ("started", _fork_role(sock, rank, role, spec, pipe, stdin, returns,
                                            run_role))
+            started[reply[1]] = getattr(spec.get("settings"), "shutdown_timeout", 10.0)
         except OSError as e:
             reply = ("error", str(e))
         for fd in fds:
             os.close(fd)
         _send(sock, reply)
+
+
+def _guard(started: dict) -> None:
+    """The rank died without ending its roles: they had SIGTERM (their parent-death
+    signal), which a role stuck in C code never handles, so each role's process group is
+    killed once its grace is over. Bounded: the longest grace."""
+    import time
+
+    groups = [pid for pid in started if _leads_group(pid)]
+    for pid in groups:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + max(started.values(), default=0)
+    while groups and time.monotonic() < deadline:
+        time.sleep(0.05)
+        groups = [pid for pid in groups if _leads_group(pid)]
+    for pid in groups:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _leads_group(pid: int) -> bool:
+    """``pid`` is alive (not a zombie) and leads its process group, as a role does."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0] != b"Z" and int(fields[2]) == pid
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def _fork_role(sock, rank, role, spec, pipe, stdin, returns, run_role) -> int:
@@ -311,7 +343,7 @@ def _fork_role(sock, rank, role, spec, pipe, stdin, returns, run_role) -> int:
             if returns:
                 os.set_inheritable(pipe, False)
                 raise BecomeClient(spec["address"], spec.get("credentials"))
-            run_body(lambda ch: run_role(role, spec, ch), channel)
+            run_body(lambda ch: run_role(role, spec, ch), channel, spec)
         os.write(report_w, str(role_pid).encode())
         os._exit(0)
     os.close(report_w)
