@@ -297,7 +297,13 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
                 os.close(fd)
         _reap(owners)
     listener.close()
-    end_descendants(2.0)  # what the node's roles left running (daemons, helpers)
+    ended = end_descendants(2.0)  # what the node's roles left running (daemons, helpers)
+    if ended:
+        from .status import say
+
+        shown = ", ".join(ended[:3]) + (" ..." if len(ended) > 3 else "")
+        say(f"host {socket.gethostname()}: ended {len(ended)} process"
+            f"{'es' if len(ended) > 1 else ''} the job left running: {shown}")
 
 
 # What tells the ranks of a node apart in their environment: nothing that the settings

@@ -116,7 +116,11 @@ class FakeChild(Child):
     def send(self, event: str, **fields) -> None:
         os.write(self.write_fd, (json.dumps({"event": event, **fields}) + "\n").encode())
 
-    def exit(self, status: int = 0, signum: int | None = None) -> None:
+    def exit(self, status: int = 0, signum: int | None = None, leaving: bool = True) -> None:
+        """``leaving``: a worker ending with 0 says so first, as roles.run_worker does once
+        Dask closed it (without it, its end is a death)."""
+        if leaving and not signum and status == 0 and self.role == "worker":
+            self.send("leaving", reason="scheduler-close")
         os.close(self.write_fd)
         self.end = Ended(signal=signum) if signum else Ended(exited=status)
 
