@@ -7,19 +7,19 @@ TLS credentials (0700, files 0600). Rank 0 publishes them once the scheduler lis
 
 1. ``<file>`` must be absent, or a stale file of ours: another user's file, a link, a
    directory, or the file of a live job is refused with one line (status 2);
-2. the credentials are written in a fresh directory with an unpredictable name, then
-   renamed to ``<file>.credentials`` (a rename onto a directory that is not empty fails:
-   another job's credentials are never replaced); a stale directory of ours is removed
-   first, another user's is refused;
-3. ``<file>`` is written under an unpredictable name, locked (``flock``, held by rank 0
-   for the job's life) and linked into place (``link`` fails if a file got there first:
-   two jobs started at once cannot both take it); a reader finds the credentials already
-   there.
+2. the credentials are written in a fresh directory with an unpredictable name, locked,
+   then renamed to ``<file>.credentials`` (a rename onto a directory that is not empty
+   fails: another job's credentials are never replaced); a stale directory of ours is
+   removed first, another user's or a live one is refused;
+3. ``<file>`` is written under an unpredictable name, locked and linked into place
+   (``link`` fails if a file got there first: two jobs started at once cannot both take
+   it); a reader finds the credentials already there.
 
-**Live or stale**: a job's rank 0 holds an exclusive ``flock`` on its scheduler file until
-it removes it. A second job given the same path tries a shared lock: refused, the file is
-live (the second job says so and changes nothing); granted, its job ended without removing
-it (killed) and it is replaced. ``flock`` works across nodes on NFS (Linux emulates it with
+**Live or stale**: a job's rank 0 holds an exclusive ``flock`` on its scheduler file and
+on its credentials directory until it removes them. A second job given the same path tries
+a shared lock: refused, they are live (the second job says so and changes nothing, even if
+it starts at the same moment); granted, their job ended without removing them (killed)
+and they are replaced. ``flock`` works across nodes on NFS (Linux emulates it with
 byte-range locks) and GPFS; where a file system has no locks (Lustre mounted without
 ``flock``), or for a file ``dask scheduler`` wrote, a file cannot be known to be live and is
 replaced, as before.
@@ -143,10 +143,11 @@ def _lock(fd: int) -> None:
             raise
 
 
-def check_replaceable(path: str, dir_fd: int | None = None, name: str | None = None) -> None:
+def check_replaceable(path: str, dir_fd: int | None = None, name: str | None = None,
+                      credentials: bool = True) -> None:
     """Raise :class:`Untrusted` unless a new job may write scheduler file ``path``: nothing
-    is there, or a stale scheduler file of ours (its job ended); its credentials directory
-    is absent or ours."""
+    is there, or a stale scheduler file of ours (its job ended); and (``credentials``) its
+    credentials directory is absent, or a stale one of ours."""
     name = name or path
     try:
         fd = trust.open_own(name, dir_fd)
@@ -167,16 +168,29 @@ def check_replaceable(path: str, dir_fd: int | None = None, name: str | None = N
             raise Untrusted(f"the scheduler file {path} is in use by a running cluster"
                             f"{f' ({address})' if address else ''}: give this job its own "
                             "--scheduler-file, or end that cluster first")
-    directory = credentials_directory(path)
+    if credentials:
+        _check_credentials(credentials_directory(path), dir_fd, credentials_directory(name))
+
+
+def _check_credentials(directory: str, dir_fd: int | None, name: str) -> None:
+    """Raise :class:`Untrusted` unless credentials directory ``name`` (``directory``, as
+    the user named it) is absent, or a stale one of ours."""
     try:
-        fd = trust.open_own(credentials_directory(name), dir_fd, directory=True)
+        fd = trust.open_own(name, dir_fd, directory=True)
     except FileNotFoundError:
         return
     except Unsafe as e:
-        if e.kind != "writable":
-            raise refuse("the credentials directory", directory, e) from None
-    else:
+        if e.kind == "writable":  # ours, and replaced anyway
+            return
+        raise refuse("the credentials directory", directory, e) from None
+    try:
+        live = _locked_by_another(fd)
+    finally:
         os.close(fd)
+    if live:
+        raise Untrusted(f"the credentials directory {directory} is in use by a running "
+                        "cluster: give this job its own --scheduler-file, or end that "
+                        "cluster first")
 
 
 def _address(fd: int) -> str | None:
@@ -205,13 +219,14 @@ class Published:
     """What :func:`publish` made: the locked scheduler file's descriptor and what to
     remove at the end."""
 
-    __slots__ = ("path", "fd", "file", "credentials")
+    __slots__ = ("path", "fd", "file", "credentials", "credentials_fd")
 
     def __init__(self, path):
         self.path = path
-        self.fd: int | None = None
+        self.fd: int | None = None  # <file>, locked
         self.file: tuple | None = None  # (device, inode) of <file>
         self.credentials: tuple | None = None  # of <file>.credentials
+        self.credentials_fd: int | None = None  # <file>.credentials, locked
 
 
 def publish(path: str, identity: dict, credentials: dict | None) -> Published:
@@ -229,7 +244,7 @@ def publish(path: str, identity: dict, credentials: dict | None) -> Published:
     try:
         check_replaceable(path, dir_fd, base)
         if credentials:
-            made.credentials = _publish_credentials(path, dir_fd, base, credentials)
+            _publish_credentials(made, dir_fd, base, credentials)
         data = json.dumps(identity, indent=2).encode()
         tmp = trust.temporary_name(base)
         fd = trust.new_file(tmp, data, dir_fd, 0o644)
@@ -237,8 +252,8 @@ def publish(path: str, identity: dict, credentials: dict | None) -> Published:
             _lock(fd)
             try:
                 os.link(tmp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except FileExistsError:  # a file came since the check: a stale one of ours only
-                check_replaceable(path, dir_fd, base)
+            except FileExistsError:  # a stale file of ours only (the credentials are ours)
+                check_replaceable(path, dir_fd, base, credentials=False)
                 os.replace(tmp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except OSError:  # no hard links here (some FUSE or object stores)
                 os.replace(tmp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -249,38 +264,43 @@ def publish(path: str, identity: dict, credentials: dict | None) -> Published:
             raise
         made.fd, made.file = fd, trust.identity(os.fstat(fd))
         return made
-    except BaseException as e:
+    except LaunchError:  # (Untrusted too)
         _remove(made, dir_fd)  # never leave the credentials behind
-        if isinstance(e, OSError) and not isinstance(e, Untrusted):
-            raise LaunchError(f"cannot write the scheduler file {path}: "
-                              f"{e.strerror or e}") from None
+        raise
+    except (OSError, Unsafe) as e:
+        _remove(made, dir_fd)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise LaunchError(f"cannot write the scheduler file {path}: {reason}") from None
+    except BaseException:
+        _remove(made, dir_fd)
         raise
     finally:
         os.close(dir_fd)
 
 
-def _publish_credentials(path: str, dir_fd: int, base: str, credentials: dict) -> tuple:
+def _publish_credentials(made: Published, dir_fd: int, base: str, credentials: dict) -> None:
+    """``<file>.credentials``, made whole under another name, locked (for the job's life,
+    like the file: a job starting at the same moment never removes it), renamed into
+    place."""
     name = base + ".credentials"
     tmp = trust.temporary_name(name)
     os.mkdir(tmp, 0o700, dir_fd=dir_fd)
     try:
         fd = trust.open_private_dir(tmp, dir_fd)  # 0700 whatever the umask
-        try:
-            for field, file in CREDENTIALS.items():
-                os.close(trust.new_file(file, credentials[field].encode(), fd))
-            made = trust.identity(os.fstat(fd))
-        finally:
-            os.close(fd)
-        trust.remove(name, dir_fd)  # a stale one of ours (check_replaceable looked)
+        made.credentials_fd, made.credentials = fd, trust.identity(os.fstat(fd))
+        _lock(fd)
+        for field, file in CREDENTIALS.items():
+            os.close(trust.new_file(file, credentials[field].encode(), fd))
+        _check_credentials(credentials_directory(made.path), dir_fd, name)
+        trust.remove(name, dir_fd)  # a stale one of ours
         try:
             os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EPERM):
                 raise
-            raise Untrusted(f"the credentials directory {credentials_directory(path)} was "
-                            "made by someone else while this job started: give this job "
-                            "its own --scheduler-file") from None
-        return made
+            raise Untrusted(f"the credentials directory {credentials_directory(made.path)} "
+                            "was made by someone else while this job started: give this "
+                            "job its own --scheduler-file") from None
     except BaseException:
         trust.remove(tmp, dir_fd)
         raise
@@ -300,9 +320,10 @@ def _remove(made: Published, dir_fd: int | None = None) -> None:
         if made.credentials is not None and dir_fd is not None:
             trust.remove(base + ".credentials", dir_fd, made.credentials)
     finally:
-        if made.fd is not None:  # (after the unlink: the lock holds until the file is gone)
-            os.close(made.fd)
-        made.fd = made.file = made.credentials = None
+        for fd in (made.fd, made.credentials_fd):  # (after the unlinks: the locks hold
+            if fd is not None:                     # until the files are gone)
+                os.close(fd)
+        made.fd = made.file = made.credentials = made.credentials_fd = None
         if close and dir_fd is not None:
             os.close(dir_fd)
 

@@ -242,6 +242,16 @@ def test_a_live_jobs_file_is_refused_and_a_stale_one_replaced(tmp_path):
         assert os.stat(path).st_ino == before.st_ino
         assert schedfile.read_credentials(path) == {"ca": "a", "cert": "b", "key": "c"}
         assert sorted(os.listdir(tmp_path)) == ["sched.json", "sched.json.credentials"]
+        os.unlink(path)  # its file deleted by hand: its credentials are still live
+        for attempt in (check_scheduler_file,
+                        lambda p: schedfile.publish(p, {"address": "tls://x:1"}, CREDENTIALS)):
+            with pytest.raises(trust.Untrusted) as e:
+                attempt(path)
+            assert str(e.value) == (
+                f"the credentials directory {path}.credentials is in use by a running cluster: "
+                "give this job its own --scheduler-file, or end that cluster first")
+        assert schedfile.read_credentials(path) == {"ca": "a", "cert": "b", "key": "c"}
+        assert os.listdir(tmp_path) == ["sched.json.credentials"]
     finally:
         holder.kill()
         holder.wait()
