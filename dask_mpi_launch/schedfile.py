@@ -144,11 +144,13 @@ def _lock(fd: int) -> None:
 
 
 def check_replaceable(path: str, dir_fd: int | None = None, name: str | None = None,
-                      credentials: bool = True) -> None:
+                      credentials: bool = True) -> tuple:
     """Raise :class:`Untrusted` unless a new job may write scheduler file ``path``: nothing
     is there, or a stale scheduler file of ours (its job ended); and (``credentials``) its
-    credentials directory is absent, or a stale one of ours."""
+    credentials directory is absent, or a stale one of ours. The (device, inode) of the
+    stale file and directory found (None: none)."""
     name = name or path
+    found = None
     try:
         fd = trust.open_own(name, dir_fd)
     except FileNotFoundError:
@@ -158,8 +160,12 @@ def check_replaceable(path: str, dir_fd: int | None = None, name: str | None = N
             fd = None
         else:
             raise refuse("the scheduler file", path, e) from None
+    except OSError as e:  # (EACCES: a file of ours we cannot read)
+        raise Untrusted(f"cannot use the scheduler file {path}: {e.strerror} (choose another "
+                        "--scheduler-file)") from None
     if fd is not None:
         try:
+            found = trust.identity(os.fstat(fd))
             live = _locked_by_another(fd)
             address = _address(fd) if live else None
         finally:
@@ -168,22 +174,31 @@ def check_replaceable(path: str, dir_fd: int | None = None, name: str | None = N
             raise Untrusted(f"the scheduler file {path} is in use by a running cluster"
                             f"{f' ({address})' if address else ''}: give this job its own "
                             "--scheduler-file, or end that cluster first")
-    if credentials:
-        _check_credentials(credentials_directory(path), dir_fd, credentials_directory(name))
+    if not credentials:
+        return found, None
+    return found, _check_credentials(credentials_directory(path), dir_fd,
+                                     credentials_directory(name))
 
 
-def _check_credentials(directory: str, dir_fd: int | None, name: str) -> None:
+def _check_credentials(directory: str, dir_fd: int | None, name: str) -> tuple | None:
     """Raise :class:`Untrusted` unless credentials directory ``name`` (``directory``, as
-    the user named it) is absent, or a stale one of ours."""
+    the user named it) is absent, or a stale one of ours (its (device, inode))."""
     try:
         fd = trust.open_own(name, dir_fd, directory=True)
     except FileNotFoundError:
-        return
+        return None
     except Unsafe as e:
         if e.kind == "writable":  # ours, and replaced anyway
-            return
+            try:
+                return trust.identity(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+            except OSError:
+                return None
         raise refuse("the credentials directory", directory, e) from None
+    except OSError as e:
+        raise Untrusted(f"cannot use the credentials directory {directory}: {e.strerror} "
+                        "(choose another --scheduler-file)") from None
     try:
+        found = trust.identity(os.fstat(fd))
         live = _locked_by_another(fd)
     finally:
         os.close(fd)
@@ -191,6 +206,7 @@ def _check_credentials(directory: str, dir_fd: int | None, name: str) -> None:
         raise Untrusted(f"the credentials directory {directory} is in use by a running "
                         "cluster: give this job its own --scheduler-file, or end that "
                         "cluster first")
+    return found
 
 
 def _address(fd: int) -> str | None:
@@ -206,9 +222,11 @@ def _address(fd: int) -> str | None:
 def remove_stale(path: str) -> None:
     """Remove what an ended job left at ``path`` (so no reader takes its address while
     this job starts); :class:`Untrusted` if it is not a stale file of ours."""
-    check_replaceable(path)
-    trust.remove(path)
-    trust.remove(credentials_directory(path))
+    file, directory = check_replaceable(path)
+    if file is not None:  # (only what was checked: never a file that came since)
+        trust.remove(path, made=file)
+    if directory is not None:
+        trust.remove(credentials_directory(path), made=directory)
 
 
 # ---------------------------------------------------------------------------
@@ -291,8 +309,9 @@ def _publish_credentials(made: Published, dir_fd: int, base: str, credentials: d
         _lock(fd)
         for field, file in CREDENTIALS.items():
             os.close(trust.new_file(file, credentials[field].encode(), fd))
-        _check_credentials(credentials_directory(made.path), dir_fd, name)
-        trust.remove(name, dir_fd)  # a stale one of ours
+        stale = _check_credentials(credentials_directory(made.path), dir_fd, name)
+        if stale is not None:
+            trust.remove(name, dir_fd, stale)
         try:
             os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as e:

@@ -262,6 +262,16 @@ def test_a_live_jobs_file_is_refused_and_a_stale_one_replaced(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_what_a_killed_job_left_is_removed_at_the_start(tmp_path):
+    path = str(tmp_path / "sched.json")
+    (tmp_path / "sched.json").write_text(json.dumps({"address": "tls://127.0.0.1:10"}))
+    os.mkdir(f"{path}.credentials", 0o700)
+    (tmp_path / "sched.json.credentials" / "key.pem").write_text("old")
+    check_scheduler_file(path)  # stale: no job holds it
+    schedfile.remove_stale(path)
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_end_removes_only_what_this_job_made(tmp_path):
     path = str(tmp_path / "sched.json")
     made = schedfile.publish(path, {"address": "tls://127.0.0.1:8"}, CREDENTIALS)
