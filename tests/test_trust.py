@@ -64,6 +64,24 @@ def test_another_users_scheduler_file_is_refused_with_its_owner(scratch):  # noq
     assert e.value.status == 2 and isinstance(e.value, (UsageError, PermissionError))
 
 
+def test_a_second_user_refuses_roots_file_too(scratch):  # noqa: F811
+    """The other way round: nobody, given root's scheduler file, refuses it (root's files
+    are no job of theirs either)."""
+    path = os.path.join(scratch, "sched.json")
+    with open(path, "w") as f:
+        json.dump(THEIRS, f)
+
+    def refused():
+        try:
+            schedfile.read(path)
+        except trust.Untrusted as e:
+            assert f"{path} belongs to user root, not to you" in str(e), e
+        else:
+            raise AssertionError("root's file was read")
+
+    as_user("nobody", refused)
+
+
 def test_another_users_credentials_are_refused(scratch):  # noqa: F811
     path = os.path.join(scratch, "sched.json")
     plant(path)
