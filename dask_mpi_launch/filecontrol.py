@@ -17,7 +17,8 @@ Layout under ``--bootstrap-dir``::
             reduce-<round>/<rank>            one rank's value for a bounded all-reduce
             left/<rank>                      the rank has finished (rank 0 then cleans up)
 
-Security (the directory is often on a shared scratch file system, ``/scratch`` is 1777):
+Security (the directory is often on a shared scratch file system, ``/scratch`` is 1777;
+the checks are ``trust.py``'s, shared with the scheduler file):
 
 * every directory is made 0700 and every file 0600 at its creation (``mkdir(mode=0o700)``,
   ``open(O_CREAT | O_EXCL, 0o600)``: a umask only removes bits), and checked with
@@ -58,6 +59,7 @@ import time
 
 from .status import FAILED
 from .errors import LaunchError, UsageError
+from .trust import Unsafe as UnsafeDirectory, open_private_dir, remove
 
 POLL = 0.02  # seconds between looks at the file system while waiting
 MAX_MESSAGE = 16 << 20  # bytes; a longer file is not a message of ours
@@ -68,10 +70,6 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _RUN = re.compile(r"run\.[0-9a-f]{32}")
 _HELLO = re.compile(r"hello-([0-9]+)-([0-9a-f]{32})")
-
-
-class UnsafeDirectory(Exception):
-    """A directory someone else could have made or written to (the reason is the text)."""
 
 
 # ---------------------------------------------------------------------------
@@ -135,51 +133,6 @@ def _unpack(value):
 # private directories and files, reached through descriptors
 
 
-def open_private_dir(name: str, dir_fd: int | None = None, *, create: bool = False) -> int:
-    """A descriptor of directory ``name`` (relative to ``dir_fd``), made 0700 if ``create``
-    and it does not exist. Raises :class:`UnsafeDirectory` if it is a symbolic link, not a
-    directory, not the user's own, or writable by the group or others; a directory of ours
-    that others can only read or enter is made 0700."""
-    if create:
-        try:
-            os.mkdir(name, 0o700, dir_fd=dir_fd)
-        except FileExistsError:
-            pass
-    try:
-        fd = os.open(name, _DIR, dir_fd=dir_fd)
-    except OSError as e:
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except OSError:
-            raise e from None
-        if stat.S_ISLNK(st.st_mode):
-            raise UnsafeDirectory("is a symbolic link") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeDirectory("is not a directory") from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid():
-            raise UnsafeDirectory(f"belongs to {_user(st.st_uid)}, not to you")
-        if st.st_mode & 0o022:
-            raise UnsafeDirectory(f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.fchmod(fd, 0o700)  # ours: only readable by others, or an odd umask
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _user(uid: int) -> str:
-    try:
-        import pwd
-
-        return f"user {pwd.getpwuid(uid).pw_name}"
-    except (ImportError, KeyError):
-        return f"uid {uid}"
-
-
 def _write_new(dir_fd: int, path: str, data: bytes) -> None:
     """Write ``path`` (relative to ``dir_fd``) atomically: a new private temporary file
     (0600 from its creation, never an existing file or a link), then renamed."""
@@ -227,22 +180,7 @@ def _mkdir(dir_fd: int, path: str) -> None:
 
 
 def _remove(dir_fd: int, name: str) -> None:
-    """Remove ``name`` in ``dir_fd``: a file, or a tree, never following a link (what
-    ``shutil.rmtree(dir_fd=)`` does from Python 3.11 on)."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if not stat.S_ISDIR(st.st_mode):
-            os.unlink(name, dir_fd=dir_fd)
-            return
-        fd = os.open(name, _DIR, dir_fd=dir_fd)
-        try:
-            for entry in os.listdir(fd):
-                _remove(fd, entry)
-        finally:
-            os.close(fd)
-        os.rmdir(name, dir_fd=dir_fd)
-    except OSError:
-        pass
+    remove(name, dir_fd)  # a file or a tree, never following a link (trust.py)
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,9 @@ command line or the environment. Scheduler, workers and the client script use th
 ``Client()`` in the script needs no arguments.
 
 Clients outside the job (a notebook on the login node, a join job) find them beside the
-scheduler file, in a directory only the owner can read, removed when the cluster ends::
+scheduler file, in a directory only the owner can read, removed when the cluster ends
+(``schedfile.py`` writes and reads them; files another user could have written are
+refused)::
 
     from dask_mpi_launch import connect
     client = connect("~/scheduler.json")
@@ -17,8 +19,6 @@ from __future__ import annotations
 
 import os
 import time
-
-_FILES = {"ca": "ca.pem", "cert": "cert.pem", "key": "key.pem"}
 
 
 def new_credentials(days: int = 30) -> dict:
@@ -87,71 +87,41 @@ def client_config(credentials: dict | None) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# beside the scheduler file, for clients outside the job
+# beside the scheduler file, for clients outside the job (written and read in schedfile.py)
 
 
 def directory_for(scheduler_file: str) -> str:
     return f"{scheduler_file}.credentials"
 
 
-def write_beside(scheduler_file: str, credentials: dict) -> str:
-    """Write the credentials in ``<scheduler_file>.credentials/`` (0700, files 0600)."""
-    import shutil
-
-    directory = directory_for(scheduler_file)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.mkdir(directory, 0o700)
-    os.chmod(directory, 0o700)  # whatever the umask
-    for field, name in _FILES.items():
-        fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(credentials[field])
-    return directory
-
-
-def read_beside(scheduler_file: str) -> dict | None:
-    directory = directory_for(scheduler_file)
-    try:
-        credentials = {}
-        for field, name in _FILES.items():
-            with open(os.path.join(directory, name)) as f:
-                credentials[field] = f.read()
-        return credentials
-    except OSError:
-        return None
-
-
-def remove_beside(scheduler_file: str) -> None:
-    import shutil
-
-    shutil.rmtree(directory_for(scheduler_file), ignore_errors=True)
-
-
 def connect(scheduler_file: str, timeout: float = 60, **kwargs):
     """A ``distributed.Client`` for the cluster of ``scheduler_file``, with its credentials.
 
     Waits up to ``timeout`` seconds for the file (the job may still be starting) and says
-    clearly when it never appears, unlike ``Client(scheduler_file=...)``.
+    clearly when it never appears, unlike ``Client(scheduler_file=...)``. A file or
+    credentials directory that is not the user's own (another user's, a symbolic link,
+    writable by others) raises ``PermissionError`` at once, saying whose it is: it could
+    name another user's cluster, which would then run the caller's code.
     """
-    import json
-
     from distributed import Client
+
+    from .schedfile import read, read_credentials
 
     path = os.path.expanduser(scheduler_file)
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            with open(path) as f:
-                address = json.load(f)["address"]
+        identity = read(path, option="scheduler file path")
+        if identity is not None:
+            address = identity["address"]
             break
-        except (OSError, ValueError, KeyError):
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"no scheduler file {path} after {timeout:g} s: is the cluster's job "
-                    "running, and is the path on a file system shared with this machine?"
-                ) from None
-            time.sleep(0.1)
-    credentials = read_beside(path) if address.startswith("tls://") else None
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no scheduler file {path} after {timeout:g} s: is the cluster's job "
+                "running, and is the path on a file system shared with this machine?"
+            )
+        time.sleep(0.1)
+    credentials = (read_credentials(path, option="scheduler file path")
+                   if address.startswith("tls://") else None)
     if address.startswith("tls://") and credentials is None:
         raise PermissionError(
             f"the cluster at {address} uses TLS and its credentials are not readable in "

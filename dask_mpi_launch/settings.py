@@ -392,6 +392,9 @@ def check_interface(interface: str | None) -> None:
 
 
 def check_scheduler_file(path: str | None) -> None:
+    """The scheduler file can be written: its directory exists and is writable, and what
+    is at the path (if anything) is a scheduler file of ours that no live job holds; not
+    another user's file, a link or a directory (``schedfile.py``)."""
     if not path:
         return
     directory = os.path.dirname(path) or "."
@@ -405,6 +408,9 @@ def check_scheduler_file(path: str | None) -> None:
             f"cannot write the scheduler file {path}: directory {directory} is not writable "
             "(choose another --scheduler-file)"
         )
+    from . import schedfile
+
+    schedfile.check_replaceable(path)  # nothing there, or a stale file of ours
 
 
 def check_script(settings: Settings) -> None:

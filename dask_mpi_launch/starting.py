@@ -25,8 +25,10 @@ def start_scheduler(sup) -> None:
     is imported: the rank never imports ``cryptography``) and reports them to this rank
     with its address, through its private pipe."""
     s = sup.settings
-    if s.scheduler_file and os.path.exists(s.scheduler_file):
-        os.unlink(s.scheduler_file)  # never leave an earlier job's file to be read
+    if s.scheduler_file:  # never leave an ended job's file to be read (a live one's: refused)
+        from .schedfile import remove_stale
+
+        remove_stale(s.scheduler_file)
     sup.children.start(SCHEDULER, "scheduler", {"run": "scheduler",
                                                 "new_credentials": bool(s.tls)})
 

@@ -584,24 +584,23 @@ class _Coordinator:
             self.sup.report(rank, host, role, text)
 
     def read_scheduler_file(self) -> None:
-        """Join mode: take the address from the scheduler file once it is there."""
-        import json
+        """Join mode: take the address from the scheduler file once it is there, if it is
+        the user's own (another user's file, or credentials, would make this job join their
+        cluster: refused with one line, ``schedfile.py``)."""
+        from . import schedfile
 
         sup = self.sup
-        try:
-            with open(sup.settings.scheduler_file) as f:
-                identity = json.load(f)
-            address = identity["address"]
-        except (OSError, ValueError, KeyError, TypeError):
+        path = sup.settings.scheduler_file
+        identity = schedfile.read(path)
+        if identity is None:
             return  # not there yet (the wait is bounded by wait-timeout)
+        address = identity["address"]
         if address.startswith("tls://"):
-            from .security import directory_for, read_beside
-
-            sup.credentials = read_beside(sup.settings.scheduler_file)
+            sup.credentials = schedfile.read_credentials(path)
             if sup.credentials is None:
                 sup.fail(sup.role_name, f"the cluster at {address} uses TLS, and its "
                          f"credentials are not readable in "
-                         f"{directory_for(sup.settings.scheduler_file)}")
+                         f"{schedfile.credentials_directory(path)}")
                 return
         # names must not clash with the cluster's own workers (named by their ranks)
         sup.announce(address, identity, None,
@@ -637,32 +636,24 @@ class _Coordinator:
                 print(f"  tuning     {scale.describe(sup.tuning)}", flush=True)
 
     def _write_scheduler_file(self) -> None:
-        import json
+        """Publish the scheduler file and its credentials (made on the scheduler's rank)
+        beside it; the file stays locked by this process until the end: a second job given
+        the same path is refused while this one lives (``schedfile.py``)."""
+        from . import schedfile
 
         sup = self.sup
-        path = sup.settings.scheduler_file
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(sup.cluster.get("identity") or {"address": sup.address}, f, indent=2)
-        credentials = sup.cluster.get("credentials")  # (made on the scheduler's rank)
-        if credentials:  # first: a reader seeing the file finds them
-            from .security import write_beside
-
-            write_beside(path, credentials)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        self.published = schedfile.publish(
+            sup.settings.scheduler_file, sup.cluster.get("identity") or {"address": sup.address},
+            sup.cluster.get("credentials"))
         self.file_written = True
 
     def remove_scheduler_file(self) -> None:
-        if not self.file_written:
-            return
-        from .security import remove_beside
+        """Remove what this job published, if it is still what it made."""
+        if getattr(self, "published", None) is not None:
+            from . import schedfile
 
-        path = self.sup.settings.scheduler_file
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        remove_beside(path)
+            schedfile.remove(self.published)
+            self.published = None
 
     def _missing_workers(self) -> str:
         sup = self.sup
