@@ -198,14 +198,15 @@ print(sum(f.result().sum() for f in fs))
     assert not wait_no_leftovers(str(path.parent)), out
 
 
+# Stuck in C code: the main thread never returns to Python, so Python's handler of the
+# SIGTERM that another thread received (the main thread blocks it) never runs.
 STUCK = """
-import signal
+import ctypes, signal
 from distributed import Client
 Client()
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # as C code
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 print("stuck", flush=True)
-while True:
-    pass
+ctypes.CDLL(None).sleep(300)
 """
 
 
