@@ -116,6 +116,29 @@ def test_module_that_is_a_package_without_main():
     S.check_script(S.Settings(module="venv"))  # a package with a __main__
 
 
+BAD_YAML = {"unclosed.yaml": ("distributed:\n  comm: [unclosed\n",
+                               "is not valid YAML (expected ',' or ']'"),
+            "list.yaml": ("- 1\n- 2\n", "is not a mapping of settings")}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_YAML))
+def test_malformed_dask_config_file_in_one_line(tmp_path, name):
+    """dask's own error is 10 lines (its text, then YAML's marks)."""
+    import dask.config
+    from dask_mpi_launch.errors import ConfigFileError
+
+    text, fragment = BAD_YAML[name]
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError) as info:
+        dask.config.collect(paths=[str(tmp_path)], env={})
+    error = ConfigFileError.from_dask(info.value)
+    assert error is not None and error.status == 2
+    assert "\n" not in error.message, error.message
+    assert error.message.startswith(f"the dask config file {tmp_path / name} {fragment}"), \
+        error.message
+    assert ConfigFileError.from_dask(ValueError("something else")) is None
+
+
 @pytest.mark.parametrize("value", ["0", "-5", "abc", "0s"])
 def test_bootstrap_peer_timeout_refused(value):
     from dask_mpi_launch.filecontrol import peer_timeout
@@ -262,6 +285,23 @@ def test_interface_without_ipv4_is_one_line_and_status_2(venv, script):
     out = run(["unshare", "-n", "sh", "-c", shell, "sh", *argv], timeout=HANG,
               env=venv.env({token: "1"}))
     assert_one_error_line(out, f"network interface '{ifname}'", "has no IPv4 address")
+    assert _no_leftovers(token) == []
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("how", ["cli", "initialize"])
+def test_malformed_dask_config_file_is_one_line_and_status_2(venv, script, tmp_path, how):
+    config = tmp_path / "dask-config"
+    config.mkdir()
+    (config / "broken.yaml").write_text(BAD_YAML["unclosed.yaml"][0])
+    token = f"DML_BAD_INPUT_{uuid.uuid4().hex}"
+    env = {"DASK_CONFIG": str(config), token: "1"}
+    if how == "cli":
+        out = venv.launch(3, script(CLIENT), timeout=HANG, env=env)
+    else:
+        out = venv.launch_python(3, script(INITIALIZE.format(keywords="")), timeout=HANG,
+                                 env=env)
+    assert_one_error_line(out, f"the dask config file {config / 'broken.yaml'} is not valid YAML")
     assert _no_leftovers(token) == []
 
 
