@@ -235,6 +235,7 @@ def _client_in_process(supervisor) -> bool:
     thread = threading.Thread(target=supervisor.monitor, args=(stop,), daemon=True,
                               name="dask-mpi-launch-monitor")
     thread.start()
+    _state.clear()  # a "closed" of an earlier cluster
     _state.update(thread=thread, stop=stop, timeout=4 * supervisor.settings.shutdown_timeout + 10)
     atexit.register(_close_at_exit)
     return True
@@ -247,7 +248,7 @@ def _cluster_did_not_start():
 
 
 def _close_at_exit() -> None:
-    if _state:
+    if "thread" in _state:
         send_close_signal()
 
 
@@ -256,13 +257,19 @@ def send_close_signal() -> None:
 
     The other ranks close their workers and scheduler and their ``initialize()`` returns
     ``False``. Outside such a job, shuts down the scheduler ``Client()`` connects to.
+    Calling it again returns at once: a second call used to connect to the closed
+    scheduler, wait 30 s (distributed.comm.timeouts.connect) and raise a 46-line OSError.
     """
-    if _state:
+    if _state.get("closed"):
+        return
+    if "thread" in _state:
         _state["stop"].set()
         _state["thread"].join(timeout=_state["timeout"])
         _state.clear()
+        _state["closed"] = True
         return
     from distributed import Client
 
     with Client() as client:
         client.shutdown()
+    _state["closed"] = True

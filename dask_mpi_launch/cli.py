@@ -101,6 +101,9 @@ def _parse(argv):
         launcher.ask_parse(argv)
         _meanwhile(argv)
         parsed = launcher.parsed()
+    except LaunchError as e:
+        launcher.close(abandon=True)
+        raise _usage_error_of(e) from None
     except BaseException:
         launcher.close(abandon=True)
         raise
@@ -114,6 +117,21 @@ def _parse(argv):
         launcher.close(abandon=True)  # --check starts no roles; a config said one per rank
         launcher = None
     return launcher, settings, check
+
+
+def _usage_error_of(e: LaunchError) -> LaunchError:
+    """The zygote reports a failure to import the parser as text ("cannot import click
+    and dask: ConfigFileError: ..."): a malformed dask config file is bad input (status 2,
+    its own line), not a broken installation."""
+    from .errors import ConfigFileError
+
+    marker = f"{ConfigFileError.__name__}: "
+    if marker in e.message:
+        return ConfigFileError(e.message.split(marker, 1)[1])
+    if "A dask config file at " in e.message:  # refresh()ed in the parsing process
+        text = e.message[e.message.index("A dask config file at "):]
+        return ConfigFileError.from_dask(ValueError(text)) or e
+    return e
 
 
 def _meanwhile(argv) -> None:

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import os
 
-import dask.config
+try:
+    import dask.config
+except ValueError as e:  # a malformed dask config file: dask says it in 10 lines
+    from .errors import ConfigFileError
+
+    error = ConfigFileError.from_dask(e)
+    if error is None:
+        raise
+    raise error from None
 import yaml
 
 _FILE = os.path.join(os.path.dirname(__file__), "dask-mpi-launch.yaml")

@@ -436,19 +436,35 @@ class FileControl:
             if self._run_fd is not None:
                 _mkdir(self._run_fd, "left")
                 _write_new(self._run_fd, f"left/{self.rank}", b"")
+                if 0 in self._dead and self._cleaner():  # rank 0 died: it cannot clean up
+                    self._wait_left(self.size - len(self._dead))
+                    self._remove_step_directory()
             self._close()
             return
         _mkdir(self._run_fd, "left")
+        self._wait_left(self.size - 1 - len(self._dead))
+        self._remove_step_directory()
+        self._close()
+
+    def _wait_left(self, ranks: int) -> None:
+        """Until ``ranks`` ranks have left (at most 10 s: a rank that died unnoticed)."""
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
             try:
-                if len(_list(self._run_fd, "left")) >= self.size - 1 - len(self._dead):
-                    break
+                if len(_list(self._run_fd, "left")) >= ranks:
+                    return
             except OSError:
-                break
+                return
             time.sleep(POLL)
-        self._remove_step_directory()
-        self._close()
+
+    def _cleaner(self) -> bool:
+        """Whether this rank is the one (the first to ask) that removes the step directory
+        in rank 0's place: a run whose rank 0 died left it behind, for good."""
+        try:
+            os.close(os.open("cleaner", _NEW_FILE, 0o600, dir_fd=self._run_fd))
+        except OSError:
+            return False
+        return True
 
     def _remove_step_directory(self) -> None:
         """Remove the step directory we hold, if its name still leads to it."""
@@ -484,6 +500,17 @@ def _list(dir_fd: int, name: str) -> list[str]:
         os.close(fd)
 
 
+def peer_timeout(env=os.environ) -> float:
+    """``DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT``, checked like every duration option:
+    0 or -5 were taken, and every healthy run then failed ("no sign of life for -5 s")."""
+    from .settings import parse_timeout
+
+    value = env.get("DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT")
+    if value is None:
+        return DEAD_AFTER
+    return parse_timeout(value, "DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT")
+
+
 def from_slurm(directory: str, env=os.environ) -> FileControl:
     """Rank and size from Slurm, the exchange directory scoped to this job step."""
     try:
@@ -502,11 +529,7 @@ def from_slurm(directory: str, env=os.environ) -> FileControl:
             "system every node of the job sees (the home or project directory)"
         )
     path = os.path.join(os.path.abspath(directory), f"dask-mpi-launch-{job}.{step}")
-    try:
-        dead_after = float(env.get("DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT", DEAD_AFTER))
-    except ValueError:
-        raise UsageError("DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT is not a number of "
-                         "seconds") from None
+    dead_after = peer_timeout(env)
     try:
         return FileControl(path, rank, size, dead_after=dead_after)
     except UnsafeDirectory as e:

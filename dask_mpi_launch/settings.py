@@ -159,6 +159,8 @@ def resolve(**options) -> Settings:
         scheduler_rank=_count(s.scheduler_rank, "--scheduler-rank"),
         client_rank=None if s.client_rank is None else _count(s.client_rank, "client_rank"),
         scheduler_port=_port(s.scheduler_port),
+        protocol=_protocol(s.protocol),
+        dashboard_address=_dashboard_address(s.dashboard_address),
         nthreads=_nthreads(s.nthreads),
         memory_limit=parse_memory_limit(s.memory_limit),
         worker_options=parse_worker_options(s.worker_options),
@@ -174,6 +176,7 @@ def resolve(**options) -> Settings:
         args=tuple(s.args),
     )
     s.layout_for(1 << 30)  # the ranks fit the layout (raises UsageError with the fix)
+    check_dask_config()
     if s.protocol == "mpi":
         if s.worker_processes != 1:
             raise UsageError("--protocol mpi runs one worker in each rank: drop "
@@ -307,7 +310,8 @@ def _log_level(value):
 
 def parse_memory_limit(value):
     """'auto', None, a byte count, a size string ('4GB', '4 GiB') or a fraction (0.5)."""
-    hint = "use a size such as 4GB or 4GiB, a fraction of the node's memory such as 0.5, or auto"
+    hint = ("use a size such as 4GB or 4GiB, a fraction of the node's memory such as 0.5, "
+            "auto, or 0 for no limit")
     if value is None or value == "auto":
         return "auto"
     if isinstance(value, bool):
@@ -323,9 +327,9 @@ def parse_memory_limit(value):
         except ValueError:
             from dask.utils import parse_bytes
 
-            try:
-                return int(parse_bytes(text))
-            except (ValueError, TypeError):
+            try:  # '-1GB' parses, as -10**9: checked below like any number
+                number = int(parse_bytes(text))
+            except (ValueError, TypeError, OverflowError):
                 raise UsageError(f"invalid --memory-limit {value!r}: {hint}") from None
     if number < 0 or number != number:
         raise UsageError(f"invalid --memory-limit {value!r}: {hint}")
@@ -334,6 +338,108 @@ def parse_memory_limit(value):
     if not float(number).is_integer():
         raise UsageError(f"invalid --memory-limit {value!r}: {hint}")
     return int(number)
+
+
+# distributed's own schemes (distributed.comm: tcp and tls always, ws and wss with tornado),
+# ours; any other comes from a package (entry points "distributed.comm.backends", e.g.
+# distributed-ucxx). "inproc" joins the threads of one process: our roles are processes.
+_PROTOCOLS = ("tls", "tcp", "ws", "wss", "mpi")
+
+
+def _protocol(value):
+    """A protocol the scheduler can listen with. Checked here, before any process starts:
+    an unknown one made the scheduler fail with "Scheduler failed to start" (status 1)."""
+    if value is None or value in _PROTOCOLS:
+        return value
+    name = str(value)
+    hint = f"choose one of {', '.join(_PROTOCOLS)}, or one a package adds (ucx: distributed-ucxx)"
+    if name == "inproc":
+        raise UsageError("invalid --protocol 'inproc': it connects the threads of one "
+                         f"process, and every role is a process of its own: {hint}")
+    if name == "ucx":
+        import importlib.util
+
+        if importlib.util.find_spec("distributed_ucxx") is None:
+            raise UsageError("--protocol ucx needs the distributed-ucxx package (pip install "
+                             "distributed-ucxx-cu12, or -cu13): install it, or use tls")
+        return name
+    from importlib.metadata import entry_points
+
+    if not entry_points(group="distributed.comm.backends", name=name):
+        raise UsageError(f"invalid --protocol {value!r}: {hint}")
+    return name
+
+
+def _dashboard_address(value):
+    """``[HOST]:PORT`` or ``PORT``, the port a number from 0 to 65535 (0: a free one). A
+    bad port made Dask quietly serve the dashboard elsewhere (``:99999``); a missing one a
+    one-line gaierror with status 1 (``foo``)."""
+    text = str(value).strip()
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host, port = "", text
+    if host.startswith("[") and host.endswith("]"):  # [::1]:8787
+        host = host[1:-1]
+    if not (port.isdigit() and 0 <= int(port) <= 65535) or "://" in text or " " in host:
+        raise UsageError(f"invalid --dashboard-address {value!r}: give [HOST]:PORT such as "
+                         ":8787 or 127.0.0.1:8787 (port 0: a free one)")
+    return text
+
+
+def check_dashboard_host(settings: Settings) -> None:
+    """On the scheduler's host: the dashboard's host name resolves (Dask failed with a bare
+    "gaierror: Name or service not known", status 1)."""
+    if not settings.dashboard:
+        return
+    host = str(settings.dashboard_address).rpartition(":")[0].strip("[]")
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as e:
+        raise UsageError(f"invalid --dashboard-address {settings.dashboard_address!r}: host "
+                         f"{host!r} is unknown on {socket.gethostname()} ({e.strerror or e}): "
+                         "give an address of this host, or only :PORT") from None
+
+
+# dask.config values of distributed that the processes we start read only once running: a
+# bad one made every worker fail with "Worker failed to start" (status 1). A table, so
+# more keys are one line each: (key, kind).
+_DASK_CONFIG_CHECKS = (
+    ("distributed.comm.timeouts.connect", "duration"),
+    ("distributed.comm.timeouts.tcp", "duration"),
+    ("distributed.scheduler.allowed-failures", "count"),
+    ("distributed.worker.memory.target", "fraction"),
+    ("distributed.worker.memory.spill", "fraction"),
+    ("distributed.worker.memory.pause", "fraction"),
+    ("distributed.worker.memory.terminate", "fraction"),
+)
+
+
+def check_dask_config(get=None) -> None:
+    """The values of :data:`_DASK_CONFIG_CHECKS` (``get``: dask.config.get, for tests)."""
+    if get is None:
+        import dask.config
+
+        get = dask.config.get
+    for key, kind in _DASK_CONFIG_CHECKS:
+        value = get(key, None)
+        if value is None:
+            continue
+        where = "DASK_" + key.upper().replace(".", "__").replace("-", "_")
+        option = f"dask config {key} (or {where})"
+        if kind == "duration":
+            parse_timeout(value, option)
+        elif kind == "count":
+            _count(value, option)
+        elif value is not False:  # fraction: False turns the threshold off
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = -1.0
+            if not 0 <= number <= 1 or isinstance(value, bool):
+                raise UsageError(f"invalid {option} {value!r}: give a fraction of the "
+                                 "memory limit between 0 and 1, or false")
 
 
 def parse_worker_options(value) -> dict:
@@ -380,15 +486,40 @@ def parse_timeout(value, option) -> float:
 # cluster starts; the first failure is reported once for the whole job).
 
 
-def check_interface(interface: str | None) -> None:
+def check_interface(interface: str | None, names=None, ipv4=None) -> None:
+    """The interface exists and has an IPv4 address, which is what Dask listens on
+    (``distributed.utils.get_ip_interface``: a worker on an interface without one failed
+    with "Worker failed to start"). ``names``, ``ipv4``: the host's, for tests."""
     if not interface:
         return
-    names = sorted({name for _, name in socket.if_nameindex()})  # as psutil.net_if_addrs()
+    if names is None:
+        names = {name for _, name in socket.if_nameindex()}  # as psutil.net_if_addrs()
+    names = sorted(names)
     if interface not in names:
         raise UsageError(
             f"no network interface named {interface!r} on host {socket.gethostname()}: "
             f"this host has {', '.join(names)} (choose one with --interface)"
         )
+    address = interface_ipv4(interface) if ipv4 is None else ipv4(interface)
+    if address is None:
+        raise UsageError(
+            f"network interface {interface!r} on host {socket.gethostname()} has no IPv4 "
+            "address, which Dask needs: choose another with --interface, or give it one"
+        )
+
+
+def interface_ipv4(name: str) -> str | None:
+    """The IPv4 address of interface ``name``, or None (SIOCGIFADDR: no psutil here)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915,  # SIOCGIFADDR
+                                 struct.pack("256s", name.encode()[:15]))
+        except OSError:  # EADDRNOTAVAIL: no IPv4 address; ENODEV: gone
+            return None
+    return socket.inet_ntoa(packed[20:24])
 
 
 def check_scheduler_file(path: str | None) -> None:
@@ -458,6 +589,17 @@ def _module_exists(name: str) -> bool:
         if spec is None:
             return False
         path = spec.submodule_search_locations or []
+    if spec is not None and spec.submodule_search_locations is not None:
+        # a package runs as its __main__ submodule (python -m email: "is a package and
+        # cannot be directly executed", a runpy traceback on the client's rank)
+        try:
+            main = importlib.machinery.PathFinder.find_spec("__main__", path)
+        except (ImportError, ValueError):
+            main = None
+        if main is None:
+            raise UsageError(f"-m {name}: {name!r} is a package without a __main__ module, "
+                             "so python -m cannot run it: give one of its modules "
+                             f"(-m {name}.MODULE)")
     return True
 
 

@@ -34,7 +34,8 @@ from .control import ControlPlane
 from .errors import LaunchError
 from .layout import CLIENT, SCHEDULER, WORKER
 from .record import replace
-from .settings import Settings, check_interface, check_scheduler_file, check_script
+from .settings import (Settings, check_dashboard_host, check_interface, check_scheduler_file,
+                       check_script)
 from .status import FAILED, NORMAL, SCRIPT, SIGNALLED, Outcome, say
 
 # seconds between looks at MPI while starting/stopping, and while running (child pipes
@@ -141,6 +142,7 @@ class Supervisor:
         except LaunchError as e:  # the same on every rank: rank 0 says it plainly
             if self.rank == 0:
                 say(f"error: {e.message}")
+            self.roles = ()  # no role runs, and no message goes to a rank outside the world
             self.error = e
             self.outcome.propose(e.status, FAILED)
             return
@@ -150,6 +152,7 @@ class Supervisor:
             check_interface(s.interface)
             if SCHEDULER in self.roles:
                 check_scheduler_file(s.scheduler_file)
+                check_dashboard_host(s)
             if CLIENT in self.roles and not s.in_process:
                 check_script(s)
             if WORKER in self.roles:
