@@ -238,7 +238,36 @@ def _client_in_process(supervisor) -> bool:
     _state.clear()  # a "closed" of an earlier cluster
     _state.update(thread=thread, stop=stop, timeout=4 * supervisor.settings.shutdown_timeout + 10)
     atexit.register(_close_at_exit)
+    _exit_through_the_launcher()
     return True
+
+
+def _exit_through_the_launcher() -> None:
+    """``os._exit(n)`` in the script, where the script is the client rank itself
+    (``exit=False``), skips the atexit handler that closes the cluster and MPI_Finalize:
+    MPICH's launcher then takes the rank for dead and kills the job (status 9, where Open
+    MPI reported n). So in this process ``os._exit`` first closes the cluster and
+    finalizes MPI, as a normal exit does, then exits with ``n``: the same status under
+    both MPIs. Processes forked from the script (multiprocessing) exit as before."""
+    real, owner = os._exit, os.getpid()
+
+    def _exit(status):
+        if os.getpid() != owner:
+            real(status)
+        os._exit = real
+        try:
+            from .children import exit_rank, flush
+
+            flush()
+            _close_at_exit()
+            MPI = sys.modules.get("mpi4py.MPI")
+            if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+                MPI.Finalize()
+            exit_rank(status)  # C exit(): MPI's own exit handlers run (children.exit_rank)
+        finally:
+            real(status)
+
+    os._exit = _exit
 
 
 def _cluster_did_not_start():

@@ -77,6 +77,7 @@ class Child:
         self.ended: Ended | None = None
         self.fresh = False  # ended, reaped by Family.ended(), not yet handled
         self.left: str | None = None  # why it said it leaves ("leaving"), if it did
+        self.cause: str | None = None  # how it ended, where its wait status cannot say
         self._buffer = b""
 
     @property
@@ -397,6 +398,10 @@ def run_body(body, channel: Channel, spec: dict | None = None) -> None:
                             files=spec.get("run") != "scheduler")
 
 
+#: set once a role's body is done and its process ends (a signal then only bounds it)
+ENDING = [False]
+
+
 def end_as_python_would(status: int, bound: float | None = None, files: bool = True) -> None:
     """End this forked process as the interpreter ends ``python script.py``, then exit
     with ``status`` (never returns).
@@ -410,6 +415,7 @@ def end_as_python_would(status: int, bound: float | None = None, files: bool = T
     open is closed), every file object still open is flushed, then C stdio; only then
     ``os._exit``, which skips what a fork must not run twice (the zygote's own exit).
     A signal during this still ends the process (SIGTERM's handler bounds it)."""
+    ENDING[0] = True
     if bound is not None:
         signal.alarm(max(1, int(bound + 0.999)))  # SIGALRM's default action ends us
     flush()

@@ -53,15 +53,53 @@ def local_rank(env=os.environ) -> tuple[int, int] | None:
     return None
 
 
+#: the launchers' processes on a node, whose children are the ranks (``comm``, 15 chars)
+LAUNCHERS = frozenset({
+    "hydra_pmi_proxy", "mpiexec.hydra", "mpiexec", "mpirun", "prted", "prterun", "orted",
+    "orterun", "slurmstepd", "palsd", "pmi_proxy", "pbs_mom", "sge_shepherd", "res",
+})
+
+
+def _stat(pid: int) -> tuple[str, int, str]:
+    """(command name, parent pid, start time) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        head, tail = f.read().rsplit(")", 1)
+    fields = tail.split()
+    return head.split("(", 1)[1], int(fields[1]), fields[19]
+
+
+def launcher_process() -> tuple[int, str]:
+    """The launcher's process on this node that started this rank, and its start time.
+
+    Usually the rank's parent. Sites that load modules per rank start it through a wrapper
+    (``mpiexec -n 8 ./wrap.sh dask-mpi-launch ...``, bash without ``exec``), and then
+    each rank's parent is its own shell: the ranks never met at the node's zygote and
+    each waited 10 s before forking its own (13.8 s vs 2.2 s to start, issue 21). So the
+    ancestors are walked up to the first known launcher process (:data:`LAUNCHERS`); where
+    none is found, the parent, as before."""
+    parent = os.getppid()
+    pid = parent
+    for _ in range(16):
+        try:
+            name, ppid, started = _stat(pid)
+        except (OSError, IndexError, ValueError):
+            break
+        if name in LAUNCHERS:
+            return pid, started
+        if ppid <= 1:
+            break
+        pid = ppid
+    try:
+        return parent, _stat(parent)[2]
+    except (OSError, IndexError, ValueError):
+        return parent, "0"
+
+
 def socket_name(env=os.environ) -> str:
     """The same for every rank of this job on this node, different for any other job: the
-    user, the launcher's process on the node (the ranks' parent) and its start time."""
-    parent = os.getppid()
-    try:
-        with open(f"/proc/{parent}/stat") as f:
-            started = f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        started = "0"
+    user, the launcher's process on the node (:func:`launcher_process`) and its start
+    time."""
+    parent, started = launcher_process()
     job = env.get("PMIX_NAMESPACE") or env.get("SLURM_JOB_ID", "")
     return f"dask-mpi-launch-{os.getuid()}-{parent}-{started}-{job}"
 
@@ -86,8 +124,10 @@ class RemoteChild(Child):
         if raw is not None:
             self.ended = Ended.from_wait(raw)
             return True
-        if self.launcher.lost:  # the node's zygote died (its rank was killed)
+        if self.launcher.lost:  # the node's zygote died: the role went with it
             self.ended = Ended(signal=signal.SIGKILL)
+            self.cause = ("was ended with the node's zygote, which started it and died "
+                          "(was it killed, or out of memory?)")
             return True
         return False
 

@@ -403,10 +403,14 @@ def _quiet_heartbeat_at_close(worker) -> None:
 
     def keep(record: logging.LogRecord) -> bool:
         closing = getattr(worker.status, "name", "") in ("closing", "closed", "failed")
-        return not (closing and str(record.msg).startswith(
-            "Failed to communicate with scheduler during heartbeat"))
+        text = str(record.msg)
+        return not (closing and (
+            text.startswith("Failed to communicate with scheduler during heartbeat")
+            # a task its close cancelled (the scheduler gone): no news
+            or (text.startswith("Async instruction for") and "CancelledError" in text)))
 
     logging.getLogger("distributed.worker").addFilter(keep)
+    logging.getLogger("distributed.worker.state_machine").addFilter(keep)
 
 
 # ---------------------------------------------------------------------------
@@ -443,9 +447,13 @@ def terminate_on_signal(grace: float) -> None:
             except OSError:
                 pass
         stop_within(grace)
+        if ending[0]:  # the script is done: its threads and atexit handlers run, bounded
+            return      # (an exception there is a traceback, "Exception ignored in atexit")
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
+
+    from .children import ENDING as ending
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
@@ -474,7 +482,12 @@ def run_script(settings: Settings, channel: Channel, address: str, credentials=N
     except SystemExit as e:
         status = exit_status(e)
     except BaseException as e:
-        _print_user_traceback(e)
+        if _cluster_lost(e):  # the rank says why in its one line: where the script was
+            _say_where(e)
+            # and the client's close at exit fails to reconnect, with a traceback
+            logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+        else:
+            _print_user_traceback(e)
         status = 130 if isinstance(e, KeyboardInterrupt) else 1
     return status  # threads, atexit and files: as python ends (children.end_as_python_would)
 
@@ -494,6 +507,27 @@ def _import_parent(module: str, channel: Channel) -> bool:
                       f"raised {type(e).__name__}: {e}")
         return False
     return True
+
+
+def _cluster_lost(e: BaseException) -> bool:
+    """The script failed because the cluster went away (its scheduler was killed, rank 0
+    died): distributed's ~35-line traceback says nothing the rank's line does not."""
+    text = f"{type(e).__name__}: {e}"
+    return any(mark in text for mark in (
+        "scheduler-connection-lost", "CommClosedError", "Client lost the connection"))
+
+
+def _say_where(e: BaseException) -> None:
+    import traceback
+
+    from .status import say
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(os.path.dirname(os.path.abspath(__file__)))
+              and "site-packages" not in f.filename and "runpy" not in f.filename]
+    where = f" at {os.path.basename(frames[-1].filename)} line {frames[-1].lineno}" if (
+        frames) else ""
+    say(f"the script stopped{where}: it lost the cluster ({type(e).__name__})")
 
 
 def _print_user_traceback(e: BaseException) -> None:

@@ -349,15 +349,18 @@ class Supervisor:
             # dead: killed (OOM killer, SIGKILL), or ended by a task (os._exit, sys.exit)
             # with whatever status, since it did not say it leaves (roles.run_worker)
             n = self.children.restart(child)  # same name: its tasks are rescheduled
-            say(f"{child.label} (rank {self.rank}, host {self.host}) {self._death(ended)}: "
+            say(f"{child.label} (rank {self.rank}, host {self.host}) {self._death(child)}: "
                 f"restarting it ({n} of {self.settings.worker_restarts})")
         else:
-            self.fail(child.role, f"the {child.label} process {self._death(ended)}"
+            self.fail(child.role, f"the {child.label} process {self._death(child)}"
                       + (f" (after {self.settings.worker_restarts} restarts)"
                          if child.role == WORKER and self.settings.worker_restarts else ""))
 
     @staticmethod
-    def _death(ended) -> str:
+    def _death(child: Child) -> str:
+        ended = child.ended
+        if child.cause:
+            return child.cause
         if ended.ok:  # a worker ends with 0 only after saying it leaves
             return ("ended with status 0 without being asked to (a task called sys.exit "
                     "or os._exit?)")

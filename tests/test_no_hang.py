@@ -243,3 +243,66 @@ def test_a_stuck_script_ends_when_its_rank_is_killed(venv, script, share):
         kill_group(job)
     assert out.status != 0, out
     assert not wait_no_leftovers(str(path.parent), 15), out
+
+
+def test_os_exit_in_an_exit_false_client_is_the_jobs_status(venv, script):
+    """Case 20: initialize(exit=False) and os._exit(6) in the client gave 9 under MPICH
+    (the rank died without MPI_Finalize) and 6 under Open MPI."""
+    path = script("""
+import os
+from dask_mpi_launch import initialize
+if initialize(exit=False):
+    from distributed import Client
+    print("result", Client().submit(lambda: 5).result(), flush=True)
+    os._exit(6)
+""")
+    out = venv.launch_python(3, path, timeout=HANG)
+    assert out.status == 6, out
+    assert "result 5" in out.out, out
+    assert not wait_no_leftovers(str(path.parent)), out
+
+
+def test_ranks_started_through_a_wrapper_share_the_nodes_zygote(venv, script, tmp_path):
+    """Start-up: a per-rank wrapper (bash without exec) made every rank's parent its own
+    shell, so the ranks never found the node's zygote and waited 10 s each."""
+    wrapper = tmp_path / "wrap.sh"
+    wrapper.write_text('#!/bin/bash\n"$@"\n')
+    wrapper.chmod(0o755)
+    path = script("""
+import os
+from distributed import Client
+client = Client()
+parents = set(client.run(os.getppid).values()) | {os.getppid()}
+with open(f"/proc/{parents.pop()}/comm") as f:
+    print("parents", len(parents) + 1, f.read().strip(), flush=True)
+""")
+    job = [venv.mpiexec, "-n", "4", str(wrapper), str(venv.bin / "dask-mpi-launch"),
+           "--quiet", str(path)]
+    from launch import run
+
+    out = run(job, timeout=HANG, env=venv.env())
+    assert out.status == 0, out
+    assert "parents 1 dml-zygote" in out.out, out
+
+
+def test_a_killed_scheduler_is_one_line_and_where_the_script_was(venv, script):
+    """Case 18: distributed's 35-line client traceback (and an atexit one) came with our
+    line."""
+    path = script("""
+import os, signal, time
+from distributed import Client
+client = Client()
+pid = client.run_on_scheduler(os.getpid)
+f = client.submit(time.sleep, 60)
+time.sleep(0.5)
+os.kill(pid, signal.SIGKILL)
+f.result()
+""")
+    out = venv.launch(3, "--quiet", path, timeout=HANG)
+    assert out.status == 1, out
+    ours = lines_of(out.err)
+    assert len(ours) == 2, out
+    assert any("scheduler process was killed by signal 9" in line for line in ours), out
+    assert any("stopped at script" in line and "lost the cluster" in line for line in ours), out
+    assert "Traceback" not in out.err, out
+    assert not wait_no_leftovers(str(path.parent)), out
