@@ -306,3 +306,25 @@ f.result()
     assert any("stopped at script" in line and "lost the cluster" in line for line in ours), out
     assert "Traceback" not in out.err, out
     assert not wait_no_leftovers(str(path.parent)), out
+
+
+@pytest.mark.parametrize("share", ["--share-imports", "--no-share-imports"])
+def test_a_killed_mpiexec_leaves_nothing_running(venv, script, share):
+    """A launcher killed by ``timeout`` or the batch system (SIGKILL, no forwarding): every
+    rank, zygote, role and worker of the job ends, on every node."""
+    path = script("""
+import time
+from distributed import Client
+Client()
+print("ready", flush=True)
+time.sleep(300)
+""")
+    job = venv.start([venv.mpiexec, "-n", "4", str(venv.bin / "dask-mpi-launch"), "--quiet",
+                      share, path], env={"DASK_MPI_LAUNCH__SHUTDOWN_TIMEOUT": "3"})
+    try:
+        assert wait_for_line(job, "ready", 60), "the script never started"
+        job.kill()  # the launcher alone: its group is left to fend for itself
+        job.wait(30)
+        assert not wait_no_leftovers(str(path.parent), 30)
+    finally:
+        kill_group(job)
