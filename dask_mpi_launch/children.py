@@ -388,6 +388,9 @@ def run_body(body, channel: Channel, spec: dict | None = None) -> None:
         spec.get("settings"), "shutdown_timeout", None)
     status = 1
     try:
+        import atexit
+
+        atexit._clear()  # the forking process's handlers are its own (the rank's: MPI's)
         status = body(channel)
     except SystemExit as e:
         status = exit_status(e)
