@@ -36,6 +36,7 @@ rank::
     handle.join(timeout=30)           # True when the thread has ended
     handle.status                     # "starting", "running", "closed" or "failed"
     handle.error                      # the exception when "failed", else None
+    handle.closing                    # True when it failed while closing
     mpicomm.shutdown()                # stop the progress thread; before MPI_Finalize
 
 The worker thread ends when the worker closes (scheduler shutdown, ``handle.stop()``, or a
@@ -1146,6 +1147,7 @@ class WorkerThread:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
         self._stop_asked = False
+        self.closing = False  # it failed while closing (asked to, or by the scheduler)
         self._args = (scheduler_address, kwargs)
         self.thread = threading.Thread(target=self._run, name="dask-mpi-worker", daemon=True)
 
@@ -1156,7 +1158,8 @@ class WorkerThread:
                 self.status = "closed"
         except BaseException as e:  # noqa: BLE001 - reported through the handle
             self.error, self.status = e, "failed"
-            logger.error("worker in the rank failed: %s", e)
+            self.closing = self.closing or self._stop_asked
+            logger.debug("worker in the rank failed: %r", e)  # the caller says it
         finally:
             self._started.set()
 
@@ -1167,6 +1170,7 @@ class WorkerThread:
         self.loop = asyncio.get_running_loop()
         worker = Worker(scheduler_address, **kwargs)
         self.worker = worker
+        self._note_close_requests(worker)
         await worker
         self.address = worker.address
         self.status = "running"
@@ -1174,6 +1178,19 @@ class WorkerThread:
         if self._stop_asked:
             await worker.close()
         await worker.finished()
+
+    def _note_close_requests(self, worker) -> None:
+        """Set :attr:`closing` when the scheduler (or a client) tells the worker to close,
+        so that a failure during that close is not taken for the worker's death."""
+        def noting(close):
+            async def handler(*args, **kwargs):  # a coroutine function, as Worker.close:
+                self.closing = True  # distributed awaits handlers that are
+                return await close(*args, **kwargs)
+            return handler
+
+        for table, op in ((worker.stream_handlers, "close"), (worker.handlers, "terminate")):
+            if op in table:
+                table[op] = noting(table[op])
 
     def wait_started(self, timeout: float | None = None) -> str:
         """The worker's address once it runs; raises its error, or TimeoutError."""
