@@ -13,7 +13,10 @@ it gives up: a worker thread cannot be killed or restarted (the rank is the work
 
 A worker that ends when nobody asked it to is a dead worker, and here it cannot come back:
 the job fails (status 1, as for any failed worker) with one line saying which worker and
-how. Two ways a task ends it:
+how, instead of a job that waits for ever once every worker closed itself. Asked to means
+told by the supervisor, the scheduler or a client (``WorkerThread.asked_to_close``); a
+worker that closes because its scheduler is gone is not counted (:data:`SCHEDULER_GONE`:
+the scheduler's rank says what happened, or the job is ending). Two ways a task ends it:
 
 * ``sys.exit(N)`` (``SystemExit``) in a task: ``distributed`` lets it through the worker's
   event loop, so the thread ends "failed";
@@ -40,6 +43,10 @@ from .children import Child
 from .status import Ended
 
 START_TIMEOUT = 120.0
+# a worker's own reasons to close when its scheduler is gone or closing: no death of its
+# own (the scheduler's rank says what happened, or the job is ending anyway)
+SCHEDULER_GONE = {"worker-handle-scheduler-connection-broken", "worker-heartbeat-missing",
+                  "worker-heartbeat-error"}
 NO_RESTART = ("with --protocol mpi the worker is its rank's own process, so it cannot be "
               "restarted (let the task raise an exception instead)")
 
@@ -154,8 +161,11 @@ def _watch(child: ThreadChild) -> None:
         _quiet_heartbeat_at_close(handle.worker)  # as a worker process does
         child.tell("ready", name=str(child.spec["name"]), address=address)
     handle.join(None)
-    if handle.status == "failed" and handle.address is not None and not handle.closing:
-        child.died(_how(handle.error))
+    if handle.address is not None and not handle.asked_to_close:
+        if handle.status == "failed":
+            child.died(_how(handle.error))
+        elif handle.close_reason not in SCHEDULER_GONE:  # closed itself: client.run, ...
+            child.died(f"the worker closed itself ({handle.close_reason})")
     child.done = child.done or Ended(exited=0 if handle.status == "closed" else 1)
     child.close_write()
 

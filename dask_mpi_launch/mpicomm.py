@@ -36,7 +36,7 @@ rank::
     handle.join(timeout=30)           # True when the thread has ended
     handle.status                     # "starting", "running", "closed" or "failed"
     handle.error                      # the exception when "failed", else None
-    handle.closing                    # True when it failed while closing
+    handle.asked_to_close             # True when stop(), the scheduler or a client closed it
     mpicomm.shutdown()                # stop the progress thread; before MPI_Finalize
 
 The worker thread ends when the worker closes (scheduler shutdown, ``handle.stop()``, or a
@@ -1147,7 +1147,8 @@ class WorkerThread:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
         self._stop_asked = False
-        self.closing = False  # it failed while closing (asked to, or by the scheduler)
+        self.closing = False  # told to close by the scheduler or a client
+        self.close_reason: str | None = None  # the first reason its close was called with
         self._args = (scheduler_address, kwargs)
         self.thread = threading.Thread(target=self._run, name="dask-mpi-worker", daemon=True)
 
@@ -1158,7 +1159,6 @@ class WorkerThread:
                 self.status = "closed"
         except BaseException as e:  # noqa: BLE001 - reported through the handle
             self.error, self.status = e, "failed"
-            self.closing = self.closing or self._stop_asked
             logger.debug("worker in the rank failed: %r", e)  # the caller says it
         finally:
             self._started.set()
@@ -1179,9 +1179,16 @@ class WorkerThread:
             await worker.close()
         await worker.finished()
 
+    @property
+    def asked_to_close(self) -> bool:
+        """True when :meth:`stop`, the scheduler or a client told the worker to close: its
+        end (or a failure during that close) is then no death."""
+        return self._stop_asked or self.closing
+
     def _note_close_requests(self, worker) -> None:
         """Set :attr:`closing` when the scheduler (or a client) tells the worker to close,
-        so that a failure during that close is not taken for the worker's death."""
+        and :attr:`close_reason` when anything closes it (the worker's own calls go
+        through the instance's ``close``)."""
         def noting(close):
             async def handler(*args, **kwargs):  # a coroutine function, as Worker.close:
                 self.closing = True  # distributed awaits handlers that are
@@ -1191,6 +1198,14 @@ class WorkerThread:
         for table, op in ((worker.stream_handlers, "close"), (worker.handlers, "terminate")):
             if op in table:
                 table[op] = noting(table[op])
+        close = worker.close
+
+        async def recording(*args, **kwargs):
+            if self.close_reason is None:
+                self.close_reason = str(kwargs.get("reason", "worker-close"))
+            return await close(*args, **kwargs)
+
+        worker.close = recording
 
     def wait_started(self, timeout: float | None = None) -> str:
         """The worker's address once it runs; raises its error, or TimeoutError."""

@@ -27,6 +27,10 @@ CASES = {
     "run-os-exit-2": ("client.run(os._exit, 2)\n", "os._exit(2)"),
     "sys-exit-0": ("client.submit(sys.exit, 0).result()\n", "sys.exit(0)"),
     "sys-exit-5": ("client.submit(lambda: sys.exit(5)).result()\n", "sys.exit(5)"),
+    # every worker closes itself (nobody asked it to): never a job that waits for ever
+    "closes-itself": ("client.run(lambda dask_worker: dask_worker.loop.add_callback("
+                      "dask_worker.close))\nclient.submit(lambda: 1).result()\n",
+                      "closed itself (worker-close)"),
     # the worker's event loop stopped under it: its thread fails
     "thread-fails": ("client.run(lambda dask_worker: dask_worker.loop.stop())\n"
                      "import time; time.sleep(120)\n", "failed"),
