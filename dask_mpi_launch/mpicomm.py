@@ -36,6 +36,7 @@ rank::
     handle.join(timeout=30)           # True when the thread has ended
     handle.status                     # "starting", "running", "closed" or "failed"
     handle.error                      # the exception when "failed", else None
+    handle.asked_to_close             # True when stop(), the scheduler or a client closed it
     mpicomm.shutdown()                # stop the progress thread; before MPI_Finalize
 
 The worker thread ends when the worker closes (scheduler shutdown, ``handle.stop()``, or a
@@ -1146,6 +1147,8 @@ class WorkerThread:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
         self._stop_asked = False
+        self.closing = False  # told to close by the scheduler or a client
+        self.close_reason: str | None = None  # the first reason its close was called with
         self._args = (scheduler_address, kwargs)
         self.thread = threading.Thread(target=self._run, name="dask-mpi-worker", daemon=True)
 
@@ -1156,7 +1159,7 @@ class WorkerThread:
                 self.status = "closed"
         except BaseException as e:  # noqa: BLE001 - reported through the handle
             self.error, self.status = e, "failed"
-            logger.error("worker in the rank failed: %s", e)
+            logger.debug("worker in the rank failed: %r", e)  # the caller says it
         finally:
             self._started.set()
 
@@ -1167,6 +1170,7 @@ class WorkerThread:
         self.loop = asyncio.get_running_loop()
         worker = Worker(scheduler_address, **kwargs)
         self.worker = worker
+        self._note_close_requests(worker)
         await worker
         self.address = worker.address
         self.status = "running"
@@ -1174,6 +1178,34 @@ class WorkerThread:
         if self._stop_asked:
             await worker.close()
         await worker.finished()
+
+    @property
+    def asked_to_close(self) -> bool:
+        """True when :meth:`stop`, the scheduler or a client told the worker to close: its
+        end (or a failure during that close) is then no death."""
+        return self._stop_asked or self.closing
+
+    def _note_close_requests(self, worker) -> None:
+        """Set :attr:`closing` when the scheduler (or a client) tells the worker to close,
+        and :attr:`close_reason` when anything closes it (the worker's own calls go
+        through the instance's ``close``)."""
+        def noting(close):
+            async def handler(*args, **kwargs):  # a coroutine function, as Worker.close:
+                self.closing = True  # distributed awaits handlers that are
+                return await close(*args, **kwargs)
+            return handler
+
+        for table, op in ((worker.stream_handlers, "close"), (worker.handlers, "terminate")):
+            if op in table:
+                table[op] = noting(table[op])
+        close = worker.close
+
+        async def recording(*args, **kwargs):
+            if self.close_reason is None:
+                self.close_reason = str(kwargs.get("reason", "worker-close"))
+            return await close(*args, **kwargs)
+
+        worker.close = recording
 
     def wait_started(self, timeout: float | None = None) -> str:
         """The worker's address once it runs; raises its error, or TimeoutError."""

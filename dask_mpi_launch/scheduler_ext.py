@@ -38,6 +38,7 @@ import textwrap
 
 import distributed
 import distributed.scheduler as _upstream
+from distributed.core import AsyncTaskGroupClosedError
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 logger = logging.getLogger(__name__)
@@ -288,6 +289,8 @@ class Scheduler(_upstream.Scheduler):
 
     def _send_notices(self) -> None:
         pending, self._notices = self._notices, {}
+        if self.status in (_upstream.Status.closing, _upstream.Status.closed):
+            return  # every worker is told to close: no news for them
         # not about a worker that is back already (same address, registered again)
         msgs = [m for address, m in pending.items() if address not in self.workers]
         if not msgs:
@@ -299,9 +302,10 @@ class Scheduler(_upstream.Scheduler):
             try:
                 bs.send(*msgs)
             except (_upstream.CommClosedError, AttributeError):  # what upstream does
-                self._ongoing_background_tasks.call_soon(
-                    self.remove_worker, address=w,
-                    stimulus_id=f"worker-send-comm-fail-{_upstream.time()}")
+                with contextlib.suppress(AsyncTaskGroupClosedError):  # closing meanwhile
+                    self._ongoing_background_tasks.call_soon(
+                        self.remove_worker, address=w,
+                        stimulus_id=f"worker-send-comm-fail-{_upstream.time()}")
 
     def _distinct_worker_versions(self) -> dict:
         index = self._version_index

@@ -313,3 +313,34 @@ def test_the_scheduler_role_has_the_heap_freezer():
             return [p for p in s.plugins.values() if isinstance(p, scheduler_ext.HeapFreezer)]
 
     assert len(asyncio.run(main())) == 1
+
+
+async def _notice_due_after_close() -> list:
+    """A departure's notice still pending when the scheduler has closed (issue 21: at the
+    end of a --protocol mpi job, ``_send_notices`` raised AsyncTaskGroupClosedError from
+    the event loop, a traceback of ours). Returns what the loop reported."""
+    s = await scheduler_ext.Scheduler(host="127.0.0.1", port=0, dashboard=False)
+    s.notice_delay = 3600.0  # the timer never fires by itself: sent by hand below
+    s.leave_timeout = 1.0
+    reported = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+    workers = [await distributed.Worker(s.address, nthreads=1, memory_limit=0,
+                                        dashboard=False, host="127.0.0.1", name=f"w{i}")
+               for i in range(3)]
+    try:
+        await workers[0].close()  # its departure's notice is now pending
+        deadline = asyncio.get_running_loop().time() + 30
+        while not s._notices and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        assert s._notices, "no departure notice pending"
+        await s.close()
+        s._send_notices()  # what the timer would run now
+        await asyncio.sleep(0.1)
+    finally:
+        await asyncio.gather(*(w.close() for w in workers[1:]))
+    return reported
+
+
+@pytest.mark.timeout(120)
+def test_a_notice_due_after_the_scheduler_closed_is_dropped_quietly():
+    assert asyncio.run(_notice_due_after_close()) == []
