@@ -145,6 +145,8 @@ def _exit_on_error(e) -> None:
     MPI = sys.modules.get("mpi4py.MPI")
     if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.Finalize()
+    else:
+        mpi.linger(e.status)
     sys.exit(e.status)
 
 

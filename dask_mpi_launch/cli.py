@@ -161,8 +161,10 @@ def main(argv=None) -> None:
     from . import mpi
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    early = True  # an error now is said by rank 0 alone, before the ranks can talk
     try:
         launcher, settings, extra = _parse(argv)  # extra: --check, or the exit status
+        early = settings is None
         status = extra if settings is None else run(settings, check=extra, launcher=launcher)
     except (KeyboardInterrupt, EOFError):  # as click's Abort did
         print(file=sys.stderr)
@@ -170,8 +172,11 @@ def main(argv=None) -> None:
     except LaunchError as e:
         mpi.say_once(e.message)
         status = e.status
+        early = True
         _finalize_if_alone()
     status = status if isinstance(status, int) else 0
+    if early:
+        mpi.linger(status)
     MPI = sys.modules.get("mpi4py.MPI")
     if MPI is not None and MPI.Is_finalized():
         from .children import exit_rank

@@ -29,6 +29,22 @@ def say_once(message: str) -> None:
         say_error(message)
 
 
+def linger(status: int) -> None:
+    """Before a rank other than 0 exits with an error that rank 0 says (:func:`say_once`):
+    wait a moment. Open MPI's ``mpirun`` kills every rank as soon as one exits non-zero,
+    and a silent rank that got there first took rank 0's line with it (seen under load:
+    status 2, no line). Rank 0's own exit ends the job at once under Open MPI."""
+    rank = rank_from_environment()
+    if status and rank not in (0, None):
+        import time
+
+        time.sleep(LINGER)
+
+
+#: seconds a rank that does not say the job's error waits before it exits (:func:`linger`)
+LINGER = 1.5
+
+
 def size_from_environment(env=os.environ) -> int | None:
     for key in _SIZE_VARIABLES:
         try:

@@ -260,6 +260,10 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
     if os.getppid() != leader:
         return
     become_subreaper()
+    try:  # a group of its own: a launcher that kills the rank's process group (Hydra, when
+        os.setpgid(0, 0)  # a rank dies) must not take the zygote before it ends the roles
+    except OSError:
+        pass
     set_title("dml-zygote")
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)

@@ -238,6 +238,10 @@ def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None
     # zygote ends the roles it started (_guard) before it goes.
     if os.getppid() != rank:
         os._exit(0)
+    try:  # a group of its own: a launcher that kills the rank's process group (Hydra, when
+        os.setpgid(0, 0)  # a rank dies) must not take the zygote before it ends the roles
+    except OSError:
+        pass
     set_title("dml-zygote")
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
