@@ -301,20 +301,16 @@ def _guard(started: dict) -> None:
     import time
 
     groups = [pid for pid in started if _leads_group(pid)]
-    for pid in groups:
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except OSError:
-            pass
     deadline = time.monotonic() + max(started.values(), default=0)
-    while groups and time.monotonic() < deadline:
-        time.sleep(0.05)
-        groups = [pid for pid in groups if _leads_group(pid)]
-    for pid in groups:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid in groups:
+            try:
+                os.killpg(pid, signum)
+            except OSError:
+                pass
+        while groups and time.monotonic() < deadline:
+            time.sleep(0.05)
+            groups = [pid for pid in groups if _leads_group(pid)]
 
 
 def _leads_group(pid: int) -> bool:

@@ -155,8 +155,9 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> str | No
             return line
 
 
-def leftover_processes(marker: str) -> list[str]:
-    """Command lines of live processes containing ``marker`` (zombies excluded)."""
+def leftover_processes(marker: str, environment: bool = False) -> list[str]:
+    """Command lines of live processes containing ``marker`` (zombies excluded); with
+    ``environment``, those whose environment holds it (a token the test set)."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -167,17 +168,22 @@ def leftover_processes(marker: str) -> list[str]:
                     continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            if environment:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    where = f.read().decode(errors="replace")
+            else:
+                where = cmd
         except OSError:
             continue
-        if marker in cmd:
+        if marker in where:
             found.append(f"{pid}: {cmd}")
     return found
 
 
-def wait_no_leftovers(marker: str, timeout: float = 10) -> list[str]:
+def wait_no_leftovers(marker: str, timeout: float = 10, environment: bool = False) -> list[str]:
     deadline = time.monotonic() + timeout
     while True:
-        left = leftover_processes(marker)
+        left = leftover_processes(marker, environment)
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)

@@ -14,6 +14,8 @@ import uuid
 
 import pytest
 
+from launch import wait_no_leftovers
+
 from dask_mpi_launch import settings as S
 from dask_mpi_launch.errors import UsageError
 
@@ -159,35 +161,9 @@ def test_bootstrap_peer_timeout_taken():
 # real launches: one line, status 2, nothing left running
 
 
-def _leftovers(token: str) -> list[str]:
-    """Live processes whose environment holds ``token`` (role processes retitle
-    themselves, so their command line cannot be matched)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if token.encode() not in f.read():
-                    continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{pid}: {cmd}")
-        except OSError:
-            continue
-    return found
-
-
 def _no_leftovers(token: str, timeout: float = 15) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = _leftovers(token)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
+    """Live processes whose environment holds ``token``."""
+    return wait_no_leftovers(token, timeout, environment=True)
 
 
 def _without_launcher_notice(err: str) -> list[str]:
