@@ -328,3 +328,42 @@ time.sleep(300)
         assert not wait_no_leftovers(str(path.parent), 30)
     finally:
         kill_group(job)
+
+
+def _process_named(job: subprocess.Popen, name: str) -> int | None:
+    import psutil
+
+    for proc in psutil.Process(job.pid).children(recursive=True):
+        try:
+            if proc.name() == name:
+                return proc.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_a_killed_node_zygote_is_named_as_such(venv, script):
+    """Case 18: the roles lost with a killed node zygote were reported as "the scheduler
+    process was killed by signal 9"."""
+    path = script("""
+import time
+from distributed import Client
+Client()
+print("ready", flush=True)
+time.sleep(300)
+""")
+    job = venv.start([venv.mpiexec, "-n", "3", str(venv.bin / "dask-mpi-launch"), "--quiet",
+                      path], env={"DASK_MPI_LAUNCH__SHUTDOWN_TIMEOUT": "3"})
+    try:
+        assert wait_for_line(job, "ready", 60), "the script never started"
+        zygote = _process_named(job, "dml-zygote")
+        assert zygote is not None, "no node zygote found"
+        os.kill(zygote, signal.SIGKILL)
+        out = finish(job, 60)
+    finally:
+        kill_group(job)
+    assert out.status == 1, out
+    ours = [line for line in lines_of(out.err) if "error" in line]
+    assert len(ours) == 1 and "node's zygote" in ours[0], out
+    assert "Traceback" not in out.err, out
+    assert not wait_no_leftovers(str(path.parent), 15), out
