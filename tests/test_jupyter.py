@@ -344,37 +344,54 @@ TASK_RECTANGLES = """(() => {
   return n; })()"""
 
 
+# JupyterLab's splash screen is removed only once Lab has restored its layout
+# (apputils-extension:splash awaits ``app.restored``): before that, a click on a side tab is
+# undone by the restore, which makes the file browser current again.
+LAB_RESTORED = ("(() => { const s = document.getElementById('jupyterlab-splash'); "
+                "return !s || s.classList.contains('splash-fade'); })()")
+
+
 def test_lab_shows_a_dask_pane_through_the_proxy(lab):
     """The user's path, nothing typed: open the banner's Lab URL, click the Dask tab,
     click Task Stream. The pane loads the banner's dashboard through Lab's proxy, and the
-    tasks a notebook kernel runs appear in it."""
+    tasks a notebook kernel runs appear in it.
+
+    The Dask tab is in the page (under the splash screen) before Lab has restored its
+    layout; a click then was undone by the restore, the pane stayed hidden, and
+    dask-labextension renders its list only while the pane is visible: "the Dask pane list
+    stayed empty", 4 runs of 5 on a quiet machine (its URL check, from the browser with
+    Lab's token, answered 200 every 4 s meanwhile). So: wait for the restore, then open
+    the pane whenever it is not showing (as a user would), and only then read it."""
     port = lab["dashboard_port"]
     deadline = time.monotonic() + 120
     with _browser(lab, deadline) as browser:
         browser.call("Page.navigate", url=lab["url"])  # as printed by the banner
         dask_tab = "document.querySelector('.lm-TabBar-tab[data-id=\"dask-dashboard-launcher\"]')"
-        assert browser.wait_for(dask_tab + " !== null", deadline), "no Dask tab in Lab"
-        assert browser.click(dask_tab)
+        assert browser.wait_for(f"{dask_tab} !== null && {LAB_RESTORED}", deadline), \
+            "no Dask tab in Lab, or Lab never restored its layout"
+        pane = ("(() => { const p = document.querySelector('.dask-DaskDashboardLauncher'); "
+                "if (!p) return false; const r = p.getBoundingClientRect(); "
+                "return r.width > 0 && r.height > 0; })()")
         task_stream = ("Array.from(document.querySelectorAll('.dask-DaskDashboardLauncher "
                        "button')).find(b => b.textContent === 'Task Stream' && !b.disabled)")
-        found = browser.wait_for(task_stream + " !== undefined", deadline)
+        iframe = "(document.querySelector('iframe[src*=\"individual-task-stream\"]') || {}).src"
+        src = found = None
+        while not src and time.monotonic() < deadline:
+            if not browser.eval(pane):  # not open yet, or closed again: open it
+                browser.click(dask_tab)
+                browser.wait_for(pane, min(deadline, time.monotonic() + 5))
+                continue
+            found = browser.wait_for(f"{task_stream} !== undefined",
+                                     min(deadline, time.monotonic() + 5))
+            if not found:
+                continue  # the pane was closed meanwhile, or its check is still due
+            # the list may still be laying itself out: a click that missed is clicked again
+            browser.click(task_stream)
+            src = browser.wait_for(iframe, min(deadline, time.monotonic() + 5))
         typed = browser.eval("document.querySelector('.dask-URLInput input').value")
         assert found, f"the Dask pane list stayed empty (URL field: {typed!r})"
         assert typed == f"proxy/{port}/status", typed  # filled in for the user (relative:
         # it works through any tunnel port), not a previous job's URL from the workspace
-        iframe = "(document.querySelector('iframe[src*=\"individual-task-stream\"]') || {}).src"
-        shown = (f"(() => {{ const b = {task_stream}; if (!b) return false; "
-                 "const r = b.getBoundingClientRect(); return r.width > 0 && r.height > 0; })()")
-        src = None
-        while not src and time.monotonic() < deadline:
-            if not browser.eval(shown):
-                # Lab, restoring its layout, collapsed the sidebar again: reopen it
-                browser.click(dask_tab)
-                browser.wait_for(shown, min(deadline, time.monotonic() + 5))
-                continue
-            # the list may still be laying itself out: a click that missed is clicked again
-            browser.click(task_stream)
-            src = browser.wait_for(iframe, min(deadline, time.monotonic() + 5))
         if src != f"{lab['base']}/proxy/{port}/individual-task-stream":
             browser.screenshot("jupyterlab-dask-pane-failed.png")
             frames = browser.eval("Array.from(document.querySelectorAll('iframe'))"
