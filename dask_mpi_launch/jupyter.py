@@ -3,7 +3,9 @@
 The client rank's role process starts JupyterLab as a subprocess, bound to this host's
 address on ``--interface`` (127.0.0.1 for ``lo``), on a free port, with a random token, and
 reports the URL (rank 0 prints it with an SSH tunnel line). The job ends when JupyterLab
-does (File > Shut Down): status 0 on every rank.
+does (File > Shut Down): status 0 on every rank. A signal (``scancel``, the walltime,
+Ctrl-C) is the other way such a session ends, not a failure: 0 too, as for a cluster-only
+job, and as ``jupyter lab`` itself exits on SIGTERM (it was 143, against the docs).
 
 Secrets stay out of command lines and environments: the token is in a JSON config file and
 the job's TLS credentials in PEM files, all 0600 in a private 0700 directory removed at the
@@ -70,7 +72,7 @@ def run_jupyter(settings, channel, address, credentials, scheduler_info) -> int:
         port = _wait_ready(proc, env["JUPYTER_RUNTIME_DIR"], ip, token, stop)
         if port is None:
             if stop:
-                return 128 + stop[0]
+                return 0  # told to end: how an interactive session ends
             channel.error(f"JupyterLab {_ended(proc)} before it answered on {ip} "
                           "(see its messages above)")
             return 1
@@ -82,7 +84,7 @@ def run_jupyter(settings, channel, address, credentials, scheduler_info) -> int:
         while proc.poll() is None and not stop:
             time.sleep(0.1)
         if stop:
-            return 128 + stop[0]
+            return 0
         return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
     finally:
         if proc is not None:
