@@ -209,9 +209,12 @@ def _load_jupyter_server_extension(serverapp) -> None:
 
     web_app = serverapp.web_app
     route = url_path_join(web_app.settings["base_url"], "dask/dashboard-check/(?P<url>.+)")
+    rules = web_app.default_router.rules
+    before = list(rules)
     web_app.add_handlers(".*$", [(route, _dashboard_check(DaskDashboardCheckHandler))])
-    rules = web_app.default_router.rules  # [..., ours, the catch-all]
-    rules.insert(0, rules.pop(-2))
+    for rule in [r for r in rules if r not in before]:
+        rules.remove(rule)
+        rules.insert(0, rule)
 
 
 def _dashboard_check(base):
