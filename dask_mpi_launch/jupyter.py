@@ -3,7 +3,9 @@
 The client rank's role process starts JupyterLab as a subprocess, bound to this host's
 address on ``--interface`` (127.0.0.1 for ``lo``), on a free port, with a random token, and
 reports the URL (rank 0 prints it with an SSH tunnel line). The job ends when JupyterLab
-does (File > Shut Down): status 0 on every rank.
+does (File > Shut Down): status 0 on every rank. A signal (``scancel``, the walltime,
+Ctrl-C) is the other way such a session ends, not a failure: 0 too, as for a cluster-only
+job, and as ``jupyter lab`` itself exits on SIGTERM (it was 143, against the docs).
 
 Secrets stay out of command lines and environments: the token is in a JSON config file and
 the job's TLS credentials in PEM files, all 0600 in a private 0700 directory removed at the
@@ -11,7 +13,9 @@ end. Kernels get only paths: ``DASK_SCHEDULER_ADDRESS`` and ``DASK_CONFIG`` (a d
 with a dask YAML pointing at the credential files), so ``Client()`` in a notebook needs no
 arguments. With jupyter-server-proxy the dashboard is at ``/proxy/<port>/status`` (the
 banner prints that URL), and dask-labextension's panes are pointed there through a
-``labconfig`` directory of settings overrides on JUPYTER_CONFIG_PATH.
+``labconfig`` directory of settings overrides on JUPYTER_CONFIG_PATH; this module is also a
+small server extension that answers the labextension's check of that dashboard for any
+address Lab is opened at (:func:`_load_jupyter_server_extension`).
 """
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ def run_jupyter(settings, channel, address, credentials, scheduler_info) -> int:
         port = _wait_ready(proc, env["JUPYTER_RUNTIME_DIR"], ip, token, stop)
         if port is None:
             if stop:
-                return 128 + stop[0]
+                return 0  # told to end: how an interactive session ends
             channel.error(f"JupyterLab {_ended(proc)} before it answered on {ip} "
                           "(see its messages above)")
             return 1
@@ -82,7 +86,7 @@ def run_jupyter(settings, channel, address, credentials, scheduler_info) -> int:
         while proc.poll() is None and not stop:
             time.sleep(0.1)
         if stop:
-            return 128 + stop[0]
+            return 0
         return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
     finally:
         if proc is not None:
@@ -134,6 +138,11 @@ def write_server_config(private: str, ip: str, token: str, dashboard: str | None
                    "news_url": None, "log_level": "WARN",
                    "workspaces_dir": job_workspaces(private)},
     }
+    if dashboard and importlib.util.find_spec("dask_labextension") is not None:
+        config["ServerApp"].update(  # merged with the extensions enabled elsewhere
+            jpserver_extensions={__name__: True},
+            tornado_settings={_DASHBOARD_SETTING: {"link": dashboard_path(dashboard),
+                                                   "direct": dashboard}})
     return _write_private(os.path.join(private, "jupyter_server_config.json"),
                           json.dumps(config, indent=1))
 
@@ -173,6 +182,67 @@ def job_workspaces(private: str) -> str:
         except (OSError, ValueError, AttributeError):
             continue  # a workspace we cannot read: Lab starts without it
     return target
+
+
+_DASHBOARD_SETTING = "dask_mpi_launch_dashboard"
+
+
+def _jupyter_server_extension_points():
+    return [{"module": __name__}]
+
+
+def _load_jupyter_server_extension(serverapp) -> None:
+    """dask-labextension's URL check, for this job's dashboard at whatever address.
+
+    The labextension saves its URL absolute (``http://127.0.0.1:41733/proxy/8787/``) in
+    the workspace, and a later browser restores it. Opened elsewhere (through the SSH
+    tunnel as ``http://localhost:41733``, or through another local port), that URL is not
+    under the browser's base URL, so the labextension asks Lab's server to check it; the
+    server fetches it without credentials, Lab's own proxy answers 302 (login), and the
+    Dask pane stays empty, for good. Here the check of this job's dashboard, at any
+    address, answers with it under the asking browser's own address (its plots then
+    load through the proxy, as with the relative default URL); other URLs are checked by
+    dask-labextension as before. Our rule goes first: extensions load by name, and
+    dask_labextension's rule for the same path would win."""
+    from dask_labextension.dashboardhandler import DaskDashboardCheckHandler
+    from jupyter_server.utils import url_path_join
+
+    web_app = serverapp.web_app
+    route = url_path_join(web_app.settings["base_url"], "dask/dashboard-check/(?P<url>.+)")
+    rules = web_app.default_router.rules
+    before = list(rules)
+    web_app.add_handlers(".*$", [(route, _dashboard_check(DaskDashboardCheckHandler))])
+    for rule in [r for r in rules if r not in before]:
+        rules.remove(rule)
+        rules.insert(0, rule)
+
+
+def _dashboard_check(base):
+    from tornado import httpclient, web
+    from urllib.parse import unquote
+
+    class DashboardCheck(base):
+        @web.authenticated
+        async def get(self, url) -> None:
+            ours = self.settings.get(_DASHBOARD_SETTING)
+            parts = urlsplit(unquote(url))
+            path = parts.path.removesuffix("status").rstrip("/")
+            mine = ours and (self.base_url.rstrip("/")
+                             + ours["link"].removesuffix("status").rstrip("/"))
+            if not (ours and parts.scheme and path == mine):
+                return await super().get(url)
+            here = f"{self.request.protocol}://{self.request.host}{mine}/"
+            direct = ours["direct"].removesuffix("status").rstrip("/")
+            try:
+                response = await httpclient.AsyncHTTPClient().fetch(
+                    f"{direct}/individual-plots.json", request_timeout=10)
+                answer = {"url": here, "isActive": True, "effectiveUrl": None,
+                          "plots": json.loads(response.body)}
+            except Exception:
+                answer = {"url": here, "isActive": False, "plots": {}}
+            self.finish(json.dumps(answer))
+
+    return DashboardCheck
 
 
 def write_lab_overrides(private: str, dashboard_link: str) -> str:

@@ -264,8 +264,10 @@ class Supervisor:
         for message in self.control.poll():
             self._on_message(message)
         if self.signalled and not self.outcome.decided:
-            self.stop(self.outcome.on_signal(self.signalled, self.settings.has_client),
-                      SIGNALLED)
+            # a --jupyter session, like a cluster-only job, ends by a signal: 0
+            self.stop(self.outcome.on_signal(
+                self.signalled, self.settings.has_client and not self.settings.jupyter),
+                SIGNALLED)
         if stop and self.outcome.decided:
             raise _Stop
 
