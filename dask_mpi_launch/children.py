@@ -4,7 +4,12 @@ A role process (scheduler, worker, the client script) reports through a pipe wit
 lines (``address``, ``ready``, ``error``, ...) and ends with a POSIX wait status. It runs in
 a process group of its own (so the launcher's SIGKILL of the rank's group does not skip the
 script's ``finally`` blocks), and that whole group is what the rank signals: a script's
-subprocesses end with it. It dies with its rank (``PR_SET_PDEATHSIG``).
+subprocesses end with it. It dies with its rank: SIGTERM when the rank dies
+(``PR_SET_PDEATHSIG``), and its group killed by the zygote that forked it once the grace
+is over (``zygote._guard``), for a role stuck in C code never runs Python's handler. A
+worker ends alive and well only by saying "leaving" (``roles.run_worker``); every role
+ends as ``python`` ends (:func:`end_as_python_would`); what the roles leave running below
+the rank (a subreaper) is ended with the job (:func:`end_descendants`).
 
 Who forks it is a :class:`Launcher`: the rank's zygote (``zygote.py``, forked before
 ``MPI_Init``, so role processes never hold an initialized MPI), or, where MPI was
