@@ -384,7 +384,7 @@ def render_markdown(meta: dict, results: dict, command: str) -> str:
         "`comm.send`. **mpi4py Send/Recv fresh**: buffer-protocol `Comm.Send`/`Recv` into a "
         "freshly allocated array each time (the reference: a Dask transfer's result must live in "
         "new memory); **reused**: into the same array every time. "
-        "**dask mpi**: `dask_mpi_launch.mpicomm` (workers in their ranks, frames over MPI "
+        "**dask mpi**: `dask_mpi_launch.dataplane.backend` (workers in their ranks, frames over MPI "
         "point-to-point; scheduler and client over TLS, through the CLI's `--protocol mpi`). "
         "MPI and socket times are one-way after a Barrier, closed by a 1-byte "
         "ack. **memcpy**: `np.copyto` within one process, the machine's ceiling. "
@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocols", nargs="+", default=["tcp", "tls", "mpi"],
                     choices=["tcp", "tls", "mpi"],
                     help="Dask comm protocols to measure (tls needs `cryptography`; mpi: "
-                         "dask_mpi_launch.mpicomm, workers in their ranks)")
+                         "dask_mpi_launch.dataplane.backend, workers in their ranks)")
     ap.add_argument("--e2e", action="store_true",
                     help="also run the end-to-end rechunk and p2p shuffle per protocol")
     ap.add_argument("--e2e-workers", type=int, default=6, help="workers of the e2e runs")

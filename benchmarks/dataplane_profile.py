@@ -36,14 +36,14 @@ from distributed import Client, wait
 
 def _install(dask_worker):
     """Time stamps around the engine's steps in this worker's rank (idempotent)."""
-    from dask_mpi_launch import mpicomm
+    from dask_mpi_launch.dataplane import backend
 
-    eng = mpicomm.engine()
+    eng = backend.engine()
     eng._profile = []
-    if getattr(mpicomm, "_profiled", False):
+    if getattr(backend, "_profiled", False):
         return
-    mpicomm._profiled = True
-    engine_class = mpicomm.Engine
+    backend._profiled = True
+    engine_class = backend.Engine
 
     def wrap(name):
         orig = getattr(engine_class, name)
@@ -60,7 +60,7 @@ def _install(dask_worker):
     for name in ("_send", "_on_header", "_deliver"):
         wrap(name)
     for name in ("read", "write"):  # the comm's coroutines, in the worker's loop
-        orig = getattr(mpicomm.MPIComm, name)
+        orig = getattr(backend.MPIComm, name)
 
         def make(orig, name):
             async def timed(self, *args, **kwargs):
@@ -68,26 +68,26 @@ def _install(dask_worker):
                 try:
                     return await orig(self, *args, **kwargs)
                 finally:
-                    getattr(mpicomm.engine(), "_profile", []).append((name, t, time.time()))
+                    getattr(backend.engine(), "_profile", []).append((name, t, time.time()))
             return timed
 
-        setattr(mpicomm.MPIComm, name, make(orig, name))
-    from_frames = mpicomm.from_frames
+        setattr(backend.MPIComm, name, make(orig, name))
+    from_frames = backend.from_frames
 
     async def timed_from_frames(*args, **kwargs):
         t = time.time()
         try:
             return await from_frames(*args, **kwargs)
         finally:
-            getattr(mpicomm.engine(), "_profile", []).append(("from_frames", t, time.time()))
+            getattr(backend.engine(), "_profile", []).append(("from_frames", t, time.time()))
 
-    mpicomm.from_frames = timed_from_frames
+    backend.from_frames = timed_from_frames
 
 
 def _collect(dask_worker):
-    from dask_mpi_launch import mpicomm
+    from dask_mpi_launch.dataplane import backend
 
-    eng = mpicomm.engine()
+    eng = backend.engine()
     events, eng._profile = list(eng._profile), []
     log = list(dask_worker.transfer_incoming_log)
     return events, (log[-1]["duration"] if log else None)

@@ -95,7 +95,7 @@ SWEEP = {
     "conns=1000": {"distributed.worker.connections.outgoing": 1000,
                    "distributed.worker.connections.incoming": 1000},
     "ramp=2s": {},
-    "scaled": {},  # dask_mpi_launch.scale.for_job(--at): the launcher's defaults for that size
+    "scaled": {},  # dask_mpi_launch.tuning.scale.for_job(--at): the launcher's defaults for that size
 }
 # Short names usable in --sweep as NAME=VALUE (e.g. backlog=16, connect=10s).
 ALIASES = {
@@ -220,7 +220,7 @@ def _cpu() -> float:
 
 def child_scheduler(expect: int, config: dict, timeout: float, settle: float,
                     tls_file: str, which: str) -> int:
-    """The launcher's own scheduler role (``roles.run_scheduler``: our Scheduler subclass,
+    """The launcher's own scheduler role (``run.run_scheduler``: our Scheduler subclass,
     TLS from the job's credentials, interface lo); this file is its preload, which times
     the registrations (``dask_setup`` below).  ``which="upstream"``: the same role with
     ``distributed.Scheduler`` instead of ours, for comparison."""
@@ -231,11 +231,12 @@ def child_scheduler(expect: int, config: dict, timeout: float, settle: float,
                       BENCH_SCALE_SETTLE=str(settle))
     import distributed
 
-    from dask_mpi_launch import roles, scheduler_ext
-    from dask_mpi_launch.children import Channel
-    from dask_mpi_launch.security import security_from
+    from dask_mpi_launch.roles import run
+    from dask_mpi_launch.tuning import scheduler
+    from dask_mpi_launch.roles.life import Channel
+    from dask_mpi_launch.security.credentials import security_from
     if which == "upstream":
-        scheduler_ext.Scheduler = distributed.Scheduler  # run_scheduler imports it at call
+        scheduler.Scheduler = distributed.Scheduler  # run_scheduler imports it at call
     credentials = _read_credentials(tls_file)
     settings = _role_settings(credentials)
     prof_path = os.environ.get("BENCH_SCALE_PROFILE")
@@ -245,7 +246,7 @@ def child_scheduler(expect: int, config: dict, timeout: float, settle: float,
         _PROF = cProfile.Profile()
         _PROF.enable()
     # the role reports its address as a JSON line on the channel: our stdout
-    return roles.run_scheduler(settings, Channel(sys.stdout.fileno()),
+    return run.run_scheduler(settings, Channel(sys.stdout.fileno()),
                                security=security_from(credentials))
 
 
@@ -405,7 +406,7 @@ def _read_credentials(path: str) -> dict | None:
 
 def _role_settings(credentials):
     """The launcher's settings for these roles: its defaults, loopback, no dashboard."""
-    from dask_mpi_launch.settings import resolve
+    from dask_mpi_launch.configure.settings import resolve
     return resolve(interface="lo", dashboard=False, tls=bool(credentials), nthreads=1,
                    memory_limit="0")
 
@@ -418,7 +419,7 @@ def child_model(sizes: list[int]) -> int:
     from distributed.versions import error_message, get_versions
     from sortedcontainers import SortedDict
 
-    from dask_mpi_launch.scheduler_ext import VersionIndex
+    from dask_mpi_launch.tuning.scheduler import VersionIndex
 
     class WS:
         def __init__(self, versions):
@@ -468,10 +469,10 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
     _one_log_handler_per_process()
     from distributed.utils import import_term
 
-    from dask_mpi_launch.scheduler_ext import HeapFreezer
-    from dask_mpi_launch.security import security_from
+    from dask_mpi_launch.tuning.scheduler import HeapFreezer
+    from dask_mpi_launch.security.credentials import security_from
 
-    # what the launcher's worker role builds (roles.run_worker): its worker class, interface,
+    # what the launcher's worker role builds (run.run_worker): its worker class, interface,
     # protocol and the job's TLS credentials
     settings = _role_settings(_read_credentials(tls_file))
     Worker = import_term(settings.worker_class)
@@ -553,7 +554,7 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
 
 def child_real(address: str, count: int, index: int, timeout: float, tls_file: str,
                config: dict) -> int:
-    """``count`` processes running ``roles.run_worker`` unchanged (one worker each, forked
+    """``count`` processes running ``run.run_worker`` unchanged (one worker each, forked
     after the imports as a rank forks its role processes), reporting through its channel."""
     import select
 
@@ -561,9 +562,9 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
     _raise_nofile()
     import dask
     dask.config.set(config)
-    from dask_mpi_launch import roles
-    from dask_mpi_launch.children import Channel
-    from dask_mpi_launch.security import security_from
+    from dask_mpi_launch.roles import run
+    from dask_mpi_launch.roles.life import Channel
+    from dask_mpi_launch.security.credentials import security_from
 
     credentials = _read_credentials(tls_file)
     settings = _role_settings(credentials)
@@ -579,7 +580,7 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
             os.close(r)
             status = 1
             try:
-                status = roles.run_worker(settings, Channel(w), address, f"real-{index}-{i}",
+                status = run.run_worker(settings, Channel(w), address, f"real-{index}-{i}",
                                           1, 0, security=security_from(credentials))
             finally:
                 os._exit(status)
@@ -712,8 +713,8 @@ def curve_config(n: int, scaled: bool) -> dict:
         return {}
     import distributed  # noqa: F401 - its defaults, as in a role process
 
-    import dask_mpi_launch.config  # noqa: F401
-    from dask_mpi_launch.scale import for_job
+    import dask_mpi_launch.configure.defaults  # noqa: F401
+    from dask_mpi_launch.tuning.scale import for_job
     return for_job(n)
 
 
@@ -1021,14 +1022,14 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
         f"tcp_max_syn_backlog {meta.get('syn_backlog')}, open files {meta.get('nofile')}",
         f"- command: `{command}`",
         "",
-        ("The launcher's scheduler role (`roles.run_scheduler`, Dask's defaults otherwise; "
+        ("The launcher's scheduler role (`run.run_scheduler`, Dask's defaults otherwise; "
          "variant `ours`: our Scheduler subclass, `upstream`: `distributed.Scheduler`) "
          + ("with TLS (one job's throw-away credentials) " if meta.get("tls") else "")
          + f"and {meta.get('procs')} processes holding simulated workers built with the "
          "worker role's options (its worker class, interface lo, "
          f"{'TLS, ' if meta.get('tls') else ''}nthreads=1, memory_limit=0, no nanny)"
          + (f", plus {meta.get('real')} processes running the launcher's worker role "
-            "unchanged (`roles.run_worker`, forked after the imports as a rank forks them)"
+            "unchanged (`run.run_worker`, forked after the imports as a rank forks them)"
             if meta.get("real") else "")
          if "tls" in meta else
          "One `distributed.Scheduler` process (Dask defaults) and "
@@ -1091,7 +1092,7 @@ def render_markdown(meta: dict, curve: list[dict], knobs: list[dict], model: dic
                   "those of every connected worker (`distributed.versions.error_message` "
                   "over `{w: ws.versions for w, ws in self.workers.items()}`, each worker's "
                   "versions a separate dict as the scheduler holds them); ours "
-                  "(`dask_mpi_launch/scheduler_ext.py`) passes one representative per "
+                  "(`dask_mpi_launch/scheduler.py`) passes one representative per "
                   "distinct version set. Timed alone (CPU time), per registration:", "",
                   "| connected workers | upstream ms | ours ms |", "|---:|---:|---:|"]
         lines += [f"| {int(k):,} | {v * 1e3:.2f} | "
@@ -1476,7 +1477,7 @@ def main(argv: list[str] | None = None) -> int:
                          "at every size; none: kill everything, no teardown measured")
     ap.add_argument("--scaled", action=argparse.BooleanOptionalAction, default=True,
                     help="the curve with the launcher's defaults for each size "
-                         "(dask_mpi_launch.scale.for_job(N), in every process, as the launcher "
+                         "(dask_mpi_launch.tuning.scale.for_job(N), in every process, as the launcher "
                          "passes them to its roles); --no-scaled: Dask's defaults")
     ap.add_argument("--spread", action=argparse.BooleanOptionalAction, default=True,
                     help="each process of simulated workers listens on a loopback address "
@@ -1526,8 +1527,8 @@ def main(argv: list[str] | None = None) -> int:
     if "scaled" in variants:
         import distributed  # noqa: F401 - its defaults, as in a role process
 
-        import dask_mpi_launch.config  # noqa: F401
-        from dask_mpi_launch.scale import for_job
+        import dask_mpi_launch.configure.defaults  # noqa: F401
+        from dask_mpi_launch.tuning.scale import for_job
         variants["scaled"] = (for_job(at), 0.0)
         print(f"scaled for {at} workers: {variants['scaled'][0]}", file=sys.stderr)
 
@@ -1558,7 +1559,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dml-bench-scale-") as tmp:  # 0700, ours
         args.tls_file = None
         if args.tls:  # one job's credentials, 0600, read by every child
-            from dask_mpi_launch.security import new_credentials
+            from dask_mpi_launch.security.credentials import new_credentials
             args.tls_file = str(Path(tmp) / "credentials.json")
             fd = os.open(args.tls_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:

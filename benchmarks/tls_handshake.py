@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """CPU of one TLS handshake with a job's credentials: distributed's ``Security`` against
-ours (:class:`dask_mpi_launch.tls.JobSecurity`: the listener issues no session tickets).
+ours (:class:`dask_mpi_launch.security.tls.JobSecurity`: the listener issues no session tickets).
 
 Both ends run in this process over memory BIOs (no sockets, no event loop): only OpenSSL's
 work and the ``ssl`` module's calls are timed, with ``time.thread_time`` per side, the two
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from distributed.security import Security
 
-    from dask_mpi_launch.security import new_credentials, security_from
-    from dask_mpi_launch.tls import JobSecurity
+    from dask_mpi_launch.security.credentials import new_credentials, security_from
+    from dask_mpi_launch.security.tls import JobSecurity
 
     cred = new_credentials()
     ours = security_from(cred)

@@ -7,13 +7,13 @@ none of them).
 """
 __version__ = "0.1.0"
 
-from .errors import LaunchError, UsageError, WorldTooSmallError, WorldTooSmallException  # noqa: E402
+from dask_mpi_launch.base.errors import LaunchError, UsageError, WorldTooSmallError, WorldTooSmallException  # noqa: E402
 
 _LAZY = {
-    "initialize": "bootstrap",
-    "send_close_signal": "bootstrap",
-    "execute": "execute",
-    "connect": "security",
+    "initialize": "dask_mpi_launch.bootstrap",
+    "send_close_signal": "dask_mpi_launch.bootstrap",
+    "execute": "dask_mpi_launch.execute",
+    "connect": "dask_mpi_launch.security.credentials",
 }
 
 
@@ -21,7 +21,7 @@ def __getattr__(name):
     if name in _LAZY:
         from importlib import import_module
 
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``python -m dask_mpi_launch``: the same as the ``dask-mpi-launch`` command."""
-from .cli import main
+from dask_mpi_launch.cli import main
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ when the script ends, exits the process with the job's status. The keywords of d
 ``initialize()`` are accepted, so migrating is a one-line import change.
 
 Where MPI is not yet initialized when ``initialize()`` is called (the usual case), the rank
-first forks its zygote (``zygote.py``) and only then loads MPI: the scheduler, the workers
+first forks its zygote (``process/zygote.py``) and only then loads MPI: the scheduler, the workers
 and the client (the rest of the script) run in processes that never held MPI. Where the
 script initialized MPI itself before (``from mpi4py import MPI`` above ``initialize()``),
 those processes are forked from the rank, with the fabrics' fork-safety variables set.
@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 import sys
 
+# JOINED: this process already joined a layout ({"client": bool}): by initialize(), or as a
+# role process of a running job (a script run by ``dask-mpi-launch`` that calls initialize())
+from dask_mpi_launch.roles.life import JOINED
+
 _state = {}  # initialize(exit=False) on the client rank: the monitor thread and its stop
-# this process already joined a layout ({"client": bool}): by initialize(), or as a role
-# process of a running job (a script run by ``dask-mpi-launch`` that calls initialize())
-_joined: dict = {}
 
 
 def initialize(
@@ -62,15 +63,15 @@ def initialize(
     Keywords not given fall back to the ``mpi-launch`` section of dask.config.
     ``nanny=True`` is ``worker_class="distributed.Nanny"`` (dask-mpi's spelling).
     """
-    if _joined:  # a second call never starts a second layout (nor MPI in a role process)
-        return _joined["client"]
-    from . import mpi
-    from .children import BecomeClient, ForkLauncher
-    from .errors import LaunchError
-    from .layout import CLIENT
-    from .roles import run_role
-    from .settings import resolve
-    from .status import FAILED
+    if JOINED:  # a second call never starts a second layout (nor MPI in a role process)
+        return JOINED["client"]
+    from dask_mpi_launch.hpc import load_mpi
+    from dask_mpi_launch.process.children import BecomeClient, ForkLauncher
+    from dask_mpi_launch.base.errors import LaunchError
+    from dask_mpi_launch.base.layout import CLIENT
+    from dask_mpi_launch.roles.run import run_role
+    from dask_mpi_launch.configure.settings import resolve
+    from dask_mpi_launch.base.status import FAILED
 
     if nanny and worker_class is None:
         worker_class = "distributed.Nanny"
@@ -85,20 +86,20 @@ def initialize(
             wait_timeout=wait_timeout, log_level=log_level, scheduler_rank=scheduler_rank,
             client_rank=client_rank, exclusive_workers=exclusive_workers,
         )
-        if mpi.initialized():
+        if load_mpi.initialized():
             launcher = ForkLauncher(run_role)
         else:
-            from . import zygote
+            from dask_mpi_launch.process import zygote
 
             try:
                 launcher = zygote.start()
             except BecomeClient as become:  # this is the client, started by the zygote
                 _become_client(become, settings.shutdown_timeout, finalize_guard=False)
-                return _joined.setdefault("client", True)
-        MPI = mpi.load()
-        if not exit and mpi.we_finalize():
-            mpi.finalize_at_exit()  # every rank returns: MPI ends with the interpreter
-        mpi.check_world(MPI.COMM_WORLD)
+                return JOINED.setdefault("client", True)
+        MPI = load_mpi.load()
+        if not exit and load_mpi.we_finalize():
+            load_mpi.finalize_at_exit()  # every rank returns: MPI ends with the interpreter
+        load_mpi.check_world(MPI.COMM_WORLD)
     except LaunchError as e:
         if launcher is not None:
             launcher.close()
@@ -107,53 +108,53 @@ def initialize(
         _exit_on_error(e)
     if comm is None:
         comm = MPI.COMM_WORLD
-    from .control import Control
-    from .supervisor import Supervisor
+    from dask_mpi_launch.control.over_mpi import Control
+    from dask_mpi_launch.process.supervisor import Supervisor
 
     control = Control(comm)
     if settings.protocol == "mpi":  # workers in the ranks, their data over MPI
-        from .inrank import InRankLauncher
+        from dask_mpi_launch.process.in_rank import InRankLauncher
 
         launcher = InRankLauncher(launcher, comm.Dup())
     in_process = not exit and CLIENT in settings.layout_for(control.size).roles(control.rank)
     supervisor = Supervisor(settings, control, launcher, finalize=exit,
                             client_in_process=in_process)
     if in_process:
-        return _joined.setdefault("client", _client_in_process(supervisor))
+        return JOINED.setdefault("client", _client_in_process(supervisor))
     try:
         status = supervisor.run()
     except BecomeClient as become:  # forked from this rank (MPI was initialized before)
         _become_client(become, settings.shutdown_timeout,
-                       finalize_guard=not mpi.we_finalize())
-        return _joined.setdefault("client", True)
+                       finalize_guard=not load_mpi.we_finalize())
+        return JOINED.setdefault("client", True)
     if not exit:
         if supervisor.outcome.priority == FAILED:
             raise supervisor.error or LaunchError("the cluster failed (see the message above)",
                                                   status or 1)
-        return _joined.setdefault("client", False)
+        return JOINED.setdefault("client", False)
     # The serving ranks: MPI is finalized, and the interpreter's teardown could make MPI
     # kill the process. The script ran (finally blocks, atexit) in the client's process.
-    from .children import exit_rank
+    from dask_mpi_launch.process.children import exit_rank
 
     exit_rank(status)
 
 
 def _exit_on_error(e) -> None:
-    from . import mpi
+    from dask_mpi_launch.hpc import load_mpi
 
-    mpi.say_once(e.message)
+    load_mpi.say_once(e.message)
     MPI = sys.modules.get("mpi4py.MPI")
     if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.Finalize()
     else:
-        mpi.linger(e.status)
+        load_mpi.linger(e.status)
     sys.exit(e.status)
 
 
 def _become_client(become, grace: float, finalize_guard: bool) -> None:
     """In the client process: ``Client()`` connects to the cluster; signals end the script
     like a script (finally blocks run); the rest of the script runs on return."""
-    from .roles import set_client_environment, terminate_on_signal
+    from dask_mpi_launch.roles.run import set_client_environment, terminate_on_signal
 
     set_client_environment(become.address, become.credentials)
     terminate_on_signal(grace)
@@ -175,7 +176,7 @@ def _exit_without_mpi_finalize() -> None:
     import atexit
     import builtins
 
-    from .status import exit_status
+    from dask_mpi_launch.base.status import exit_status
 
     base = builtins.SystemExit
     state = {"status": 0}
@@ -202,7 +203,7 @@ def _exit_without_mpi_finalize() -> None:
     def last():  # runs after the atexit handlers registered after ours (LIFO)
         import logging
 
-        from .children import flush
+        from dask_mpi_launch.process.children import flush
 
         logging.shutdown()  # registered before ours: flush the script's log files
         flush()
@@ -217,13 +218,13 @@ def _client_in_process(supervisor) -> bool:
     import atexit
     import signal
 
-    from .children import BecomeClient
+    from dask_mpi_launch.process.children import BecomeClient
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         supervisor.run()
     except BecomeClient as become:
-        from .roles import set_client_environment
+        from dask_mpi_launch.roles.run import set_client_environment
 
         set_client_environment(become.address, become.credentials)
     else:
@@ -258,7 +259,7 @@ def _exit_through_the_launcher() -> None:
             real(status)
         os._exit = real
         try:
-            from .children import exit_rank, flush
+            from dask_mpi_launch.process.children import exit_rank, flush
 
             flush()
             _close_at_exit()
@@ -273,7 +274,7 @@ def _exit_through_the_launcher() -> None:
 
 
 def _cluster_did_not_start():
-    from .errors import LaunchError
+    from dask_mpi_launch.base.errors import LaunchError
 
     return LaunchError("the cluster could not start (see the message above)")
 

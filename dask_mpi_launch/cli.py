@@ -1,5 +1,5 @@
 """``dask-mpi-launch``: every rank is a thin MPI process; its options are parsed, and its
-roles forked, by the zygote (``options.py``, ``zygote.py``, ``nodezygote.py``).
+roles forked, by the zygote (``configure/command_line.py``, ``process/zygote.py``, ``process/node_zygote.py``).
 
 The rank imports the standard library, mpi4py and the small modules of this package that
 supervise: no ``click``, no ``dask``, no ``distributed``. On a node of 16 ranks the heavy
@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import LaunchError
+from dask_mpi_launch.base.errors import LaunchError
 
 
 def __getattr__(name):
     if name == "command":  # the click command (docs, tests) lives where click is imported
-        from .options import command
+        from dask_mpi_launch.configure import command_line
 
-        return command
+        command_line.run_in_process = run  # the command run in-process runs the job here
+        return command_line.command
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -29,17 +30,17 @@ def run(settings, check: bool = False, launcher=None) -> int:
     imported there while MPI starts here), then joins the control plane. ``launcher``: the
     zygote that parsed the command line (``main``), else one is started here."""
     if check:
-        from . import diagnose
+        from dask_mpi_launch.roles import diagnose
 
         if launcher is not None:
             launcher.close()
         control = _bootstrap(settings)
         return diagnose.run_check(getattr(control, "comm", control), settings)
-    from .supervisor import Supervisor
+    from dask_mpi_launch.process.supervisor import Supervisor
 
     if launcher is None:
         launcher = _zygote(settings)
-    from .children import set_title
+    from dask_mpi_launch.process.children import set_title
 
     set_title("dml-rank")
     try:
@@ -48,7 +49,7 @@ def run(settings, check: bool = False, launcher=None) -> int:
         launcher.close()
         raise
     if settings.protocol == "mpi":  # workers in the ranks, their data over MPI
-        from .inrank import InRankLauncher
+        from dask_mpi_launch.process.in_rank import InRankLauncher
 
         launcher = InRankLauncher(launcher, control.comm.Dup())
     return Supervisor(settings, control, launcher).run()
@@ -58,13 +59,14 @@ def _zygote(settings=None, argv=()):
     """The process that forks this rank's roles: the node's shared one where the launcher
     says which ranks share the host, else one of the rank's own. Before the settings are
     known (``main``), ``--no-share-imports`` on the command line already says which."""
-    from . import nodezygote, zygote
+    from dask_mpi_launch.hpc.launchers import local_rank
+    from dask_mpi_launch.process import node_zygote, zygote
 
     share = settings.share_imports if settings is not None else (
         "--no-share-imports" not in argv)
-    local = nodezygote.local_rank() if share else None
+    local = local_rank() if share else None
     if local is not None and local[1] > 1:
-        launcher = nodezygote.start(local, parse=settings is None)
+        launcher = node_zygote.start(local, parse=settings is None)
         if launcher is not None:
             return launcher
     return zygote.start(parse=settings is None)
@@ -72,23 +74,23 @@ def _zygote(settings=None, argv=()):
 
 def _bootstrap(settings):
     """The control plane between ranks: MPI, or files and Slurm's variables."""
-    from . import mpi
+    from dask_mpi_launch.hpc import load_mpi
 
     if settings.bootstrap == "slurm":
-        from .filecontrol import from_slurm
+        from dask_mpi_launch.control.over_files import from_slurm
 
         return from_slurm(settings.bootstrap_dir)
     try:
-        MPI = mpi.load()
-        mpi.check_world(MPI.COMM_WORLD)
+        MPI = load_mpi.load()
+        load_mpi.check_world(MPI.COMM_WORLD)
     except LaunchError:
         if settings.bootstrap != "auto" or "SLURM_PROCID" not in os.environ:
             raise
         _finalize_if_alone()
-        from .filecontrol import from_slurm
+        from dask_mpi_launch.control.over_files import from_slurm
 
         return from_slurm(settings.bootstrap_dir)
-    from .control import Control
+    from dask_mpi_launch.control.over_mpi import Control
 
     return Control(MPI.COMM_WORLD)
 
@@ -111,7 +113,7 @@ def _parse(argv):
         launcher.close(abandon=True)
         return None, None, parsed[1]
     settings, check = parsed[1], parsed[2]
-    from .nodezygote import NodeLauncher
+    from dask_mpi_launch.process.node_zygote import NodeLauncher
 
     if check or (isinstance(launcher, NodeLauncher) and not settings.share_imports):
         launcher.close(abandon=True)  # --check starts no roles; a config said one per rank
@@ -123,7 +125,7 @@ def _usage_error_of(e: LaunchError) -> LaunchError:
     """The zygote reports a failure to import the parser as text ("cannot import click
     and dask: ConfigFileError: ..."): a malformed dask config file is bad input (status 2,
     its own line), not a broken installation."""
-    from .errors import ConfigFileError
+    from dask_mpi_launch.base.errors import ConfigFileError
 
     marker = f"{ConfigFileError.__name__}: "
     if marker in e.message:
@@ -141,7 +143,7 @@ def _meanwhile(argv) -> None:
     over 0.75 s burnt up to 0.34 s of CPU each). Not when the options may say that this job
     runs without MPI (--bootstrap), nor where mpi4py or its library is missing (the error
     is reported where MPI is needed)."""
-    from . import supervisor  # noqa: F401
+    from dask_mpi_launch.process import supervisor  # noqa: F401
 
     if any(a == "--bootstrap" or a.startswith("--bootstrap=") for a in argv) or (
             "DASK_MPI_LAUNCH__BOOTSTRAP" in os.environ) or "mpi4py.MPI" in sys.modules:
@@ -149,7 +151,7 @@ def _meanwhile(argv) -> None:
     try:
         import mpi4py
 
-        mpi4py.rc.initialize = False  # mpi.load() initializes it
+        mpi4py.rc.initialize = False  # load_mpi.load() initializes it
         mpi4py.rc.finalize = False
         from mpi4py import MPI  # noqa: F401
     except Exception:
@@ -158,7 +160,7 @@ def _meanwhile(argv) -> None:
 
 def main(argv=None) -> None:
     """Console entry point: one clear line per error, printed by one rank only."""
-    from . import mpi
+    from dask_mpi_launch.hpc import load_mpi
 
     argv = sys.argv[1:] if argv is None else list(argv)
     early = True  # an error now is said by rank 0 alone, before the ranks can talk
@@ -170,16 +172,16 @@ def main(argv=None) -> None:
         print(file=sys.stderr)
         status = 130
     except LaunchError as e:
-        mpi.say_once(e.message)
+        load_mpi.say_once(e.message)
         status = e.status
         early = True
         _finalize_if_alone()
     status = status if isinstance(status, int) else 0
     if early:
-        mpi.linger(status)
+        load_mpi.linger(status)
     MPI = sys.modules.get("mpi4py.MPI")
     if MPI is not None and MPI.Is_finalized():
-        from .children import exit_rank
+        from dask_mpi_launch.process.children import exit_rank
 
         exit_rank(status)
     sys.exit(status)

@@ -62,9 +62,9 @@ def execute(
     ``comm`` cannot hold the ranks asked for. A function that raises ends the job: one
     traceback, then ``SystemExit`` with the status on every rank.
     """
-    from . import mpi
-    from .bootstrap import initialize, send_close_signal
-    from .errors import UsageError
+    from dask_mpi_launch.hpc import load_mpi
+    from dask_mpi_launch.bootstrap import initialize, send_close_signal
+    from dask_mpi_launch.base.errors import UsageError
 
     if not callable(client_function):
         raise TypeError(f"execute() needs a function to run on the client rank, not "
@@ -75,8 +75,8 @@ def execute(
                          "running cluster with mpiexec -n N dask-mpi-launch --no-scheduler "
                          "--scheduler-file PATH")
     if comm is None:
-        comm = mpi.load().COMM_WORLD
-    from .layout import Layout, layout_name
+        comm = load_mpi.load().COMM_WORLD
+    from dask_mpi_launch.base.layout import Layout, layout_name
 
     # dask-mpi raises WorldTooSmallException on every rank before anything starts: so do we
     Layout(layout_name(exclusive_workers, scheduler_rank, client_rank), comm.Get_size(),

@@ -12,8 +12,8 @@ import signal
 import threading
 import time
 
-from dask_mpi_launch.children import Child
-from dask_mpi_launch.status import Ended
+from dask_mpi_launch.process.children import Child
+from dask_mpi_launch.base.status import Ended
 
 
 class Aborted(Exception):
@@ -189,7 +189,7 @@ class FakeLauncher:
 
 def run_job(size: int, settings, behaviours=None, check=None, timeout: float = 20.0):
     """Run every rank's Supervisor in a thread; return (statuses, launchers, log)."""
-    from dask_mpi_launch.supervisor import Supervisor
+    from dask_mpi_launch.process.supervisor import Supervisor
 
     world = MemoryWorld(size)
     log: list = []

@@ -1,9 +1,9 @@
 """Run under ``mpiexec -n N python mpicomm_harness.py SCENARIO``: a Dask cluster whose workers
-talk over ``mpi`` (dask_mpi_launch.mpicomm).
+talk over ``mpi`` (dask_mpi_launch.dataplane.backend).
 
 Rank 0 runs an MPI-free scheduler (a thread with its own loop, TLS with in-memory
 ``Security.temporary()`` credentials sent to the other ranks) and the client; ranks 1..N-1 run
-a worker each in a thread of the rank (``mpicomm.start_worker_thread``). The client runs
+a worker each in a thread of the rank (``backend.start_worker_thread``). The client runs
 SCENARIO, prints ``RESULT name=value`` lines, shuts the cluster down; every rank exits 0 when
 all went well. Scenarios (comma-separated, run in order on one cluster): array, shuffle,
 big, replicate, kill, idle.
@@ -20,8 +20,7 @@ import time
 
 from mpi4py import MPI
 
-import dask_mpi_launch.mpicomm as mpicomm
-
+from dask_mpi_launch.dataplane import backend
 SCENARIO = sys.argv[1]
 world = MPI.COMM_WORLD
 rank, size = world.Get_rank(), world.Get_size()
@@ -89,15 +88,15 @@ address = world.bcast(address, root=0)
 
 # --- worker ranks --------------------------------------------------------------------------
 if rank > 0:
-    chunk = int(os.environ.get("HARNESS_CHUNK", mpicomm.CHUNK))
-    mpicomm.join(dp, chunk=chunk)
-    handle = mpicomm.start_worker_thread(
+    chunk = int(os.environ.get("HARNESS_CHUNK", backend.CHUNK))
+    backend.join(dp, chunk=chunk)
+    handle = backend.start_worker_thread(
         dp, address, name=f"rank-{rank}", nthreads=1, memory_limit=0, security=security,
         host="127.0.0.1")
     say("worker at", handle.wait_started(timeout=120))
     world.Barrier()  # every worker started
     ok = handle.join(timeout=float(os.environ.get("HARNESS_TIMEOUT", "600")))
-    mpicomm.shutdown()
+    backend.shutdown()
     say("worker ended:", handle.status, handle.error)
     sys.exit(0 if ok and handle.status == "closed" else 3)
 
@@ -109,7 +108,7 @@ from distributed import Client, wait  # noqa: E402
 
 
 def stats(dask_worker):
-    from dask_mpi_launch import mpicomm as m
+    from dask_mpi_launch.dataplane import backend as m
 
     e = m.engine()
     return dict(e.stats, awaiting=e.awaiting) if e is not None else None
@@ -206,10 +205,10 @@ for scenario in SCENARIO.split(","):
         except Exception as e:  # noqa: BLE001
             result("client_error", type(e).__name__)
     elif scenario == "idle":
-        time.sleep(mpicomm.IDLE_AFTER + 1.0)  # past the quick polling that follows traffic
+        time.sleep(backend.IDLE_AFTER + 1.0)  # past the quick polling that follows traffic
 
         def cpu(dask_worker):
-            from dask_mpi_launch import mpicomm as m
+            from dask_mpi_launch.dataplane import backend as m
 
             e = m.engine()
             c0, t0 = e.cpu_seconds, time.monotonic()

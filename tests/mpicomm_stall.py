@@ -10,12 +10,12 @@ import time
 
 from mpi4py import MPI
 
-from dask_mpi_launch import mpicomm
+from dask_mpi_launch.dataplane import backend
 
 world = MPI.COMM_WORLD
 rank = world.Get_rank()
 dp = world.Dup()
-eng = mpicomm.join(dp, stall_timeout=2.0)
+eng = backend.join(dp, stall_timeout=2.0)
 
 
 def result(name, value):
@@ -52,8 +52,8 @@ async def client():
     comm = await connect(addr, timeout=30)
     result("comm_class", type(comm).__name__)
     await comm.write({"hello": 1})
-    head, _ = mpicomm.pack_header(mpicomm.KIND_DATA, comm.remote_id, [bytes(10**7)])
-    dp.Send([head, MPI.BYTE], dest=0, tag=mpicomm.TAG_HEADER)  # and never the frame
+    head, _ = backend.pack_header(backend.KIND_DATA, comm.remote_id, [bytes(10**7)])
+    dp.Send([head, MPI.BYTE], dest=0, tag=backend.TAG_HEADER)  # and never the frame
     comm2 = await connect(addr, timeout=30)
     await comm2.write({"hello": 2})
     await asyncio.sleep(0.5)
@@ -64,5 +64,5 @@ async def client():
 
 asyncio.run(server() if rank == 0 else client())
 world.Barrier()
-mpicomm.shutdown()
+backend.shutdown()
 sys.exit(0)

@@ -1,6 +1,6 @@
 """Bad input ends a job with one line and status 2 (issue 21, cases 14, 15, 16, 19, 20).
 
-Each bad value is checked in one place (``settings.py``: the command line, initialize()'s
+Each bad value is checked in one place (``configure/settings.py``: the command line, initialize()'s
 keywords, dask.config and DASK_* variables all go through it), before any role starts. The
 unit tests feed the checks directly; the launches check what a user sees under both MPIs:
 status 2, exactly one stderr line ``dask-mpi-launch: error...``, no traceback, nothing left
@@ -16,8 +16,8 @@ import pytest
 
 from launch import wait_no_leftovers
 
-from dask_mpi_launch import settings as S
-from dask_mpi_launch.errors import UsageError
+from dask_mpi_launch.configure import settings as S
+from dask_mpi_launch.base.errors import UsageError
 
 HANG = 60
 
@@ -127,7 +127,7 @@ BAD_YAML = {"unclosed.yaml": ("distributed:\n  comm: [unclosed\n",
 def test_malformed_dask_config_file_in_one_line(tmp_path, name):
     """dask's own error is 10 lines (its text, then YAML's marks)."""
     import dask.config
-    from dask_mpi_launch.errors import ConfigFileError
+    from dask_mpi_launch.base.errors import ConfigFileError
 
     text, fragment = BAD_YAML[name]
     (tmp_path / name).write_text(text)
@@ -143,14 +143,14 @@ def test_malformed_dask_config_file_in_one_line(tmp_path, name):
 
 @pytest.mark.parametrize("value", ["0", "-5", "abc", "0s"])
 def test_bootstrap_peer_timeout_refused(value):
-    from dask_mpi_launch.filecontrol import peer_timeout
+    from dask_mpi_launch.control.over_files import peer_timeout
 
     message = _usage(lambda: peer_timeout({"DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT": value}))
     assert "DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT" in message
 
 
 def test_bootstrap_peer_timeout_taken():
-    from dask_mpi_launch.filecontrol import DEAD_AFTER, peer_timeout
+    from dask_mpi_launch.control.over_files import DEAD_AFTER, peer_timeout
 
     assert peer_timeout({"DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT": "2"}) == 2.0
     assert peer_timeout({"DASK_MPI_LAUNCH__BOOTSTRAP_PEER_TIMEOUT": "90s"}) == 90.0

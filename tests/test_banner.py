@@ -1,12 +1,12 @@
-"""banner.py: pure functions, facts in, text out."""
+"""base/banner.py: pure functions, facts in, text out."""
 from __future__ import annotations
 
 
-from dask_mpi_launch.banner import (LOGIN_PLACEHOLDER, jupyter_lines, rank_summary, render,
+from dask_mpi_launch.base.banner import (LOGIN_PLACEHOLDER, jupyter_lines, rank_summary, render,
                                     tunnel_command)
 
 # bugs found while writing these tests, reported to the lead: strict xfail, so the marker
-# must go when banner.py is fixed
+# must go when base/banner.py is fixed
 
 
 def facts(**extra):

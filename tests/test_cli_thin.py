@@ -16,7 +16,8 @@ HANG = 90
 # of a rank whose MPI is finalized)
 RANK = """
 import os, sys
-from dask_mpi_launch import children, cli
+from dask_mpi_launch import cli
+from dask_mpi_launch.process import children
 UNUSED = {"cryptography", "psutil", "dataclasses", "inspect", "ast", "tokenize", "typing",
           "shutil", "traceback", "threading"}
 def report(*_):
@@ -133,7 +134,7 @@ def test_help_does_not_wait_for_the_node(mpich):
 
 def test_parse_for_uses_the_ranks_environment_and_directory(tmp_path):
     # in-process: the zygote's parse, forked with another environment and directory
-    from dask_mpi_launch.zygote import parse_for
+    from dask_mpi_launch.process.zygote import parse_for
 
     out_r, out_w = os.pipe()
     env = {**os.environ, "DASK_MPI_LAUNCH__NTHREADS": "5", "PMI_RANK": "0"}
@@ -148,7 +149,7 @@ def test_parse_for_uses_the_ranks_environment_and_directory(tmp_path):
 
 
 def test_parse_for_prints_to_the_ranks_streams(tmp_path, capfd):
-    from dask_mpi_launch.zygote import parse_for
+    from dask_mpi_launch.process.zygote import parse_for
 
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()

@@ -1,4 +1,4 @@
-"""dask_mpi_launch.diagnose: the pure parts with plain dicts, and the connect attempt on
+"""dask_mpi_launch.roles.diagnose: the pure parts with plain dicts, and the connect attempt on
 this machine's loopback (no MPI)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections import namedtuple
 
 import pytest
 
-from dask_mpi_launch import diagnose as d
+from dask_mpi_launch.roles import diagnose as d
 
 A = {"lo": ["127.0.0.1/8"], "eth0": ["10.213.8.1/24"], "ib0": ["10.213.7.1/24"],
      "docker0": ["172.17.0.1/16"]}
@@ -587,7 +587,7 @@ def test_check_tells_apart_hosts_that_share_a_name():
 
 def test_run_check_over_the_file_control_plane(monkeypatch, capsys, tmp_path):
     # --bootstrap slurm's control plane (files in a shared directory) has the same API
-    from dask_mpi_launch.filecontrol import FileControl
+    from dask_mpi_launch.control.over_files import FileControl
 
     ip = _external_ip()
     nets = {"n1": {"lo": [("127.0.0.1", 8)], "eth0": [(ip, 24)]}}

@@ -1,4 +1,4 @@
-"""dask_mpi_launch.environment: threads and memory per worker from batch-system variables.
+"""dask_mpi_launch.hpc.resources: threads and memory per worker from batch-system variables.
 
 The Slurm dicts are the SLURM_* variables seen inside real jobs on Slurm 22.05.8
 (tests/slurm_cluster.py, a 16-CPU 16000-MB node), by sbatch options.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dask_mpi_launch.environment import (
+from dask_mpi_launch.hpc.resources import (
     MIB, Resources, detect_resources, is_grid_engine, parse_pe_hostfile, parse_slurm_counts,
 )
 
@@ -308,8 +308,11 @@ def test_resources_is_frozen():
         res.nthreads = 3
 
 
-def test_module_imports_only_stdlib():
-    path = Path(__file__).parents[1] / "dask_mpi_launch" / "environment.py"
+@pytest.mark.parametrize("name", ["resources", "launchers"])
+def test_module_imports_only_stdlib(name):
+    """The rank reads its resources and its launcher before it imports anything heavy:
+    these modules import the standard library, and resources its neighbour launchers."""
+    path = Path(__file__).parents[1] / "dask_mpi_launch" / "hpc" / f"{name}.py"
     tree = ast.parse(path.read_text())
     imported = set()
     for node in ast.walk(tree):
@@ -317,5 +320,6 @@ def test_module_imports_only_stdlib():
             imported.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "no relative imports"
-            imported.add(node.module.split(".")[0])
+            if node.module != "dask_mpi_launch.hpc.launchers" or name != "resources":
+                imported.add(node.module.split(".")[0])
     assert imported and imported <= set(sys.stdlib_module_names), imported

@@ -1,4 +1,4 @@
-"""--bootstrap slurm's control plane (filecontrol.py) driven in-process: several FileControl
+"""--bootstrap slurm's control plane (control/over_files.py) driven in-process: several FileControl
 objects with different ranks over one directory. The launches are in test_bootstrap_slurm.py."""
 import os
 import pickle
@@ -13,8 +13,8 @@ import time
 import pytest
 
 from conftest import unavailable
-from dask_mpi_launch.errors import UsageError
-from dask_mpi_launch.filecontrol import FileControl, UnsafeDirectory, decode, encode, from_slurm
+from dask_mpi_launch.base.errors import UsageError
+from dask_mpi_launch.control.over_files import FileControl, UnsafeDirectory, decode, encode, from_slurm
 
 KEY = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49\n-----END PRIVATE KEY-----\n"
 

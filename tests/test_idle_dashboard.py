@@ -1,4 +1,4 @@
-"""The dashboard still shows real content with the HPC defaults (dask_mpi_launch/tuning.py):
+"""The dashboard still shows real content with the HPC defaults (dask_mpi_launch/tuning/idle.py):
 a real job under mpiexec whose script computes, then reads /status and /profile over HTTP
 and as a Bokeh client (the document a browser gets through the page's websocket)."""
 import json

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from dask_mpi_launch.cli import command
-from dask_mpi_launch.errors import UsageError, WorldTooSmallError
-from dask_mpi_launch.layout import CLIENT as C, SCHEDULER as S, WORKER as W
-from dask_mpi_launch.settings import resolve
+from dask_mpi_launch.base.errors import UsageError, WorldTooSmallError
+from dask_mpi_launch.base.layout import CLIENT as C, SCHEDULER as S, WORKER as W
+from dask_mpi_launch.configure.settings import resolve
 from launch import finish, run, wait_no_leftovers
 from test_launch import CLIENT, HANG, _wait_for_file, one_error_line
 

@@ -1,4 +1,4 @@
-"""The ``mpi`` comm backend (dask_mpi_launch.mpicomm): pure parts in-process, then real Dask
+"""The ``mpi`` comm backend (dask_mpi_launch.dataplane.backend): pure parts in-process, then real Dask
 clusters under mpiexec (MPICH and Open MPI) whose workers run in their ranks and move data over
 MPI point-to-point, driven by tests/mpicomm_harness.py."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "mpicomm_harness.py"
 
 pytest.importorskip("distributed")
-from dask_mpi_launch import mpicomm  # noqa: E402
+from dask_mpi_launch.dataplane import backend as mpicomm  # noqa: E402
 
 
 # --- pure parts ---------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_entry_point_is_declared():
 
     meta = tomllib.loads((HERE.parent / "pyproject.toml").read_text())
     eps = meta["project"]["entry-points"]["distributed.comm.backends"]
-    assert eps["mpi"] == "dask_mpi_launch.mpicomm:MPIBackend"
+    assert eps["mpi"] == "dask_mpi_launch.dataplane.backend:MPIBackend"
 
 
 def test_not_a_peer_falls_back_to_tcp_in_process():

@@ -123,10 +123,10 @@ MPI_SCRIPT = textwrap.dedent("""
     import json, socket
     import numpy as np
     from distributed import Client
-    from dask_mpi_launch import mpicomm
+    from dask_mpi_launch.dataplane import backend
 
     def stats():
-        return mpicomm.engine().stats
+        return backend.engine().stats
 
     client = Client()
     client.wait_for_workers(3, timeout=30)

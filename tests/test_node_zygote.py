@@ -1,4 +1,4 @@
-"""One import of distributed per node (nodezygote.py), on real MPI: every role of a node
+"""One import of distributed per node (process/node_zygote.py), on real MPI: every role of a node
 comes from one zygote, with its own rank's affinity, environment and name; restarts work;
 a killed node-leader rank ends the job promptly."""
 import pytest

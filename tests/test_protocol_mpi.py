@@ -1,4 +1,4 @@
-"""--protocol mpi through the launcher (inrank.py + mpicomm.py), on real MPI: workers in
+"""--protocol mpi through the launcher (process/in_rank.py + dataplane/backend.py), on real MPI: workers in
 their ranks exchange data over MPI, the scheduler and the script keep TLS, statuses and
 failures keep their promises."""
 import pytest

@@ -1,6 +1,6 @@
 """--protocol mpi: a worker that ends when nobody asked it to (issue 21, cases 12 and 13).
 
-The worker runs in its rank's own process (inrank.py), so it cannot be restarted: whatever
+The worker runs in its rank's own process (process/in_rank.py), so it cannot be restarted: whatever
 ends it (a task's ``os._exit(N)``, ``sys.exit(N)``, a worker thread that fails) ends the job
 with one line saying which worker and how, and status 1 ("a worker fails",
 docs/failures.rst) under both MPIs; never a restart that fails with "name taken", never

@@ -5,10 +5,10 @@ import pickle
 
 import pytest
 
-from dask_mpi_launch.layout import Layout
-from dask_mpi_launch.record import Record, factory, replace
-from dask_mpi_launch.settings import Settings
-from dask_mpi_launch.status import Ended
+from dask_mpi_launch.base.layout import Layout
+from dask_mpi_launch.base.record import Record, factory, replace
+from dask_mpi_launch.configure.settings import Settings
+from dask_mpi_launch.base.status import Ended
 
 
 class Point(Record):

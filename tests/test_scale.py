@@ -1,4 +1,4 @@
-"""Scale-aware defaults (dask_mpi_launch/scale.py): in-process, no MPI."""
+"""Scale-aware defaults (dask_mpi_launch/tuning/scale.py): in-process, no MPI."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +10,8 @@ import dask.config
 import distributed  # noqa: F401 - registers distributed's defaults, as in a role process
 import pytest
 
-import dask_mpi_launch.config  # noqa: F401 - registers our defaults
-from dask_mpi_launch import scale
+import dask_mpi_launch.configure.defaults  # noqa: F401 - registers our defaults
+from dask_mpi_launch.tuning import scale
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_roles_raise_their_open_files_limit_to_the_hard_one():
     def lower():
         resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
 
-    code = ("import resource; from dask_mpi_launch.roles import raise_open_files_limit as r; "
+    code = ("import resource; from dask_mpi_launch.roles.run import raise_open_files_limit as r; "
             "before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]; "
             "print(before, r(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

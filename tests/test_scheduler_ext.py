@@ -1,4 +1,4 @@
-"""Our scheduler's O(1) version check (dask_mpi_launch/scheduler_ext.py): the same warnings
+"""Our scheduler's O(1) version check (dask_mpi_launch/tuning/scheduler.py): the same warnings
 as upstream's, a real version mismatch still reported. In-process, no MPI."""
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import distributed
 import pytest
 from distributed.versions import error_message, get_versions
 
-from dask_mpi_launch import scheduler_ext
+from dask_mpi_launch.tuning import scheduler
 
 
 def test_the_change_applies_to_the_installed_distributed():
     # if this fails, upstream's add_worker changed: look whether it still compares every
     # worker (then adapt UPSTREAM_EXPRESSION) or was fixed upstream (then drop the module)
-    assert scheduler_ext.PATCHED, distributed.__version__
-    assert scheduler_ext.Scheduler.add_worker is not distributed.Scheduler.add_worker
-    assert issubclass(scheduler_ext.Scheduler, distributed.Scheduler)
-    patched = inspect.unwrap(scheduler_ext.Scheduler.add_worker).__code__
+    assert scheduler.PATCHED, distributed.__version__
+    assert scheduler.Scheduler.add_worker is not distributed.Scheduler.add_worker
+    assert issubclass(scheduler.Scheduler, distributed.Scheduler)
+    patched = inspect.unwrap(scheduler.Scheduler.add_worker).__code__
     assert "_distinct_worker_versions" in patched.co_names
     assert "_distinct_worker_versions" not in \
         inspect.unwrap(distributed.Scheduler.add_worker).__code__.co_names
@@ -49,7 +49,7 @@ def test_distinct_sets_give_upstreams_message_after_adds_and_removes():
     choices = [base, copy.deepcopy(base), _variant(base, dask="0.0.1"),
                _variant(base, numpy=None), None]
     rnd = random.Random(1)
-    sched, index = _Sched(), scheduler_ext.VersionIndex()
+    sched, index = _Sched(), scheduler.VersionIndex()
     for step in range(300):
         if sched.workers and rnd.random() < 0.4:
             address = rnd.choice(sorted(sched.workers))
@@ -114,7 +114,7 @@ async def _registrations(scheduler_class) -> list[str]:
 
 @pytest.mark.timeout(120)
 def test_a_real_mismatch_is_reported_as_upstream_reports_it():
-    ours = asyncio.run(_registrations(scheduler_ext.Scheduler))
+    ours = asyncio.run(_registrations(scheduler.Scheduler))
     upstream = asyncio.run(_registrations(distributed.Scheduler))
     assert [bool(w) for w in ours] == [False, False, True, True, False]
     assert "dask" in ours[2] and "0.0.bad" in ours[2]
@@ -131,7 +131,7 @@ def test_min_heartbeat_interval_slows_small_clusters_heartbeats():
 
     async def interval(minimum):
         with dask.config.set({"mpi-launch.min-heartbeat-interval": minimum}):
-            async with scheduler_ext.Scheduler(dashboard_address=":0", port=0) as s:
+            async with scheduler.Scheduler(dashboard_address=":0", port=0) as s:
                 async with distributed.Worker(s.address, nthreads=1) as w:
                     reply = s.heartbeat_worker(address=w.address, metrics=await w.get_metrics())
                     return reply["heartbeat-interval"]
@@ -172,7 +172,7 @@ async def _cluster_then(scheduler_class, end: str, n: int = 12) -> tuple[int, in
         else:
             await s.close(reason="dask-mpi-launch: job ending")
             await asyncio.wait_for(asyncio.gather(*(w.finished() for w in workers)), 60)
-            if isinstance(s, scheduler_ext.Scheduler):  # every worker left by itself first
+            if isinstance(s, scheduler.Scheduler):  # every worker left by itself first
                 assert getattr(s, "_ending", None) == {w.address for w in workers}
         return s.notices, len(s.workers), [w.status.name for w in workers]
     finally:
@@ -185,7 +185,7 @@ def test_closing_the_scheduler_sends_no_notice_per_worker():
     # upstream: each connection that ends during close() is a removal that notifies every
     # remaining worker (O(n^2) at the end of a big job); ours: none, and every worker
     # still closes because the scheduler told it to
-    notices, _, statuses = asyncio.run(_cluster_then(scheduler_ext.Scheduler, "close"))
+    notices, _, statuses = asyncio.run(_cluster_then(scheduler.Scheduler, "close"))
     assert notices == 0
     assert statuses == ["closed"] * 12
     upstream, _, statuses = asyncio.run(_cluster_then(distributed.Scheduler, "close"))
@@ -195,7 +195,7 @@ def test_closing_the_scheduler_sends_no_notice_per_worker():
 
 @pytest.mark.timeout(120)
 def test_a_worker_leaving_a_running_cluster_is_removed_as_upstream_does():
-    notices, left, statuses = asyncio.run(_cluster_then(scheduler_ext.Scheduler, "one"))
+    notices, left, statuses = asyncio.run(_cluster_then(scheduler.Scheduler, "one"))
     assert left == 11 and notices == 11  # every other worker is told
     assert statuses[0] == "closed" and statuses[1:] == ["running"] * 11
 
@@ -205,7 +205,7 @@ def test_a_heartbeat_cut_by_the_workers_own_close_is_not_logged():
 
     from distributed.core import Status
 
-    from dask_mpi_launch.roles import _quiet_heartbeat_at_close
+    from dask_mpi_launch.roles.run import _quiet_heartbeat_at_close
 
     log = logging.getLogger("distributed.worker")
     seen: list[str] = []
@@ -272,7 +272,7 @@ async def _burst(scheduler_class, n: int = 10, leave: int = 4):
 
 @pytest.mark.timeout(180)
 def test_a_burst_of_departures_reaches_every_worker_in_one_send_each():
-    gone, told, sends = asyncio.run(_burst(scheduler_ext.Scheduler))
+    gone, told, sends = asyncio.run(_burst(scheduler.Scheduler))
     assert all(sorted(t) == sorted(gone) for t in told.values()), told  # each told of all 4
     assert set(sends.values()) == {1}, sends  # ... in one send
     gone, told, sends = asyncio.run(_burst(distributed.Scheduler))  # upstream: 4 each
@@ -287,7 +287,7 @@ def test_the_heap_is_frozen_as_the_cluster_grows_so_full_collections_skip_it():
 
     sched = _Sched()
     try:
-        freezer = scheduler_ext.HeapFreezer()
+        freezer = scheduler.HeapFreezer()
         assert freezer.freezes == 1  # the imported modules, at the scheduler's start
         freezes_at, kept = [], []
         for i in range(2000):
@@ -309,8 +309,8 @@ def test_the_heap_is_frozen_as_the_cluster_grows_so_full_collections_skip_it():
 
 def test_the_scheduler_role_has_the_heap_freezer():
     async def main():
-        async with scheduler_ext.Scheduler(dashboard_address=":0", host="127.0.0.1") as s:
-            return [p for p in s.plugins.values() if isinstance(p, scheduler_ext.HeapFreezer)]
+        async with scheduler.Scheduler(dashboard_address=":0", host="127.0.0.1") as s:
+            return [p for p in s.plugins.values() if isinstance(p, scheduler.HeapFreezer)]
 
     assert len(asyncio.run(main())) == 1
 
@@ -319,7 +319,7 @@ async def _notice_due_after_close() -> list:
     """A departure's notice still pending when the scheduler has closed (issue 21: at the
     end of a --protocol mpi job, ``_send_notices`` raised AsyncTaskGroupClosedError from
     the event loop, a traceback of ours). Returns what the loop reported."""
-    s = await scheduler_ext.Scheduler(host="127.0.0.1", port=0, dashboard=False)
+    s = await scheduler.Scheduler(host="127.0.0.1", port=0, dashboard=False)
     s.notice_delay = 3600.0  # the timer never fires by itself: sent by hand below
     s.leave_timeout = 1.0
     reported = []

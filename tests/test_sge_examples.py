@@ -195,7 +195,7 @@ def test_hydra_takes_hosts_from_pe_hostfile(sge, venv, tmp_path):
 
 PROBE = """\
 import os, resource, socket
-from dask_mpi_launch.environment import detect_resources
+from dask_mpi_launch.hpc.resources import detect_resources
 import psutil
 from distributed import Client
 

@@ -90,8 +90,8 @@ def test_job_that_cannot_start_times_out_and_is_cancelled(slurm, tmp_path):
 
 
 def test_detect_resources_inside_a_real_srun_step(slurm, tmp_path):
-    """dask_mpi_launch/environment.py, loaded by path, reads a live job's variables."""
-    module = Path(__file__).parents[1] / "dask_mpi_launch" / "environment.py"
+    """dask_mpi_launch/hpc/resources.py, loaded by path, reads a live job's variables."""
+    module = Path(__file__).parents[1] / "dask_mpi_launch" / "hpc/resources.py"
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import importlib.util, os, sys\n"

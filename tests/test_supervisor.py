@@ -6,7 +6,7 @@ import pytest
 
 from memworld import run_job
 
-from dask_mpi_launch.settings import Settings
+from dask_mpi_launch.configure.settings import Settings
 
 
 @pytest.fixture
@@ -189,7 +189,7 @@ def test_no_address_is_a_bounded_error(settings, capfd):
 
 
 def test_big_job_tuning_reaches_every_role_and_the_banner(settings, capfd, monkeypatch):
-    from dask_mpi_launch import scale
+    from dask_mpi_launch.tuning import scale
 
     changes = {"distributed.comm.socket-backlog": 5000, "mpi-launch.connect-timeout": "50s"}
     monkeypatch.setattr(scale, "for_job", lambda n, explicit=(): dict(changes))

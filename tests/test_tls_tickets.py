@@ -1,4 +1,4 @@
-"""The job's Security (dask_mpi_launch.tls.JobSecurity): its listeners send no TLS session
+"""The job's Security (dask_mpi_launch.security.tls.JobSecurity): its listeners send no TLS session
 tickets (nobody resumes them; they cost the scheduler half of each handshake), and TLS stays
 mutual: a client without the job's certificate is refused. Real OpenSSL handshakes over
 memory BIOs, in-process."""
@@ -15,7 +15,7 @@ pytest.importorskip("distributed")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from tls_handshake import contexts, handshake  # noqa: E402
 
-from dask_mpi_launch.security import new_credentials, security_from  # noqa: E402
+from dask_mpi_launch.security.credentials import new_credentials, security_from  # noqa: E402
 
 
 @pytest.fixture(scope="module")

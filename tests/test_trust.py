@@ -1,5 +1,5 @@
 """Never trust what another user could have written (issue 21, cases 8-11 and the directory
-of case 16): the checks of trust.py and schedfile.py in-process, then real launches under
+of case 16): the checks of security/trust.py and scheduler_file.py in-process, then real launches under
 both MPIs. Another user's files are planted as ``nobody`` in a sticky 1777 directory, like
 /scratch (test_filecontrol's ``scratch`` and ``as_user``); we are root, as in the issue."""
 import errno
@@ -15,9 +15,10 @@ import time
 import pytest
 
 from conftest import unavailable
-from dask_mpi_launch import schedfile, trust
-from dask_mpi_launch.errors import LaunchError, UsageError
-from dask_mpi_launch.settings import check_scheduler_file
+from dask_mpi_launch.security import scheduler_file
+from dask_mpi_launch.security import trust
+from dask_mpi_launch.base.errors import LaunchError, UsageError
+from dask_mpi_launch.configure.settings import check_scheduler_file
 from launch import finish, run, wait_no_leftovers
 from test_filecontrol import as_user, scratch  # noqa: F401  (a fixture)
 from test_launch import CLIENT, _wait_for_file
@@ -56,7 +57,7 @@ def test_another_users_scheduler_file_is_refused_with_its_owner(scratch):  # noq
     path = os.path.join(scratch, "sched.json")
     plant(path)
     with pytest.raises(trust.Untrusted) as e:
-        schedfile.read(path)
+        scheduler_file.read(path)
     assert str(e.value) == (
         f"the scheduler file {path} belongs to user nobody, not to you: another user may have "
         "planted it (their cluster would run your code): have it removed, or choose another "
@@ -73,7 +74,7 @@ def test_a_second_user_refuses_roots_file_too(scratch):  # noqa: F811
 
     def refused():
         try:
-            schedfile.read(path)
+            scheduler_file.read(path)
         except trust.Untrusted as e:
             assert f"{path} belongs to user root, not to you" in str(e), e
         else:
@@ -86,10 +87,10 @@ def test_another_users_credentials_are_refused(scratch):  # noqa: F811
     path = os.path.join(scratch, "sched.json")
     plant(path)
     os.chown(path, 0, 0)  # even beside a scheduler file of ours
-    assert schedfile.read(path) == THEIRS
+    assert scheduler_file.read(path) == THEIRS
     with pytest.raises(trust.Untrusted, match=r"the credentials directory .*\.credentials "
                                               "belongs to user nobody, not to you"):
-        schedfile.read_credentials(path)
+        scheduler_file.read_credentials(path)
 
 
 def test_a_file_of_theirs_in_our_credentials_directory_is_refused(tmp_path):
@@ -99,7 +100,7 @@ def test_a_file_of_theirs_in_our_credentials_directory_is_refused(tmp_path):
         (tmp_path / "sched.json.credentials" / name).write_text("x")
     os.chown(tmp_path / "sched.json.credentials" / "key.pem", nobody(), -1)
     with pytest.raises(trust.Untrusted, match="key.pem belongs to user nobody"):
-        schedfile.read_credentials(path)
+        scheduler_file.read_credentials(path)
 
 
 def test_links_and_writable_files_are_refused(tmp_path):
@@ -108,14 +109,14 @@ def test_links_and_writable_files_are_refused(tmp_path):
     link = tmp_path / "link.json"
     link.symlink_to(ours)
     with pytest.raises(trust.Untrusted, match="is a symbolic link: links are never followed"):
-        schedfile.read(str(link))
+        scheduler_file.read(str(link))
     os.chmod(ours, 0o666)
     with pytest.raises(trust.Untrusted, match=r"is writable by others \(mode 0666\): "
                                               "anyone who can write it could have changed it"):
-        schedfile.read(str(ours))
+        scheduler_file.read(str(ours))
     os.chmod(ours, 0o644)
-    assert schedfile.read(str(ours)) == {"address": "tls://127.0.0.1:2"}
-    assert schedfile.read(str(tmp_path / "absent.json")) is None  # not there yet: wait
+    assert scheduler_file.read(str(ours)) == {"address": "tls://127.0.0.1:2"}
+    assert scheduler_file.read(str(tmp_path / "absent.json")) is None  # not there yet: wait
 
 
 def test_a_directory_is_no_scheduler_file(tmp_path):
@@ -124,7 +125,7 @@ def test_a_directory_is_no_scheduler_file(tmp_path):
     assert str(e.value) == (f"the scheduler file {tmp_path} is a directory: give the path of "
                             f"a file, e.g. {tmp_path}/scheduler.json")
     with pytest.raises(trust.Untrusted, match="is a directory"):
-        schedfile.read(str(tmp_path))
+        scheduler_file.read(str(tmp_path))
 
 
 def test_connect_refuses_another_users_file_at_once(scratch):  # noqa: F811
@@ -150,7 +151,7 @@ def test_published_files_and_their_modes(tmp_path):
     path = str(tmp_path / "sched.json")
     old = os.umask(0o002)  # a group project's umask: no group-writable file results
     try:
-        made = schedfile.publish(path, {"address": "tls://127.0.0.1:3"}, CREDENTIALS)
+        made = scheduler_file.publish(path, {"address": "tls://127.0.0.1:3"}, CREDENTIALS)
     finally:
         os.umask(old)
     try:
@@ -161,10 +162,10 @@ def test_published_files_and_their_modes(tmp_path):
                 for n in os.listdir(creds)} == {"ca.pem": 0o600, "cert.pem": 0o600,
                                                 "key.pem": 0o600}
         assert sorted(os.listdir(tmp_path)) == ["sched.json", "sched.json.credentials"]
-        assert schedfile.read(path) == {"address": "tls://127.0.0.1:3"}
-        assert schedfile.read_credentials(path) == CREDENTIALS
+        assert scheduler_file.read(path) == {"address": "tls://127.0.0.1:3"}
+        assert scheduler_file.read_credentials(path) == CREDENTIALS
     finally:
-        schedfile.remove(made)
+        scheduler_file.remove(made)
     assert os.listdir(tmp_path) == []
 
 
@@ -187,14 +188,14 @@ def test_a_link_planted_at_the_temporary_name_is_never_followed(scratch, monkeyp
                                os.symlink(victim, guessed)))
     with pytest.raises(LaunchError, match=f"cannot write the scheduler file {path}: "
                                           "File exists"):
-        schedfile.publish(path, {"address": "tls://127.0.0.1:4"}, CREDENTIALS)
+        scheduler_file.publish(path, {"address": "tls://127.0.0.1:4"}, CREDENTIALS)
     assert open(victim).read() == "precious"
     # nothing of ours left behind: no scheduler file, no credentials, no temporary file
     assert sorted(os.listdir(scratch)) == sorted(
         ["victim", f"sched.json.{os.getpid()}.tmp", os.path.basename(guessed)])
     monkeypatch.undo()
-    made = schedfile.publish(path, {"address": "tls://127.0.0.1:4"}, CREDENTIALS)
-    schedfile.remove(made)
+    made = scheduler_file.publish(path, {"address": "tls://127.0.0.1:4"}, CREDENTIALS)
+    scheduler_file.remove(made)
     assert open(victim).read() == "precious"
 
 
@@ -209,7 +210,7 @@ def test_a_failed_publication_leaves_no_credentials_behind(tmp_path, monkeypatch
 
     monkeypatch.setattr(trust, "new_file", full)
     with pytest.raises(LaunchError) as e:
-        schedfile.publish(path, {"address": "tls://127.0.0.1:5"}, CREDENTIALS)
+        scheduler_file.publish(path, {"address": "tls://127.0.0.1:5"}, CREDENTIALS)
     assert str(e.value) == f"cannot write the scheduler file {path}: No space left on device"
     assert os.listdir(tmp_path) == []
 
@@ -218,8 +219,8 @@ def test_another_users_files_are_never_replaced(scratch):  # noqa: F811
     """Case 11: one line saying what and whose; their files stay as they were."""
     path = os.path.join(scratch, "sched.json")
     plant(path)
-    for attempt in (check_scheduler_file, schedfile.remove_stale,
-                    lambda p: schedfile.publish(p, {"address": "tls://x:1"}, CREDENTIALS)):
+    for attempt in (check_scheduler_file, scheduler_file.remove_stale,
+                    lambda p: scheduler_file.publish(p, {"address": "tls://x:1"}, CREDENTIALS)):
         with pytest.raises(trust.Untrusted, match=f"^the scheduler file {path} belongs to "
                                                   "user nobody, not to you"):
             attempt(path)
@@ -233,11 +234,11 @@ def test_another_users_files_are_never_replaced(scratch):  # noqa: F811
 
 HOLD = """
 import sys
-from dask_mpi_launch import schedfile
-made = schedfile.publish(sys.argv[1], {"address": "tls://127.0.0.1:6"}, {"ca": "a", "cert": "b", "key": "c"})
+from dask_mpi_launch.security import scheduler_file
+made = scheduler_file.publish(sys.argv[1], {"address": "tls://127.0.0.1:6"}, {"ca": "a", "cert": "b", "key": "c"})
 print("published", flush=True)
 sys.stdin.read()
-schedfile.remove(made)
+scheduler_file.remove(made)
 """
 
 
@@ -250,33 +251,33 @@ def test_a_live_jobs_file_is_refused_and_a_stale_one_replaced(tmp_path):
     try:
         assert holder.stdout.readline() == "published\n"
         before = os.stat(path)
-        for attempt in (check_scheduler_file, schedfile.remove_stale,
-                        lambda p: schedfile.publish(p, {"address": "tls://x:1"}, CREDENTIALS)):
+        for attempt in (check_scheduler_file, scheduler_file.remove_stale,
+                        lambda p: scheduler_file.publish(p, {"address": "tls://x:1"}, CREDENTIALS)):
             with pytest.raises(trust.Untrusted) as e:
                 attempt(path)
             assert str(e.value) == (
                 f"the scheduler file {path} is in use by a running cluster (tls://127.0.0.1:6): "
                 "give this job its own --scheduler-file, or end that cluster first")
         assert os.stat(path).st_ino == before.st_ino
-        assert schedfile.read_credentials(path) == {"ca": "a", "cert": "b", "key": "c"}
+        assert scheduler_file.read_credentials(path) == {"ca": "a", "cert": "b", "key": "c"}
         assert sorted(os.listdir(tmp_path)) == ["sched.json", "sched.json.credentials"]
         os.unlink(path)  # its file deleted by hand: its credentials are still live
         for attempt in (check_scheduler_file,
-                        lambda p: schedfile.publish(p, {"address": "tls://x:1"}, CREDENTIALS)):
+                        lambda p: scheduler_file.publish(p, {"address": "tls://x:1"}, CREDENTIALS)):
             with pytest.raises(trust.Untrusted) as e:
                 attempt(path)
             assert str(e.value) == (
                 f"the credentials directory {path}.credentials is in use by a running cluster: "
                 "give this job its own --scheduler-file, or end that cluster first")
-        assert schedfile.read_credentials(path) == {"ca": "a", "cert": "b", "key": "c"}
+        assert scheduler_file.read_credentials(path) == {"ca": "a", "cert": "b", "key": "c"}
         assert os.listdir(tmp_path) == ["sched.json.credentials"]
     finally:
         holder.kill()
         holder.wait()
-    made = schedfile.publish(path, {"address": "tls://127.0.0.1:7"}, CREDENTIALS)  # stale
-    assert schedfile.read(path)["address"] == "tls://127.0.0.1:7"
-    assert schedfile.read_credentials(path) == CREDENTIALS
-    schedfile.remove(made)
+    made = scheduler_file.publish(path, {"address": "tls://127.0.0.1:7"}, CREDENTIALS)  # stale
+    assert scheduler_file.read(path)["address"] == "tls://127.0.0.1:7"
+    assert scheduler_file.read_credentials(path) == CREDENTIALS
+    scheduler_file.remove(made)
     assert os.listdir(tmp_path) == []
 
 
@@ -286,19 +287,19 @@ def test_what_a_killed_job_left_is_removed_at_the_start(tmp_path):
     os.mkdir(f"{path}.credentials", 0o700)
     (tmp_path / "sched.json.credentials" / "key.pem").write_text("old")
     check_scheduler_file(path)  # stale: no job holds it
-    schedfile.remove_stale(path)
+    scheduler_file.remove_stale(path)
     assert os.listdir(tmp_path) == []
 
 
 def test_the_end_removes_only_what_this_job_made(tmp_path):
     path = str(tmp_path / "sched.json")
-    made = schedfile.publish(path, {"address": "tls://127.0.0.1:8"}, CREDENTIALS)
+    made = scheduler_file.publish(path, {"address": "tls://127.0.0.1:8"}, CREDENTIALS)
     os.unlink(path)  # someone removed ours and another job wrote its own since
     os.rename(f"{path}.credentials", str(tmp_path / "moved"))
     with open(path, "w") as f:
         json.dump({"address": "tls://127.0.0.1:9"}, f)
     os.mkdir(f"{path}.credentials")
-    schedfile.remove(made)
+    scheduler_file.remove(made)
     assert json.load(open(path))["address"] == "tls://127.0.0.1:9"
     assert sorted(os.listdir(tmp_path)) == ["moved", "sched.json", "sched.json.credentials"]
 

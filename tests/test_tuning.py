@@ -1,4 +1,4 @@
-"""HPC defaults of the role processes (dask_mpi_launch/tuning.py): in-process, no MPI.
+"""HPC defaults of the role processes (dask_mpi_launch/idle.py): in-process, no MPI.
 
 The user's own config always wins: YAML files, DASK_* variables, dask.config.set()."""
 import copy
@@ -10,7 +10,7 @@ import distributed  # noqa: F401  (its defaults are loaded, as in a role process
 import pytest
 from dask.utils import parse_timedelta
 
-from dask_mpi_launch import tuning
+from dask_mpi_launch.tuning import idle
 
 TICK = "distributed.admin.tick.interval"
 MONITOR = "distributed.admin.system-monitor.interval"
@@ -40,7 +40,7 @@ def fresh_config(monkeypatch, tmp_path):
 
 
 def ours() -> dict:
-    return tuning.flatten(dask.config.get("mpi-launch.hpc-config"))
+    return idle.flatten(dask.config.get("mpi-launch.hpc-config"))
 
 
 def library_default(key):
@@ -57,7 +57,7 @@ def test_every_key_is_one_of_distributeds_and_parses():
 
 def test_applied_where_the_user_chose_nothing(fresh_config):
     assert dask.config.get(TICK) == library_default(TICK) == "20ms"
-    chosen = tuning.apply_hpc_defaults()
+    chosen = idle.apply_hpc_defaults()
     assert chosen == ours()
     for key, value in ours().items():
         assert dask.config.get(key) == value
@@ -69,7 +69,7 @@ def test_environment_variable_wins(fresh_config, monkeypatch):
     monkeypatch.setenv("DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL", "7ms")
     monkeypatch.setenv("DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL", "300ms")
     reload()
-    chosen = tuning.apply_hpc_defaults()
+    chosen = idle.apply_hpc_defaults()
     assert dask.config.get(TICK) == "7ms"
     assert dask.config.get(MONITOR) == "300ms"
     assert TICK not in chosen and MONITOR not in chosen
@@ -81,14 +81,14 @@ def test_yaml_file_wins_even_with_distributeds_value(fresh_config):
     (directory / "site.yaml").write_text(
         "distributed:\n  worker:\n    profile:\n      interval: 10ms\n")
     reload()
-    chosen = tuning.apply_hpc_defaults()
+    chosen = idle.apply_hpc_defaults()
     assert dask.config.get(PROFILE) == "10ms"  # the library's value, but chosen by the user
     assert PROFILE not in chosen and TICK in chosen
 
 
 def test_config_set_in_the_process_wins(fresh_config):
     dask.config.set({TICK: "40ms"})  # e.g. before initialize() in the script
-    tuning.apply_hpc_defaults()
+    idle.apply_hpc_defaults()
     assert dask.config.get(TICK) == "40ms"
     assert dask.config.get(MONITOR) == ours()[MONITOR]
 
@@ -101,13 +101,13 @@ def test_off_switch_keeps_distributeds_defaults(fresh_config, monkeypatch, how):
     else:
         monkeypatch.setenv("DASK_MPI_LAUNCH__HPC_DEFAULTS", "False")
     reload()
-    assert tuning.apply_hpc_defaults() == {}
+    assert idle.apply_hpc_defaults() == {}
     for key in ours():
         assert dask.config.get(key) == library_default(key)
 
 
 def test_a_process_that_imports_the_package_keeps_distributeds_defaults():
-    code = ("import dask_mpi_launch, dask_mpi_launch.cli, dask_mpi_launch.roles, distributed, "
+    code = ("import dask_mpi_launch, dask_mpi_launch.cli, dask_mpi_launch.roles.run, distributed, "
             "dask; print(dask.config.get('distributed.admin.tick.interval'), "
             "dask.config.get('distributed.worker.profile.interval'))")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}

@@ -2,10 +2,10 @@
 import pytest
 from click.testing import CliRunner
 
-from dask_mpi_launch.errors import UsageError, WorldTooSmallError
-from dask_mpi_launch.layout import CLIENT, SCHEDULER, WORKER, Layout, min_size
-from dask_mpi_launch.status import Ended, exit_status
-from dask_mpi_launch.settings import (Settings, parse_memory_limit, parse_timeout,
+from dask_mpi_launch.base.errors import UsageError, WorldTooSmallError
+from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER, Layout, min_size
+from dask_mpi_launch.base.status import Ended, exit_status
+from dask_mpi_launch.configure.settings import (Settings, parse_memory_limit, parse_timeout,
                                       parse_worker_options, resolve)
 
 

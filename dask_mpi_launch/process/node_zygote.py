@@ -1,0 +1,404 @@
+"""One zygote per node: the ranks of a host share the process that imported ``distributed``.
+
+At scale every process importing Python packages from a parallel file system is the
+"import storm" (thousands of ranks x ~1,500 look-ups each on one metadata server), and on a
+node the imports of its ranks compete for its cores. So the node's first rank (local rank
+0, as the launcher tells it: ``MPI_LOCALRANKID``, ``OMPI_COMM_WORLD_LOCAL_RANK``,
+``SLURM_LOCALID``) forks the zygote and listens on a Unix socket for the other ranks of the
+node; they connect instead of forking their own. Every role process of the node is forked
+by that one zygote, on its owning rank's request, and keeps the owning rank's environment,
+working directory, CPU affinity, standard output and error: nothing changes for the user.
+
+The zygote is then the roles' parent: it reaps them and tells each owning rank how its
+roles ended (the exact wait status); the ranks still read their roles' pipes and signal
+their process groups themselves. A rank whose connection closes (it died) has its roles
+killed; the zygote ends when every rank of the node has closed its connection.
+
+The socket is in the abstract namespace (per network namespace, so per host even in
+containers), named after the user, the launcher's node process and the job; both ends check
+the other's user id (``SO_PEERCRED``): nobody else can ask this zygote for anything, and
+no rank talks to another user's zygote. A rank that cannot reach its node's zygote within
+``wait`` seconds forks its own (the per-rank zygote), as ``--no-share-imports`` does.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import time
+
+from dask_mpi_launch.process.children import (Child, become_subreaper, end_descendants, enter_role, flush,
+                       run_body, set_title)
+from dask_mpi_launch.base.errors import LaunchError
+from dask_mpi_launch.hpc.launchers import PER_RANK, launch_id
+from dask_mpi_launch.base.status import Ended
+from dask_mpi_launch.process.zygote import _MAX, ZygoteLauncher, _send, import_parser, load_roles, parse_for
+
+
+
+#: the launchers' processes on a node, whose children are the ranks (``comm``, 15 chars)
+LAUNCHERS = frozenset({
+    "hydra_pmi_proxy", "mpiexec.hydra", "mpiexec", "mpirun", "prted", "prterun", "orted",
+    "orterun", "slurmstepd", "palsd", "pmi_proxy", "pbs_mom", "sge_shepherd", "res",
+})
+
+
+def _stat(pid: int) -> tuple[str, int, str]:
+    """(command name, parent pid, start time) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        head, tail = f.read().rsplit(")", 1)
+    fields = tail.split()
+    return head.split("(", 1)[1], int(fields[1]), fields[19]
+
+
+def launcher_process() -> tuple[int, str]:
+    """The launcher's process on this node that started this rank, and its start time.
+
+    Usually the rank's parent. Sites that load modules per rank start it through a wrapper
+    (``mpiexec -n 8 ./wrap.sh dask-mpi-launch ...``, bash without ``exec``), and then
+    each rank's parent is its own shell: the ranks never met at the node's zygote and
+    each waited 10 s before forking its own (13.8 s vs 2.2 s to start, issue 21). So the
+    ancestors are walked up to the first known launcher process (:data:`LAUNCHERS`); where
+    none is found, the parent, as before."""
+    parent = os.getppid()
+    pid = parent
+    for _ in range(16):
+        try:
+            name, ppid, started = _stat(pid)
+        except (OSError, IndexError, ValueError):
+            break
+        if name in LAUNCHERS:
+            return pid, started
+        if ppid <= 1:
+            break
+        pid = ppid
+    try:
+        return parent, _stat(parent)[2]
+    except (OSError, IndexError, ValueError):
+        return parent, "0"
+
+
+def socket_name(env=os.environ) -> str:
+    """The same for every rank of this job on this node, different for any other job: the
+    user, the launcher's process on the node (:func:`launcher_process`) and its start
+    time."""
+    parent, started = launcher_process()
+    job = launch_id(env)
+    return f"dask-mpi-launch-{os.getuid()}-{parent}-{started}-{job}"
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class RemoteChild(Child):
+    """A role forked by the node's zygote: its end is told by the zygote."""
+
+    def __init__(self, role, label, pid, fd, spec, launcher: "NodeLauncher"):
+        super().__init__(role, label, pid, fd, spec)
+        self.launcher = launcher
+
+    def reap(self) -> bool:
+        if self.ended is not None:
+            return False
+        self.launcher.pump()
+        raw = self.launcher.exits.pop(self.pid, None)
+        if raw is not None:
+            self.ended = Ended.from_wait(raw)
+            return True
+        if self.launcher.lost:  # the node's zygote died: the role went with it
+            self.ended = Ended(signal=signal.SIGKILL)
+            self.cause = ("was ended with the node's zygote, which started it and died "
+                          "(was it killed, or out of memory?)")
+            return True
+        return False
+
+
+class NodeLauncher(ZygoteLauncher):
+    """A rank's side of the node's shared zygote."""
+
+    def __init__(self, sock: socket.socket, pid: int | None, wait: float = 10.0):
+        super().__init__(sock, pid)
+        self.exits: dict[int, int] = {}  # pid -> raw wait status, told by the zygote
+        self.lost = False
+        self.wait = wait
+
+    def _receive(self):
+        while True:
+            reply = super()._receive()
+            if reply[0] != "exited":
+                return reply
+            self.exits[reply[1]] = reply[2]
+
+    def pump(self) -> None:
+        """Read the zygote's news without waiting."""
+        while self.sock is not None and not self.lost:
+            if not select.select([self.sock], [], [], 0)[0]:
+                return
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, _MAX, 4)
+            except OSError:
+                data, fds = b"", []
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                self.lost = True
+                return
+            message = pickle.loads(data)
+            if message[0] == "exited":
+                self.exits[message[1]] = message[2]
+
+    shared_fds = (1, 2)  # the role writes to its own rank's stdout and stderr
+
+    def start(self, role, label, spec, *, stdin=None, returns=False):
+        if returns:
+            raise LaunchError("initialize()'s client cannot come from a shared zygote")
+        spec = {**spec, "env": dict(os.environ), "cwd": os.getcwd(),
+                "affinity": sorted(os.sched_getaffinity(0))}
+        return super().start(role, label, spec, stdin=stdin)
+
+    def _child(self, role, label, pid, fd, spec) -> Child:
+        return RemoteChild(role, label, pid, fd, spec, self)
+
+    # never wait for the other ranks of the node (the first rank's zygote ends with it)
+    _close_wait = os.WNOHANG
+
+    @property
+    def spare(self) -> tuple:
+        """Not for this rank to end: the node's zygote it forked serves the others."""
+        return (self.pid,) if self.pid else ()
+
+    def _abandon(self) -> None:
+        """The node's first rank started nothing (it exits after --help, say): the other
+        ranks of the node may still need the zygote to parse their command line, so it is
+        left to end by itself once they are done (bounded), then killed."""
+        deadline = time.monotonic() + 2 * self.wait + 5
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def start(local: tuple[int, int], wait: float = 10.0, preload=("distributed",),
+          parse: bool = False):
+    """The node's zygote for this rank: fork it (local rank 0) or connect to it; None where
+    neither worked (the caller forks a zygote of its own). ``parse``: the ranks send their
+    command lines first; ``preload`` is imported once they all got their settings (or none
+    came for ``idle`` seconds), not at all when none of them will start a role."""
+    name = "\0" + socket_name()
+    if local[0] == 0:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            listener.bind(name)
+            listener.listen(max(16, local[1]))
+        except OSError:
+            listener.close()
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        flush()
+        pid = os.fork()
+        if pid:
+            listener.close()
+            theirs.close()
+            return NodeLauncher(ours, pid, wait)
+        ours.close()
+        try:
+            _serve(theirs, listener, os.getppid(), preload, parse, local[1], wait)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(name)
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.01)
+            continue
+        if _peer_uid(sock) != os.getuid():
+            sock.close()
+            return None
+        return NodeLauncher(sock, None, wait)
+
+
+IDLE = 1.0  # seconds without a new command line after which the zygote imports anyway
+
+
+def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
+           parse: bool = False, size: int = 1, wait: float = 10.0) -> None:
+    # No parent-death signal: the zygote outlives the node's first rank until every rank
+    # of the node has closed its connection (a rank that dies closes it too), so each
+    # rank's roles are ended by the zygote when their rank goes (_drop), and the roles'
+    # orphans, reparented to the zygote (a subreaper), when it ends.
+    if os.getppid() != leader:
+        return
+    become_subreaper()
+    try:  # a group of its own: a launcher that kills the rank's process group (Hydra, when
+        os.setpgid(0, 0)  # a rank dies) must not take the zygote before it ends the roles
+    except OSError:
+        pass
+    set_title("dml-zygote")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    born = last = time.monotonic()
+    parser_error = import_parser() if parse else None
+    imported = False
+    error = run_check = run_role = None
+    seen, parsed, wanted = 1, 0, not parse  # ranks connected, parsed; a role will start
+    conns = [first]
+    owners: dict[int, socket.socket] = {}  # role pid -> its rank's connection
+    parsed_for: dict[tuple, tuple] = {}  # the ranks' command lines are usually the same
+    # until every rank of the node came and went (or the ranks' own connect wait is over)
+    while conns or (parse and seen < size and time.monotonic() - born < wait):
+        now = time.monotonic()
+        if not imported and wanted and (not parse or parsed >= size or now - last >= IDLE):
+            imported = True
+            error, run_check, run_role = load_roles(preload)
+            for conn in conns:
+                _send(conn, ("ready", error))
+        timeout = 1.0 if imported or not wanted else max(0.0, IDLE - (now - last))
+        readable = select.select([listener, wake_r, *conns], [], [], timeout)[0]
+        if wake_r in readable:
+            os.read(wake_r, 4096)
+        if listener in readable:
+            conn, _ = listener.accept()
+            if _peer_uid(conn) == os.getuid():
+                conns.append(conn)
+                seen += 1
+                if imported:
+                    _send(conn, ("ready", error))
+            else:
+                conn.close()
+        for conn in [c for c in conns if c in readable]:
+            try:
+                data, fds, _, _ = socket.recv_fds(conn, _MAX, 8)
+            except OSError:
+                data, fds = b"", []
+            message = pickle.loads(data) if data else ("exit",)
+            if message[0] == "exit":
+                _drop(conn, conns, owners)
+            elif message[0] == "parse":
+                key = _same_for_every_rank(message)
+                reply = parsed_for.get(key)
+                if reply is None:
+                    reply = parse_for(message, fds, parser_error)
+                    fds = []  # closed by parse_for
+                    if reply[0] == "settings":  # (what printed something is never reused)
+                        parsed_for[key] = reply
+                parsed += 1
+                last = time.monotonic()
+                # roles will start here (not after --check, nor for ranks that go per-rank)
+                wanted = wanted or (reply[0] == "settings" and not reply[2]
+                                    and reply[1].share_imports)
+                _send(conn, ("parsed", reply))
+            elif error:
+                _send(conn, ("error", error) if message[0] == "start" else ("checked", error))
+            elif message[0] == "check":
+                _send(conn, ("checked", run_check(message[1], message[2])))
+            elif message[0] == "start":
+                _, role, label, spec, _, has_stdin = message
+                try:
+                    pid = _fork(role, spec, fds, has_stdin, run_role,
+                                [listener, *conns], (wake_r, wake_w))
+                except OSError as e:
+                    reply = ("error", str(e))
+                else:
+                    owners[pid] = conn
+                    reply = ("started", pid)
+                _send(conn, reply)
+            for fd in fds:
+                os.close(fd)
+        _reap(owners)
+    listener.close()
+    ended = end_descendants(2.0)  # what the node's roles left running (daemons, helpers)
+    if ended:
+        from dask_mpi_launch.base.status import say
+
+        shown = ", ".join(ended[:3]) + (" ..." if len(ended) > 3 else "")
+        say(f"host {socket.gethostname()}: ended {len(ended)} process"
+            f"{'es' if len(ended) > 1 else ''} the job left running: {shown}")
+
+
+# What tells the ranks of a node apart in their environment: ``launchers.PER_RANK``, nothing
+# that the settings depend on, so ranks that differ only in these get the same settings.
+
+
+def _same_for_every_rank(message) -> tuple:
+    """A rank's parse request without what only names the rank."""
+    _, argv, env, cwd = message
+    return (tuple(argv), cwd,
+            tuple(sorted((k, v) for k, v in env.items() if k not in PER_RANK)))
+
+
+def _drop(conn, conns, owners) -> None:
+    """A rank is done (or died): what it started and left running goes too."""
+    conns.remove(conn)
+    for pid, owner in list(owners.items()):
+        if owner is conn:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    conn.close()
+
+
+def _reap(owners) -> None:
+    while True:
+        try:
+            pid, raw = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = owners.pop(pid, None)
+        if conn is not None and conn.fileno() >= 0:
+            try:
+                socket.send_fds(conn, [pickle.dumps(("exited", pid, raw))], [])
+            except OSError:
+                pass
+
+
+def _fork(role, spec, fds, has_stdin, run_role, sockets, wake) -> int:
+    pipe, out, err = fds[:3]
+    stdin = fds[3] if has_stdin else None
+    zygote = os.getpid()
+    flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    for sock in sockets:
+        sock.close()
+    signal.set_wakeup_fd(-1)
+    for fd in wake:
+        os.close(fd)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    if stdin is not None:
+        stdin = os.dup(stdin)
+    for fd in fds[1:]:
+        os.close(fd)
+    enter_role(zygote, stdin)
+    os.environ.clear()
+    os.environ.update(spec.pop("env"))
+    os.chdir(spec.pop("cwd"))
+    os.sched_setaffinity(0, spec.pop("affinity"))
+    from dask_mpi_launch.process.children import Channel
+
+    run_body(lambda ch: run_role(role, spec, ch), Channel(pipe), spec)
