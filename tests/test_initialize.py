@@ -53,12 +53,16 @@ from dask_mpi_launch import initialize, send_close_signal
 is_client = initialize(exit=False)
 if is_client:
     from distributed import Client
-    print("client sees", len(Client().scheduler_info()["workers"]), "workers", flush=True)
+    client = Client()  # left open, as users do: send_close_signal closes it first
+    print(f"client sees {len(client.scheduler_info()['workers'])} workers", flush=True)
     send_close_signal()
-print("rank", MPI.COMM_WORLD.rank, "continues", is_client, flush=True)
+# one write per line: print() writes its pieces one by one, and the ranks share the pipe
+sys.stdout.write(f"rank {MPI.COMM_WORLD.rank} continues {is_client}\n")
+sys.stdout.flush()
 """)
     out = venv.launch_python(4, path, timeout=HANG)
     assert out.status == 0, out
+    assert "Traceback" not in out.err, out  # the open client closed before the cluster
     assert "client sees 2 workers" in out.out
     for rank, is_client in [(0, False), (1, True), (2, False), (3, False)]:
         assert f"rank {rank} continues {is_client}" in out.out, out

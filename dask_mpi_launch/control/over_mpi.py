@@ -3,26 +3,11 @@
 Every wait here polls (``improbe`` / ``Test``) against a deadline, so a rank that died or
 hangs turns into a bounded error instead of a job that sits in a collective until walltime.
 
-Messages are tuples ``(kind, *fields)`` of plain data (str, int, float, list, dict, None):
-
-============  =========================================  ==================================
-kind          fields                                     from -> to
-============  =========================================  ==================================
-check-failed  rank, host, role, message, status          any -> rank 0, while checking
-hello         rank, host, roles                          any -> rank 0 (for the banner)
-address       dict: address, identity, dashboard,        scheduler rank -> all
-              name_prefix, host, interfaces, credentials
-ready         rank, host, worker names                   worker rank -> rank 0
-all-ready     number of workers                          rank 0 -> client rank
-stdin         latin-1 text of the job's stdin ('' EOF)   rank 0 -> client rank
-jupyter       URL of JupyterLab                          client rank -> rank 0
-fail          rank, host, role, message, status, prio    any -> rank 0 (which tells everyone)
-stop          status, priority                           any -> all
-closed        rank                                       worker rank -> scheduler rank
-============  =========================================  ==================================
+Messages are typed records (``base/messages.py``), sent as tuples ``(kind, *fields)`` of
+plain data (str, int, float, list, dict, None); their table is ``docs/messages.rst``.
 
 Two implementations share the :class:`ControlPlane` interface: :class:`Control` over an MPI
-communicator, and ``filecontrol.FileControl`` (files in a shared directory, no MPI).
+communicator, and ``control.over_files.FileControl`` (files in a shared directory, no MPI).
 """
 from __future__ import annotations
 

@@ -29,6 +29,9 @@ import time
 
 from dask_mpi_launch.tuning import scale
 from dask_mpi_launch.process import starting
+from dask_mpi_launch.base.messages import (CONTROL, Address, AllReady, CheckFailed, Closed, Fail,
+                                            Hello, Jupyter, Ready, SchedulerClosed, Stdin, Stop,
+                                            decode)
 from dask_mpi_launch.process.children import (RESTART_REASON, Child, Family, StdinRelay, end_descendants,
                        read_stdin)
 from dask_mpi_launch.control.over_mpi import ControlPlane
@@ -163,8 +166,8 @@ class Supervisor:
             error = LaunchError(f"internal error while checking: {type(e).__name__}: {e}")
         if error is not None:
             self.error = error
-            self.control.send(0, "check-failed", self.rank, self.host, self.role_name,
-                              error.message, error.status)
+            self.control.send(0, *CheckFailed(self.rank, self.host, self.role_name,
+                                              error.message, error.status))
         failed = self.control.allreduce_sum(
             int(error is not None), self.settings.startup_timeout, self.poll_quietly)
         if failed is None:
@@ -189,7 +192,7 @@ class Supervisor:
         if self.coordinator:
             self.coordinator.starting()
         else:
-            self.control.send(0, "hello", self.rank, self.host, list(self.roles))
+            self.control.send(0, *Hello(self.rank, self.host, list(self.roles)))
         # launchers give the job's stdin to rank 0: it relays it to the client's rank
         # (Open MPI 5's mpirun never passes end-of-file on: there the client reads none)
         client = self.layout.client_rank
@@ -260,7 +263,7 @@ class Supervisor:
         if can_write:
             self.stdin_relay.pump()
         for message in self.control.poll():
-            self._on_message(message)
+            self._on_message(decode(CONTROL, message))
         if self.signalled and not self.outcome.decided:
             # a --jupyter session, like a cluster-only job, ends by a signal: 0
             self.stop(self.outcome.on_signal(
@@ -276,7 +279,7 @@ class Supervisor:
         text = read_stdin()
         if text is None:
             return
-        self.control.send(self.layout.client_rank, "stdin", text)
+        self.control.send(self.layout.client_rank, *Stdin(text))
         if text == "":
             self.relay_stdin = False
 
@@ -301,7 +304,7 @@ class Supervisor:
             say(f"warning: TLS is off: anyone who can reach {address} can run code as you "
                 "on this cluster (drop --no-tls / --protocol tcp to secure it)")
         self.cluster.update(info)
-        self.control.broadcast("address", info)
+        self.control.broadcast(*Address(info))
 
     # ------------------------------------------------------------------
     # what children say, and how they end
@@ -319,12 +322,12 @@ class Supervisor:
         elif kind == "leaving":
             child.left = str(event.get("reason", ""))
         elif kind == "jupyter" and child.role == CLIENT:
-            self.control.send(0, "jupyter", event["url"])
+            self.control.send(0, *Jupyter(event["url"]))
         elif kind == "ready" and child.role == WORKER:
             self.workers_ready += 1  # restarted workers count again: == fires once
             if self.workers_ready == self.settings.worker_processes:
                 names = [c.label.split(" ", 1)[1] for c in self.children.of(WORKER)]
-                self.control.send(0, "ready", self.rank, self.host, names)
+                self.control.send(0, *Ready(self.rank, self.host, names))
 
     def _on_exit(self, child: Child) -> None:
         if self.outcome.decided:
@@ -369,33 +372,31 @@ class Supervisor:
     # ------------------------------------------------------------------
     # what other ranks say
 
-    def _on_message(self, message) -> None:
-        kind, *fields = message
-        if kind == "address":
-            self.cluster.update(fields[0])
-        elif kind == "all-ready":
+    def _on_message(self, m) -> None:
+        if isinstance(m, Address):
+            self.cluster.update(m.info)
+        elif isinstance(m, AllReady):
             self.cluster["all_ready"] = True
-        elif kind == "fail":
-            rank, host, role, text, status, priority = fields
-            self.report(rank, host, role, text)
-            self.stop(status, priority)
-        elif kind == "stop":
-            self.outcome.propose(*fields)
-        elif kind == "closed":
-            self.closed.add(fields[0])
-        elif kind == "scheduler-closed":
+        elif isinstance(m, Fail):
+            self.report(m.rank, m.host, m.role, m.message)
+            self.stop(m.status, m.priority)
+        elif isinstance(m, Stop):
+            self.outcome.propose(m.status, m.priority)
+        elif isinstance(m, Closed):
+            self.closed.add(m.rank)
+        elif isinstance(m, SchedulerClosed):
             self.scheduler_closed = True
-        elif kind == "stdin" and self.stdin_relay is not None:
-            self.stdin_relay.feed(fields[0])
+        elif isinstance(m, Stdin) and self.stdin_relay is not None:
+            self.stdin_relay.feed(m.text)
         elif self.coordinator:
-            self.coordinator.on_message(kind, fields)
+            self.coordinator.on_message(m)
 
     # ------------------------------------------------------------------
     # deciding to stop
 
     def stop(self, status: int, priority: int) -> None:
         if self.outcome.propose(status, priority):
-            self.control.broadcast("stop", status, priority)
+            self.control.broadcast(*Stop(status, priority))
 
     def fail(self, role: str, text: str, status: int = 1, priority: int = FAILED,
              error: LaunchError | None = None) -> None:
@@ -407,7 +408,7 @@ class Supervisor:
             self.stop(status, priority)
         else:
             self.outcome.propose(status, priority)
-            self.control.send(0, "fail", self.rank, self.host, role, text, status, priority)
+            self.control.send(0, *Fail(self.rank, self.host, role, text, status, priority))
 
     def report(self, rank: int, host: str, role: str, text: str) -> None:
         if not self.reported:
@@ -439,7 +440,7 @@ class Supervisor:
         self._terminate(self.children.of(CLIENT), grace)
         client = self.layout.client_rank
         if CLIENT in self.roles and self.rank != self.scheduler_rank:
-            self.control.send(self.scheduler_rank, "closed", self.rank)
+            self.control.send(self.scheduler_rank, *Closed(self.rank))
         scheduler = self.children.of(SCHEDULER)
         if scheduler:
             deadline = time.monotonic() + grace
@@ -448,7 +449,7 @@ class Supervisor:
                 self.poll_quietly()
             self._terminate(scheduler, grace)
         if SCHEDULER in self.roles:
-            self.control.broadcast("scheduler-closed")
+            self.control.broadcast(*SchedulerClosed())
         workers = self.children.of(WORKER)
         if workers and self.settings.scheduler and SCHEDULER not in self.roles:
             # closed by the scheduler's close; bounded: the client's and the scheduler's
@@ -562,20 +563,18 @@ class _Coordinator:
             if len(self.hosts) == sup.size or now > self.all_ready_at + 2:
                 self._banner()
 
-    def on_message(self, kind: str, fields) -> None:
-        if kind == "ready":
-            rank, host, names = fields
-            self.ready[rank] = (host, names)
-        elif kind == "hello":
-            rank, host, roles = fields
-            self.hosts[rank] = (host, tuple(roles))
-        elif kind == "check-failed":
-            self.check_failures.append(tuple(fields))
-        elif kind == "jupyter":
+    def on_message(self, m) -> None:
+        if isinstance(m, Ready):
+            self.ready[m.rank] = (m.host, m.names)
+        elif isinstance(m, Hello):
+            self.hosts[m.rank] = (m.host, tuple(m.roles))
+        elif isinstance(m, CheckFailed):
+            self.check_failures.append(m.encode()[1:])
+        elif isinstance(m, Jupyter):
             if not self.sup.settings.quiet:
                 from dask_mpi_launch.base.banner import jupyter_lines
 
-                print(jupyter_lines(fields[0], self.sup.settings.login_host), flush=True)
+                print(jupyter_lines(m.url, self.sup.settings.login_host), flush=True)
 
     def report_check_failures(self, failed: int) -> None:
         """The same error is often found on many ranks: say the lowest rank's, once."""
@@ -620,7 +619,7 @@ class _Coordinator:
             if client == 0:
                 sup.cluster["all_ready"] = True
             else:
-                sup.control.send(client, "all-ready", len(self.ready))
+                sup.control.send(client, *AllReady(len(self.ready)))
         if sup.settings.scheduler_file and sup.settings.scheduler and not self.file_written:
             self._write_scheduler_file()
 

@@ -1,0 +1,159 @@
+"""The messages between ranks, typed: one :class:`Message` class per kind, encoded in one place.
+
+On the wire a message stays what it always was, a tuple ``(kind, *fields)`` of plain data
+(str, int, float, list, dict, None), which both control planes carry unchanged (over MPI,
+``control/over_mpi.py``; over files, ``control/over_files.py``). In the code it is a
+:class:`~dask_mpi_launch.base.record.Record` with named fields: a message is built by name
+(``Fail(rank=3, host=..., ...)``), unpacks to its wire tuple (``control.send(0, *message)``)
+and is read back with :func:`decode`, which refuses a kind it does not know, or a wrong
+number of fields, with one line (:class:`UnknownMessage`).
+
+The table of the control conversation (``docs/messages.rst``, and the control plane's
+docstring) is :func:`table`'s output; ``tests/test_messages.py`` checks that it matches.
+
+Imports only the standard library and ``base`` (a thin rank imports this module).
+"""
+from __future__ import annotations
+
+from dask_mpi_launch.base.errors import LaunchError
+from dask_mpi_launch.base.record import Record
+
+#: conversation -> {kind: class}
+REGISTRY: dict[str, dict[str, type]] = {}
+
+
+class UnknownMessage(LaunchError):
+    """A message this version does not know: one line, never a traceback."""
+
+
+class Message(Record):
+    """A typed message: subclasses set ``KIND`` and ``CONVERSATION``, declare fields as
+    annotations, and document who sends it to whom in ``ROUTE``."""
+
+    KIND = ""
+    CONVERSATION = ""
+    ROUTE = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.KIND:
+            known = REGISTRY.setdefault(cls.CONVERSATION, {})
+            if cls.KIND in known:
+                raise TypeError(f"two messages of kind {cls.KIND!r} in {cls.CONVERSATION!r}")
+            known[cls.KIND] = cls
+
+    def encode(self) -> tuple:
+        """The wire form: ``(kind, *fields)``."""
+        return (self.KIND, *self._values())
+
+    def __iter__(self):  # control.send(dest, *message)
+        return iter(self.encode())
+
+
+def decode(conversation: str, data) -> Message:
+    """The typed message of a wire tuple of ``conversation``; :class:`UnknownMessage` for
+    anything else."""
+    known = REGISTRY.get(conversation, {})
+    if not isinstance(data, (tuple, list)) or not data or not isinstance(data[0], str):
+        raise UnknownMessage(f"a {conversation} message that is not (kind, *fields): "
+                             f"{str(data)[:80]!r} (ranks of different versions?)")
+    kind, *fields = data
+    cls = known.get(kind)
+    if cls is None:
+        raise UnknownMessage(f"unknown {conversation} message {kind!r} (ranks of different "
+                             f"dask-mpi-launch versions?); known: {', '.join(sorted(known))}")
+    if len(fields) != len(cls.FIELDS):
+        raise UnknownMessage(f"{conversation} message {kind!r} has {len(fields)} fields, "
+                             f"expected {len(cls.FIELDS)} ({', '.join(cls.FIELDS)})")
+    return cls(*fields)
+
+
+def table(conversation: str) -> str:
+    """The reStructuredText table of a conversation's messages (kind, fields, route)."""
+    rows = [(cls.KIND, ", ".join(cls.FIELDS) or "(none)", cls.ROUTE)
+            for cls in REGISTRY[conversation].values()]
+    head = ("kind", "fields", "from -> to")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
+    rule = "  ".join("=" * w for w in widths)
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([rule, line(head), rule, *map(line, rows), rule])
+
+
+# ---------------------------------------------------------------------------
+# the control conversation: between the ranks' supervisors
+
+CONTROL = "control"
+
+
+class _Control(Message):
+    CONVERSATION = CONTROL
+
+
+class CheckFailed(_Control):
+    KIND, ROUTE = "check-failed", "any -> rank 0, while checking"
+    rank: int
+    host: str
+    role: str
+    message: str
+    status: int
+
+
+class Hello(_Control):
+    KIND, ROUTE = "hello", "any -> rank 0 (for the banner)"
+    rank: int
+    host: str
+    roles: list
+
+
+class Address(_Control):
+    """address, identity, dashboard, name_prefix, host, interfaces, network, credentials"""
+    KIND, ROUTE = "address", "scheduler rank -> all"
+    info: dict
+
+
+class Ready(_Control):
+    KIND, ROUTE = "ready", "worker rank -> rank 0"
+    rank: int
+    host: str
+    names: list
+
+
+class AllReady(_Control):
+    KIND, ROUTE = "all-ready", "rank 0 -> client rank"
+    workers: int
+
+
+class Stdin(_Control):
+    """latin-1 text of the job's stdin; '' is its end"""
+    KIND, ROUTE = "stdin", "rank 0 -> client rank"
+    text: str
+
+
+class Jupyter(_Control):
+    KIND, ROUTE = "jupyter", "client rank -> rank 0"
+    url: str
+
+
+class Fail(_Control):
+    KIND, ROUTE = "fail", "any -> rank 0 (which tells everyone)"
+    rank: int
+    host: str
+    role: str
+    message: str
+    status: int
+    priority: int
+
+
+class Stop(_Control):
+    KIND, ROUTE = "stop", "any -> all"
+    status: int
+    priority: int
+
+
+class Closed(_Control):
+    KIND, ROUTE = "closed", "client rank -> scheduler rank"
+    rank: int
+
+
+class SchedulerClosed(_Control):
+    KIND, ROUTE = "scheduler-closed", "scheduler rank -> all"
