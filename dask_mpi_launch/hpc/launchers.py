@@ -77,19 +77,21 @@ def size(env=os.environ) -> int | None:
     return _first(env, SIZE)
 
 
-def tasks_per_node(value: str) -> list[int]:
-    """Slurm's compressed per-node task counts, expanded: ``"2(x3),1"`` -> ``[2, 2, 2, 1]``."""
-    counts = []
-    for part in value.split(","):
-        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-        if not m:
-            raise ValueError(value)
-        counts += [int(m.group(1))] * int(m.group(2) or 1)
-    return counts
+def parse_slurm_counts(value: str) -> list[int] | None:
+    """Expand Slurm's compressed per-node counts: "16(x2),8" -> [16, 16, 8]; None if bad."""
+    counts: list[int] = []
+    for part in value.strip().split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:\(x(\d+)\))?\s*", part)
+        if not m or int(m.group(1)) <= 0:
+            return None
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts or None
 
 
 def _slurm_local_size(env, value: str) -> int:
-    counts = tasks_per_node(value)
+    counts = parse_slurm_counts(value)
+    if counts is None:
+        raise ValueError(value)
     node = _int(env, "SLURM_NODEID")
     return counts[node] if node is not None and 0 <= node < len(counts) else counts[0]
 

@@ -45,10 +45,9 @@ positive integers are ignored (and said so in ``source``), never raised.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
-from dask_mpi_launch.hpc.launchers import is_grid_engine
+from dask_mpi_launch.hpc.launchers import is_grid_engine, parse_slurm_counts
 
 MIB = 1024 * 1024
 
@@ -129,17 +128,6 @@ class _Reader:
         return value
 
 
-def parse_slurm_counts(value: str) -> list[int] | None:
-    """Expand Slurm's compressed per-node counts: "16(x2),8" -> [16, 16, 8]; None if bad."""
-    counts: list[int] = []
-    for part in value.strip().split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:\(x(\d+)\))?\s*", part)
-        if not m or int(m.group(1)) <= 0:
-            return None
-        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
-    return counts or None
-
-
 def _first_slurm_count(value: str) -> int | None:
     counts = parse_slurm_counts(value)
     return counts[0] if counts else None
@@ -175,6 +163,135 @@ def parse_pe_hostfile(text: str) -> list[tuple[str, int]] | None:
 
 
 
+class _Job:
+    """What the readers below fill in for one rank: threads and memory (bytes) per rank,
+    and what they used to decide (``used``, shown as the banner's source)."""
+
+    def __init__(self, reader: _Reader, ranks: int, used: list[str]):
+        self.env, self.r, self.ranks, self.used = reader.env, reader, ranks, used
+        self.threads: int | None = None
+        self.memory: int | None = None
+
+    def per_rank(self, name: str, value: int | None) -> int | None:
+        if value is None:
+            return None
+        self.used.append(f"{name}={self.env[name].strip()} / {self.ranks} local ranks")
+        return max(1, value // self.ranks)
+
+    def say(self, text: str) -> None:
+        self.used.append(text)
+
+
+def _slurm(job: _Job, cpu_count: int, **_) -> str | None:
+    r = job.r
+    threads = r.int("SLURM_CPUS_PER_TASK")
+    if threads:
+        job.say(f"SLURM_CPUS_PER_TASK={threads}")
+    else:
+        threads = (job.per_rank("SLURM_CPUS_ON_NODE", r.int("SLURM_CPUS_ON_NODE"))
+                   or job.per_rank("SLURM_JOB_CPUS_PER_NODE",
+                                   r.first_count("SLURM_JOB_CPUS_PER_NODE", _first_slurm_count)))
+    job.threads = threads
+    mem_per_cpu = r.int("SLURM_MEM_PER_CPU")
+    mem_per_node = r.int("SLURM_MEM_PER_NODE")
+    if mem_per_cpu:
+        cpus = threads or max(1, cpu_count // job.ranks)
+        job.memory = mem_per_cpu * cpus * MIB
+        job.say(f"SLURM_MEM_PER_CPU={mem_per_cpu} MiB x {cpus} cpus")
+    elif mem_per_node:
+        job.memory = mem_per_node * MIB // job.ranks
+        job.say(f"SLURM_MEM_PER_NODE={mem_per_node} MiB / {job.ranks} local ranks")
+    return job.env.get("SLURM_JOB_ID") or job.env.get("SLURM_JOBID")
+
+
+def _pbs(job: _Job, **_) -> str:
+    r = job.r
+    job.threads = job.per_rank("NCPUS", r.int("NCPUS"))
+    if job.threads is None:
+        job.threads = r.int("OMP_NUM_THREADS")
+        if job.threads:
+            job.say(f"OMP_NUM_THREADS={job.threads}")
+        else:
+            job.threads = job.per_rank("PBS_NUM_PPN", r.int("PBS_NUM_PPN"))
+    return job.env["PBS_JOBID"]
+
+
+def _lsf(job: _Job, **_) -> str:
+    slots = job.r.first_count("LSB_MCPU_HOSTS", _first_lsf_host_slots)
+    if slots:
+        job.say(f"LSB_MCPU_HOSTS first host {slots} slots / {job.ranks} local ranks")
+        job.threads = max(1, slots // job.ranks)
+    else:
+        job.threads = job.per_rank("LSB_DJOB_NUMPROC", job.r.int("LSB_DJOB_NUMPROC"))
+    return job.env["LSB_JOBID"]
+
+
+def _sge_host_slots(job: _Job, pe_hostfile: str | None, hostname: str | None) -> int | None:
+    """This host's slots: from the PE_HOSTFILE's line for it, else NSLOTS / NHOSTS."""
+    if pe_hostfile is not None and hostname:
+        hosts = parse_pe_hostfile(pe_hostfile)
+        if hosts is None:
+            job.r.notes.append(f"ignored PE_HOSTFILE {pe_hostfile.strip()[:80]!r}")
+        else:
+            host_slots = dict((_short(h), n) for h, n in hosts).get(_short(hostname))
+            if host_slots:
+                job.say(f"PE_HOSTFILE {host_slots} slots on {hostname} / {job.ranks} local ranks")
+                return host_slots
+            job.r.notes.append(f"{hostname} not in PE_HOSTFILE")
+    nslots, nhosts = job.r.int("NSLOTS"), job.r.int("NHOSTS") or 1
+    if not nslots:
+        return None
+    job.say(f"NSLOTS={nslots}" + (f" / NHOSTS={nhosts}" if nhosts > 1 else "")
+            + f" / {job.ranks} local ranks")
+    return max(1, nslots // nhosts)
+
+
+def _sge(job: _Job, pe_hostfile=None, hostname=None, address_space_limit=0, **_) -> str:
+    host_slots = _sge_host_slots(job, pe_hostfile, hostname)
+    if host_slots:
+        job.threads = max(1, host_slots // job.ranks)
+    if address_space_limit > 0:
+        job.memory = address_space_limit // job.ranks
+        job.say(f"RLIMIT_AS (h_vmem x slots) {address_space_limit} bytes "
+                f"/ {job.ranks} local ranks")
+    return job.env["JOB_ID"]
+
+
+#: (batch system, is this job one of its, its reader), in the order they are trusted
+_BATCH_SYSTEMS = (
+    ("slurm", lambda env: bool(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")), _slurm),
+    ("pbs", lambda env: bool(env.get("PBS_JOBID")), _pbs),
+    ("lsf", lambda env: bool(env.get("LSB_JOBID")), _lsf),
+    ("sge", is_grid_engine, _sge),
+)
+
+
+def _local_ranks(r: _Reader, used: list[str]) -> int:
+    """Ranks on this node from the batch system, when the MPI launcher did not say."""
+    ranks = (r.first_count("SLURM_STEP_TASKS_PER_NODE", _first_slurm_count)
+             or r.first_count("SLURM_TASKS_PER_NODE", _first_slurm_count)
+             or r.int("SLURM_NTASKS_PER_NODE") or 1)
+    used.append(f"{ranks} local ranks from the environment")
+    return ranks
+
+
+def _node_defaults(job: _Job, cpu_count: int, total_memory: int) -> None:
+    """Where the batch system said nothing: the node's cpus and memory, shared by its
+    ranks; memory it gave beyond the node's share is capped at that share."""
+    ranks = job.ranks
+    if job.threads is None:
+        job.threads = max(1, cpu_count // ranks) if cpu_count > 0 else 1
+        job.say(f"{cpu_count} cpus / {ranks} local ranks")
+    share = total_memory // ranks if total_memory > 0 else None
+    if job.memory is None:
+        job.memory = share
+        if share is not None:
+            job.say(f"{total_memory} bytes of node memory / {ranks} local ranks")
+    elif share is not None and job.memory > share:
+        job.say(f"capped at the node share {share} bytes")
+        job.memory = share
+
+
 def detect_resources(
     env: Mapping[str, str],
     *,
@@ -195,111 +312,25 @@ def detect_resources(
     Grid Engine only: ``pe_hostfile`` is the text of the file ``$PE_HOSTFILE`` names and
     ``hostname`` this host's name (slots on this host); ``address_space_limit`` is this
     process's soft RLIMIT_AS in bytes (0 = unlimited), which is how h_vmem reaches a job.
+    One reader per batch system (:data:`_BATCH_SYSTEMS`), the first whose job this is.
     """
-    r = _Reader(env)
     used: list[str] = []
-    threads: int | None = None  # per rank
-    memory: int | None = None  # bytes per rank
-
+    reader = _Reader(env)
     if local_ranks <= 0:
-        local_ranks = (r.first_count("SLURM_STEP_TASKS_PER_NODE", _first_slurm_count)
-                       or r.first_count("SLURM_TASKS_PER_NODE", _first_slurm_count)
-                       or r.int("SLURM_NTASKS_PER_NODE") or 1)
-        used.append(f"{local_ranks} local ranks from the environment")
-    ranks = local_ranks
-
-    def per_rank(name: str, value: int | None) -> int | None:
-        if value is None:
-            return None
-        used.append(f"{name}={env[name].strip()} / {ranks} local ranks")
-        return max(1, value // ranks)
-
-    if env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"):
-        scheduler, job_id = "slurm", env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
-        threads = r.int("SLURM_CPUS_PER_TASK")
-        if threads:
-            used.append(f"SLURM_CPUS_PER_TASK={threads}")
-        else:
-            threads = (per_rank("SLURM_CPUS_ON_NODE", r.int("SLURM_CPUS_ON_NODE"))
-                       or per_rank("SLURM_JOB_CPUS_PER_NODE",
-                                   r.first_count("SLURM_JOB_CPUS_PER_NODE", _first_slurm_count)))
-        mem_per_cpu = r.int("SLURM_MEM_PER_CPU")
-        mem_per_node = r.int("SLURM_MEM_PER_NODE")
-        if mem_per_cpu:
-            cpus = threads or max(1, cpu_count // ranks)
-            memory = mem_per_cpu * cpus * MIB
-            used.append(f"SLURM_MEM_PER_CPU={mem_per_cpu} MiB x {cpus} cpus")
-        elif mem_per_node:
-            memory = mem_per_node * MIB // ranks
-            used.append(f"SLURM_MEM_PER_NODE={mem_per_node} MiB / {ranks} local ranks")
-    elif env.get("PBS_JOBID"):
-        scheduler, job_id = "pbs", env["PBS_JOBID"]
-        threads = per_rank("NCPUS", r.int("NCPUS"))
-        if threads is None:
-            threads = r.int("OMP_NUM_THREADS")
-            if threads:
-                used.append(f"OMP_NUM_THREADS={threads}")
-            else:
-                threads = per_rank("PBS_NUM_PPN", r.int("PBS_NUM_PPN"))
-    elif env.get("LSB_JOBID"):
-        scheduler, job_id = "lsf", env["LSB_JOBID"]
-        slots = r.first_count("LSB_MCPU_HOSTS", _first_lsf_host_slots)
-        if slots:
-            used.append(f"LSB_MCPU_HOSTS first host {slots} slots / {ranks} local ranks")
-            threads = max(1, slots // ranks)
-        else:
-            threads = per_rank("LSB_DJOB_NUMPROC", r.int("LSB_DJOB_NUMPROC"))
-    elif is_grid_engine(env):
-        scheduler, job_id = "sge", env["JOB_ID"]
-        host_slots = None
-        if pe_hostfile is not None and hostname:
-            hosts = parse_pe_hostfile(pe_hostfile)
-            if hosts is None:
-                r.notes.append(f"ignored PE_HOSTFILE {pe_hostfile.strip()[:80]!r}")
-            else:
-                host_slots = dict((_short(h), n) for h, n in hosts).get(_short(hostname))
-                if host_slots:
-                    used.append(f"PE_HOSTFILE {host_slots} slots on {hostname} "
-                                f"/ {ranks} local ranks")
-                else:
-                    r.notes.append(f"{hostname} not in PE_HOSTFILE")
-        if host_slots is None:
-            nslots, nhosts = r.int("NSLOTS"), r.int("NHOSTS") or 1
-            if nslots:
-                host_slots = max(1, nslots // nhosts)
-                used.append(f"NSLOTS={nslots}" + (f" / NHOSTS={nhosts}" if nhosts > 1 else "")
-                            + f" / {ranks} local ranks")
-        if host_slots:
-            threads = max(1, host_slots // ranks)
-        if address_space_limit > 0:
-            memory = address_space_limit // ranks
-            used.append(f"RLIMIT_AS (h_vmem x slots) {address_space_limit} bytes "
-                        f"/ {ranks} local ranks")
-    else:
-        scheduler = "mpi" if any(env.get(k) for k in _MPI_MARKERS) else "none"
-        job_id = None
-
-    if threads is None:
-        threads = max(1, cpu_count // ranks) if cpu_count > 0 else 1
-        used.append(f"{cpu_count} cpus / {ranks} local ranks")
-    share = total_memory // ranks if total_memory > 0 else None
-    if memory is None:
-        memory = share
-        if share is not None:
-            used.append(f"{total_memory} bytes of node memory / {ranks} local ranks")
-    elif share is not None and memory > share:
-        used.append(f"capped at the node share {share} bytes")
-        memory = share
-
+        local_ranks = _local_ranks(reader, used)
+    job = _Job(reader, local_ranks, used)
+    scheduler, job_id = "mpi" if any(env.get(k) for k in _MPI_MARKERS) else "none", None
+    for name, applies, read in _BATCH_SYSTEMS:
+        if applies(env):
+            scheduler = name
+            job_id = read(job, cpu_count=cpu_count, pe_hostfile=pe_hostfile,
+                          hostname=hostname, address_space_limit=address_space_limit)
+            break
+    _node_defaults(job, cpu_count, total_memory)
+    threads, memory = job.threads, job.memory
     if worker_processes > 1:
         threads = max(1, threads // worker_processes)
         memory = memory // worker_processes if memory is not None else None
         used.append(f"/ {worker_processes} worker processes")
-
-    return Resources(
-        nthreads=threads,
-        memory_limit=memory,
-        job_id=job_id,
-        scheduler=scheduler,
-        source="; ".join(used + r.notes),
-    )
+    return Resources(nthreads=threads, memory_limit=memory, job_id=job_id,
+                     scheduler=scheduler, source="; ".join(used + job.r.notes))
