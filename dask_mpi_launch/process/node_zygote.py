@@ -245,95 +245,148 @@ def _serve(first: socket.socket, listener: socket.socket, leader: int, preload,
     # orphans, reparented to the zygote (a subreaper), when it ends.
     if os.getppid() != leader:
         return
-    become_subreaper()
-    try:  # a group of its own: a launcher that kills the rank's process group (Hydra, when
-        os.setpgid(0, 0)  # a rank dies) must not take the zygote before it ends the roles
-    except OSError:
-        pass
-    set_title("dml-zygote")
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    born = last = time.monotonic()
-    parser_error = import_parser() if parse else None
-    imported = False
-    error = run_check = run_role = None
-    seen, parsed, wanted = 1, 0, not parse  # ranks connected, parsed; a role will start
-    conns = [first]
-    owners: dict[int, socket.socket] = {}  # role pid -> its rank's connection
-    parsed_for: dict[tuple, tuple] = {}  # the ranks' command lines are usually the same
-    # until every rank of the node came and went (or the ranks' own connect wait is over)
-    while conns or (parse and seen < size and time.monotonic() - born < wait):
-        now = time.monotonic()
-        if not imported and wanted and (not parse or parsed >= size or now - last >= IDLE):
-            imported = True
-            error, run_check, run_role = load_roles(preload)
-            for conn in conns:
-                _send(conn, ("ready", error))
-        timeout = 1.0 if imported or not wanted else max(0.0, IDLE - (now - last))
-        readable = select.select([listener, wake_r, *conns], [], [], timeout)[0]
-        if wake_r in readable:
-            os.read(wake_r, 4096)
-        if listener in readable:
-            conn, _ = listener.accept()
-            if _peer_uid(conn) == os.getuid():
-                conns.append(conn)
-                seen += 1
-                if imported:
-                    _send(conn, ("ready", error))
-            else:
-                conn.close()
-        for conn in [c for c in conns if c in readable]:
-            try:
-                data, fds, _, _ = socket.recv_fds(conn, _MAX, 8)
-            except OSError:
-                data, fds = b"", []
-            message = pickle.loads(data) if data else ("exit",)
-            if message[0] == "exit":
-                _drop(conn, conns, owners)
-            elif message[0] == "parse":
-                key = _same_for_every_rank(message)
-                reply = parsed_for.get(key)
-                if reply is None:
-                    reply = parse_for(message, fds, parser_error)
-                    fds = []  # closed by parse_for
-                    if reply[0] == "settings":  # (what printed something is never reused)
-                        parsed_for[key] = reply
-                parsed += 1
-                last = time.monotonic()
-                # roles will start here (not after --check, nor for ranks that go per-rank)
-                wanted = wanted or (reply[0] == "settings" and not reply[2]
-                                    and reply[1].share_imports)
-                _send(conn, ("parsed", reply))
-            elif error:
-                _send(conn, ("error", error) if message[0] == "start" else ("checked", error))
-            elif message[0] == "check":
-                _send(conn, ("checked", run_check(message[1], message[2])))
-            elif message[0] == "start":
-                _, role, label, spec, _, has_stdin = message
-                try:
-                    pid = _fork(role, spec, fds, has_stdin, run_role,
-                                [listener, *conns], (wake_r, wake_w))
-                except OSError as e:
-                    reply = ("error", str(e))
-                else:
-                    owners[pid] = conn
-                    reply = ("started", pid)
-                _send(conn, reply)
-            for fd in fds:
-                os.close(fd)
-        _reap(owners)
-    listener.close()
-    ended = end_descendants(2.0)  # what the node's roles left running (daemons, helpers)
-    if ended:
-        from dask_mpi_launch.base.status import say
+    NodeZygote(first, listener, preload, parse, size, wait).serve()
 
-        shown = ", ".join(ended[:3]) + (" ..." if len(ended) > 3 else "")
-        say(f"host {socket.gethostname()}: ended {len(ended)} process"
-            f"{'es' if len(ended) > 1 else ''} the job left running: {shown}")
+
+class NodeZygote:
+    """The node's zygote at work: accepts the node's ranks, parses their command lines
+    (once for all the ranks whose command lines are the same), imports ``distributed``
+    once, and forks their roles, until every rank of the node came and went."""
+
+    def __init__(self, first, listener, preload, parse: bool, size: int, wait: float):
+        self.listener, self.preload, self.parse, self.size, self.wait = (
+            listener, preload, parse, size, wait)
+        self._enter()
+        self.born = self.last = time.monotonic()
+        self.parser_error = import_parser() if parse else None
+        self.imported = False
+        self.error = self.run_check = self.run_role = None
+        self.seen, self.parsed, self.wanted = 1, 0, not parse  # ranks connected, parsed
+        self.conns = [first]
+        self.owners: dict[int, socket.socket] = {}  # role pid -> its rank's connection
+        self.parsed_for: dict[tuple, tuple] = {}  # the ranks' command lines: usually the same
+
+    def _enter(self) -> None:
+        """A subreaper in a group of its own (a launcher that kills the rank's process
+        group, Hydra when a rank dies, must not take the zygote before it ends the
+        roles), deaf to SIGINT/SIGTERM, woken by SIGCHLD through a pipe."""
+        become_subreaper()
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        set_title("dml-zygote")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    # -- the loop ----------------------------------------------------------
+    def serve(self) -> None:
+        # until every rank of the node came and went (or the ranks' own connect wait is over)
+        while self.conns or (self.parse and self.seen < self.size
+                             and time.monotonic() - self.born < self.wait):
+            self._import_when_due()
+            readable = select.select([self.listener, self.wake_r, *self.conns], [], [],
+                                     self._timeout())[0]
+            if self.wake_r in readable:
+                os.read(self.wake_r, 4096)
+            if self.listener in readable:
+                self.on_accept()
+            for conn in [c for c in self.conns if c in readable]:
+                self.on_request(conn)
+            _reap(self.owners)
+        self.listener.close()
+        self._end_leftovers()
+
+    def _import_when_due(self) -> None:
+        """Import the roles' modules once a role will start here, after every rank parsed
+        (or none came for ``IDLE`` seconds): the ranks' parsing first, then the import."""
+        if self.imported or not self.wanted:
+            return
+        if self.parse and self.parsed < self.size and time.monotonic() - self.last < IDLE:
+            return
+        self.imported = True
+        self.error, self.run_check, self.run_role = load_roles(self.preload)
+        for conn in self.conns:
+            _send(conn, ("ready", self.error))
+
+    def _timeout(self) -> float:
+        if self.imported or not self.wanted:
+            return 1.0
+        return max(0.0, IDLE - (time.monotonic() - self.last))
+
+    # -- what the ranks ask ------------------------------------------------
+    def on_accept(self) -> None:
+        conn, _ = self.listener.accept()
+        if _peer_uid(conn) != os.getuid():
+            conn.close()
+            return
+        self.conns.append(conn)
+        self.seen += 1
+        if self.imported:
+            _send(conn, ("ready", self.error))
+
+    def on_request(self, conn) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, _MAX, 8)
+        except OSError:
+            data, fds = b"", []
+        message = pickle.loads(data) if data else ("exit",)
+        kind = message[0]
+        if kind == "exit":
+            _drop(conn, self.conns, self.owners)
+        elif kind == "parse":
+            fds = self.on_parse(conn, message, fds)
+        elif self.error:
+            _send(conn, ("error", self.error) if kind == "start" else ("checked", self.error))
+        elif kind == "check":
+            _send(conn, ("checked", self.run_check(message[1], message[2])))
+        elif kind == "start":
+            self.on_start(conn, message, fds)
+        for fd in fds:
+            os.close(fd)
+
+    def on_parse(self, conn, message, fds) -> list:
+        """A rank's command line: parsed once for every rank that gives the same one
+        (what printed something is never reused). Returns the fds left to close."""
+        key = _same_for_every_rank(message)
+        reply = self.parsed_for.get(key)
+        if reply is None:
+            reply = parse_for(message, fds, self.parser_error)
+            fds = []  # closed by parse_for
+            if reply[0] == "settings":
+                self.parsed_for[key] = reply
+        self.parsed += 1
+        self.last = time.monotonic()
+        # roles will start here (not after --check, nor for ranks that go per-rank)
+        self.wanted = self.wanted or (reply[0] == "settings" and not reply[2]
+                                      and reply[1].share_imports)
+        _send(conn, ("parsed", reply))
+        return fds
+
+    def on_start(self, conn, message, fds) -> None:
+        _, role, label, spec, _, has_stdin = message
+        try:
+            pid = _fork(role, spec, fds, has_stdin, self.run_role,
+                        [self.listener, *self.conns], (self.wake_r, self.wake_w))
+        except OSError as e:
+            reply = ("error", str(e))
+        else:
+            self.owners[pid] = conn
+            reply = ("started", pid)
+        _send(conn, reply)
+
+    def _end_leftovers(self) -> None:
+        ended = end_descendants(2.0)  # what the node's roles left running (daemons, helpers)
+        if ended:
+            from dask_mpi_launch.base.status import say
+
+            shown = ", ".join(ended[:3]) + (" ..." if len(ended) > 3 else "")
+            say(f"host {socket.gethostname()}: ended {len(ended)} process"
+                f"{'es' if len(ended) > 1 else ''} the job left running: {shown}")
 
 
 # What tells the ranks of a node apart in their environment: ``launchers.PER_RANK``, nothing
