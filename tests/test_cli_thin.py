@@ -134,11 +134,12 @@ def test_help_does_not_wait_for_the_node(mpich):
 
 def test_parse_for_uses_the_ranks_environment_and_directory(tmp_path):
     # in-process: the zygote's parse, forked with another environment and directory
+    from dask_mpi_launch.base.messages import ParseRequest
     from dask_mpi_launch.process.zygote import parse_for
 
     out_r, out_w = os.pipe()
     env = {**os.environ, "DASK_MPI_LAUNCH__NTHREADS": "5", "PMI_RANK": "0"}
-    reply = parse_for(("parse", ["--scheduler-file", "s.json", "--check"], env,
+    reply = parse_for(ParseRequest(["--scheduler-file", "s.json", "--check"], env,
                        str(tmp_path)), [out_w, os.dup(2)])
     assert reply[0] == "settings", reply
     settings, check = reply[1], reply[2]
@@ -149,15 +150,16 @@ def test_parse_for_uses_the_ranks_environment_and_directory(tmp_path):
 
 
 def test_parse_for_prints_to_the_ranks_streams(tmp_path, capfd):
+    from dask_mpi_launch.base.messages import ParseRequest
     from dask_mpi_launch.process.zygote import parse_for
 
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     env = {**os.environ, "PMI_RANK": "0"}
     with capfd.disabled():  # sys.stdout and stderr on file descriptors 1 and 2, as in a zygote
-        assert parse_for(("parse", ["--layout", "sideways"], env, str(tmp_path)),
+        assert parse_for(ParseRequest(["--layout", "sideways"], env, str(tmp_path)),
                          [os.dup(out_w), os.dup(err_w)]) == ("status", 2)
-        assert parse_for(("parse", ["--version"], env, str(tmp_path)),
+        assert parse_for(ParseRequest(["--version"], env, str(tmp_path)),
                          [out_w, err_w]) == ("status", 0)  # it closes what it is given
     assert os.read(out_r, 65536).decode().startswith("dask-mpi-launch, version ")
     assert "Invalid value for '--layout': 'sideways'" in os.read(err_r, 65536).decode()

@@ -64,11 +64,12 @@ def test_every_kind_is_one_class():
             KIND, CONVERSATION = "stop", CONTROL
 
 
-def test_the_docs_table_is_the_classes():
+@pytest.mark.parametrize("conversation", ["control", "zygote"])
+def test_the_docs_table_is_the_classes(conversation):
     page = (ROOT / "docs" / "messages.rst").read_text()
-    start = page.index(".. control-messages-start") + len(".. control-messages-start")
-    table = page[start:page.index(".. control-messages-end")].strip()
-    assert table == messages.table(CONTROL)
+    start = page.index(f".. {conversation}-messages-start") + len(f".. {conversation}-messages-start")
+    table = page[start:page.index(f".. {conversation}-messages-end")].strip()
+    assert table == messages.table(conversation)
 
 
 def _exits_7(child):

@@ -69,11 +69,13 @@ def decode(conversation: str, data) -> Message:
 
 
 def table(conversation: str) -> str:
-    """The reStructuredText table of a conversation's messages (kind, fields, route)."""
-    rows = [(cls.KIND, ", ".join(cls.FIELDS) or "(none)", cls.ROUTE)
+    """The reStructuredText table of a conversation's messages: kind, fields, route, and
+    the class's docstring (what it carries beyond its fields)."""
+    rows = [(cls.KIND, ", ".join(cls.FIELDS) or "(none)", cls.ROUTE,
+             " ".join((cls.__doc__ or "").split()))
             for cls in REGISTRY[conversation].values()]
-    head = ("kind", "fields", "from -> to")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
+    head = ("kind", "fields", "from -> to", "what")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
     rule = "  ".join("=" * w for w in widths)
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([rule, line(head), rule, *map(line, rows), rule])
@@ -157,3 +159,77 @@ class Closed(_Control):
 
 class SchedulerClosed(_Control):
     KIND, ROUTE = "scheduler-closed", "scheduler rank -> all"
+
+
+# ---------------------------------------------------------------------------
+# the zygote conversation: a rank and the process that forks its roles (its own zygote, or
+# its node's), pickled over a private socketpair or a Unix socket whose peer is checked to
+# be the same user; the role's pipe, stdin and the rank's stdout/stderr travel as fds
+
+ZYGOTE = "zygote"
+
+
+class _Zygote(Message):
+    CONVERSATION = ZYGOTE
+
+
+class ParseRequest(_Zygote):
+    """+ fds [stdout, stderr]: the rank's command line, parsed as the rank"""
+    KIND, ROUTE = "parse", "rank -> zygote"
+    argv: list
+    env: dict
+    cwd: str
+
+
+class StartRole(_Zygote):
+    """+ fds [pipe, stdin?]: fork a role with its spec (plain data)"""
+    KIND, ROUTE = "start", "rank -> zygote"
+    role: str
+    label: str
+    spec: dict
+    returns: bool
+    has_stdin: bool
+
+
+class CheckValue(_Zygote):
+    KIND, ROUTE = "check", "rank -> zygote"
+    what: str
+    value: object
+
+
+class Exit(_Zygote):
+    KIND, ROUTE = "exit", "rank -> zygote (the rank is done)"
+
+
+class RolesReady(_Zygote):
+    """the roles' modules are imported (or the one line saying why not)"""
+    KIND, ROUTE = "ready", "zygote -> rank, first"
+    error: object
+
+
+class Parsed(_Zygote):
+    """result: ("settings", settings, check) | ("status", n) | ("error", message)"""
+    KIND, ROUTE = "parsed", "zygote -> rank"
+    result: tuple
+
+
+class Started(_Zygote):
+    KIND, ROUTE = "started", "zygote -> rank"
+    pid: int
+
+
+class Checked(_Zygote):
+    KIND, ROUTE = "checked", "zygote -> rank"
+    error: object
+
+
+class Refused(_Zygote):
+    KIND, ROUTE = "error", "zygote -> rank (a role could not start)"
+    message: str
+
+
+class Exited(_Zygote):
+    """a role of this rank ended (the node's zygote is its parent, not the rank)"""
+    KIND, ROUTE = "exited", "node zygote -> rank"
+    pid: int
+    status: int

@@ -33,6 +33,9 @@ import time
 from dask_mpi_launch.process.children import (Child, become_subreaper, end_descendants, enter_role, flush,
                        run_body, set_title)
 from dask_mpi_launch.base.errors import LaunchError
+from dask_mpi_launch.base.messages import (ZYGOTE, Checked, CheckValue, Exit, Exited, Parsed,
+                                           ParseRequest, Refused, RolesReady, Started, StartRole,
+                                           decode)
 from dask_mpi_launch.hpc.launchers import PER_RANK, launch_id
 from dask_mpi_launch.base.status import Ended
 from dask_mpi_launch.process.zygote import _MAX, ZygoteLauncher, _send, import_parser, load_roles, parse_for
@@ -130,9 +133,9 @@ class NodeLauncher(ZygoteLauncher):
     def _receive(self):
         while True:
             reply = super()._receive()
-            if reply[0] != "exited":
+            if not isinstance(reply, Exited):
                 return reply
-            self.exits[reply[1]] = reply[2]
+            self.exits[reply.pid] = reply.status
 
     def pump(self) -> None:
         """Read the zygote's news without waiting."""
@@ -148,9 +151,9 @@ class NodeLauncher(ZygoteLauncher):
             if not data:
                 self.lost = True
                 return
-            message = pickle.loads(data)
-            if message[0] == "exited":
-                self.exits[message[1]] = message[2]
+            message = decode(ZYGOTE, pickle.loads(data))
+            if isinstance(message, Exited):
+                self.exits[message.pid] = message.status
 
     shared_fds = (1, 2)  # the role writes to its own rank's stdout and stderr
 
@@ -311,7 +314,7 @@ class NodeZygote:
         self.imported = True
         self.error, self.run_check, self.run_role = load_roles(self.preload)
         for conn in self.conns:
-            _send(conn, ("ready", self.error))
+            _send(conn, RolesReady(self.error))
 
     def _timeout(self) -> float:
         if self.imported or not self.wanted:
@@ -327,24 +330,24 @@ class NodeZygote:
         self.conns.append(conn)
         self.seen += 1
         if self.imported:
-            _send(conn, ("ready", self.error))
+            _send(conn, RolesReady(self.error))
 
     def on_request(self, conn) -> None:
         try:
             data, fds, _, _ = socket.recv_fds(conn, _MAX, 8)
         except OSError:
             data, fds = b"", []
-        message = pickle.loads(data) if data else ("exit",)
-        kind = message[0]
-        if kind == "exit":
+        message = decode(ZYGOTE, pickle.loads(data)) if data else Exit()
+        if isinstance(message, Exit):
             _drop(conn, self.conns, self.owners)
-        elif kind == "parse":
+        elif isinstance(message, ParseRequest):
             fds = self.on_parse(conn, message, fds)
         elif self.error:
-            _send(conn, ("error", self.error) if kind == "start" else ("checked", self.error))
-        elif kind == "check":
-            _send(conn, ("checked", self.run_check(message[1], message[2])))
-        elif kind == "start":
+            _send(conn, Refused(self.error) if isinstance(message, StartRole)
+                  else Checked(self.error))
+        elif isinstance(message, CheckValue):
+            _send(conn, Checked(self.run_check(message.what, message.value)))
+        elif isinstance(message, StartRole):
             self.on_start(conn, message, fds)
         for fd in fds:
             os.close(fd)
@@ -364,19 +367,18 @@ class NodeZygote:
         # roles will start here (not after --check, nor for ranks that go per-rank)
         self.wanted = self.wanted or (reply[0] == "settings" and not reply[2]
                                       and reply[1].share_imports)
-        _send(conn, ("parsed", reply))
+        _send(conn, Parsed(reply))
         return fds
 
     def on_start(self, conn, message, fds) -> None:
-        _, role, label, spec, _, has_stdin = message
         try:
-            pid = _fork(role, spec, fds, has_stdin, self.run_role,
+            pid = _fork(message.role, message.spec, fds, message.has_stdin, self.run_role,
                         [self.listener, *self.conns], (self.wake_r, self.wake_w))
         except OSError as e:
-            reply = ("error", str(e))
+            reply = Refused(str(e))
         else:
             self.owners[pid] = conn
-            reply = ("started", pid)
+            reply = Started(pid)
         _send(conn, reply)
 
     def _end_leftovers(self) -> None:
@@ -395,9 +397,8 @@ class NodeZygote:
 
 def _same_for_every_rank(message) -> tuple:
     """A rank's parse request without what only names the rank."""
-    _, argv, env, cwd = message
-    return (tuple(argv), cwd,
-            tuple(sorted((k, v) for k, v in env.items() if k not in PER_RANK)))
+    return (tuple(message.argv), message.cwd,
+            tuple(sorted((k, v) for k, v in message.env.items() if k not in PER_RANK)))
 
 
 def _drop(conn, conns, owners) -> None:
@@ -423,7 +424,7 @@ def _reap(owners) -> None:
         conn = owners.pop(pid, None)
         if conn is not None and conn.fileno() >= 0:
             try:
-                socket.send_fds(conn, [pickle.dumps(("exited", pid, raw))], [])
+                socket.send_fds(conn, [pickle.dumps(tuple(Exited(pid, raw)))], [])
             except OSError:
                 pass
 

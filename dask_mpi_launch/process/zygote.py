@@ -25,14 +25,15 @@ imported here, never in the rank), in a process forked for the purpose with the 
 arguments, environment, working directory, standard output and error; ``distributed`` is
 imported only once the rank has its settings (and not at all after ``--help``).
 
-Requests (rank -> zygote) and replies::
+Requests (rank -> zygote) and replies are typed messages (``base/messages.py``, the
+zygote conversation; table in ``docs/messages.rst``)::
 
-    ("parse", argv, env, cwd)  + fds [stdout, stderr]  ->  ("parsed", ("settings", s, check)
-                                   | ("status", n) | ("error", message))   (may come first)
-    ("start", role, label, spec, returns)  + fds [pipe, stdin?]  ->  ("started", pid)
-    ("check", what, value)                                       ->  ("checked", error|None)
-    ("exit",)
-    first message from the zygote: ("ready", import error or None)
+    ParseRequest(argv, env, cwd)  + fds [stdout, stderr]  ->  Parsed(result)  (may come first)
+    StartRole(role, label, spec, returns, has_stdin)  + fds [pipe, stdin?]  ->  Started(pid)
+                                                                          | Refused(message)
+    CheckValue(what, value)                                  ->  Checked(error or None)
+    Exit()
+    first message from the zygote: RolesReady(import error or None)
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ import socket
 from dask_mpi_launch.process.children import (BecomeClient, Channel, Child, become_subreaper, enter_role, flush,
                        run_body, set_title)
 from dask_mpi_launch.base.errors import LaunchError
+from dask_mpi_launch.base.messages import (ZYGOTE, Checked, CheckValue, Exit, Parsed, ParseRequest,
+                                           Refused, RolesReady, Started, StartRole, decode)
 
 _MAX = 1 << 20  # one request: settings, credentials, names (a few KiB)
 
@@ -61,10 +64,10 @@ class ZygoteLauncher:
         if self._ready:
             return
         reply = self._early_ready or self._receive()
-        if reply[0] != "ready":
-            raise LaunchError(f"the role starter of this rank answered {reply[0]!r}")
-        if reply[1]:
-            raise LaunchError(reply[1])
+        if not isinstance(reply, RolesReady):
+            raise LaunchError(f"the role starter of this rank answered {reply.KIND!r}")
+        if reply.error:
+            raise LaunchError(reply.error)
         self._ready = True
 
     def _receive(self):
@@ -80,12 +83,12 @@ class ZygoteLauncher:
         if not data:
             raise LaunchError("the process that starts this rank's roles ended unexpectedly"
                               + (f" ({error})" if error else ""))
-        return pickle.loads(data)
+        return decode(ZYGOTE, pickle.loads(data))
 
     def _request(self, message, fds=()):
         self._wait_ready()
         try:
-            socket.send_fds(self.sock, [pickle.dumps(message)], list(fds))
+            socket.send_fds(self.sock, [pickle.dumps(tuple(message))], list(fds))
         except OSError as e:
             raise LaunchError("the process that starts this rank's roles ended "
                               f"unexpectedly ({e})") from None
@@ -98,16 +101,17 @@ class ZygoteLauncher:
         read_fd, write_fd = os.pipe()
         fds = [write_fd, *self.shared_fds] + ([stdin] if stdin is not None else [])
         try:
-            reply = self._request(("start", role, label, spec, returns, stdin is not None), fds)
+            reply = self._request(StartRole(role, label, spec, returns, stdin is not None), fds)
         finally:
             os.close(write_fd)
             if stdin is not None:
                 os.close(stdin)
-        if reply[0] != "started":
+        if not isinstance(reply, Started):
             os.close(read_fd)
-            raise LaunchError(f"cannot start the {label} process: {reply[1]}")
+            raise LaunchError(f"cannot start the {label} process: "
+                              f"{getattr(reply, 'message', reply.KIND)}")
         os.set_blocking(read_fd, False)
-        return self._child(role, label, reply[1], read_fd, spec)
+        return self._child(role, label, reply.pid, read_fd, spec)
 
     def _child(self, role, label, pid, fd, spec) -> Child:
         return Child(role, label, pid, fd, spec)
@@ -120,10 +124,10 @@ class ZygoteLauncher:
 
     def ask_parse(self, argv) -> None:
         """Send the command line (the reply is :meth:`parsed`)."""
-        message = ("parse", list(argv), dict(os.environ), os.getcwd())
+        message = ParseRequest(list(argv), dict(os.environ), os.getcwd())
         flush()
         try:
-            socket.send_fds(self.sock, [pickle.dumps(message)], [1, 2])
+            socket.send_fds(self.sock, [pickle.dumps(tuple(message))], [1, 2])
         except OSError as e:
             raise LaunchError("the process that starts this rank's roles ended "
                               f"unexpectedly ({e})") from None
@@ -131,19 +135,19 @@ class ZygoteLauncher:
     def parsed(self) -> tuple:
         while True:
             reply = self._receive()
-            if reply[0] == "ready" and self._early_ready is None:
+            if isinstance(reply, RolesReady) and self._early_ready is None:
                 self._early_ready = reply
-            elif reply[0] == "parsed":
+            elif isinstance(reply, Parsed):
                 break
             else:
-                raise LaunchError(f"the role starter of this rank answered {reply[0]!r}")
-        if reply[1][0] == "error":
-            raise LaunchError(reply[1][1])
-        return reply[1]
+                raise LaunchError(f"the role starter of this rank answered {reply.KIND!r}")
+        if reply.result[0] == "error":
+            raise LaunchError(reply.result[1])
+        return reply.result
 
     def check(self, what, value):
-        reply = self._request(("check", what, value))
-        return reply[1]
+        reply = self._request(CheckValue(what, value))
+        return reply.error if isinstance(reply, Checked) else reply.message
 
     #: how close() waits for the zygote: this rank's own zygote ends at once
     _close_wait = 0
@@ -155,7 +159,7 @@ class ZygoteLauncher:
         if self.sock is None:
             return
         try:
-            socket.send_fds(self.sock, [pickle.dumps(("exit",))], [])
+            socket.send_fds(self.sock, [pickle.dumps(tuple(Exit()))], [])
         except OSError:
             pass
         self.sock.close()
@@ -251,15 +255,15 @@ def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None
             data, fds, _, _ = socket.recv_fds(sock, _MAX, 4)
         except OSError:
             return
-        message = pickle.loads(data) if data else ("exit",)
-        if message[0] != "parse":
+        message = decode(ZYGOTE, pickle.loads(data)) if data else Exit()
+        if not isinstance(message, ParseRequest):
             return
         reply = parse_for(message, fds, parser_error)
-        _send(sock, ("parsed", reply))
+        _send(sock, Parsed(reply))
         if reply[0] != "settings":
             return  # the rank exits: nothing to import for
     error, run_check, run_role = load_roles(preload)
-    _send(sock, ("ready", error))
+    _send(sock, RolesReady(error))
     if error:
         return
     started: dict[int, float] = {}  # role pid -> its shutdown grace
@@ -271,24 +275,24 @@ def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None
         if not data:  # the rank died (it says "exit" when it ends)
             _guard(started)
             return
-        message = pickle.loads(data)
-        if message[0] == "exit":
+        message = decode(ZYGOTE, pickle.loads(data))
+        if isinstance(message, Exit):
             return
-        if message[0] == "check":
+        if isinstance(message, CheckValue):
             try:
-                _send(sock, ("checked", run_check(message[1], message[2])))
+                _send(sock, Checked(run_check(message.what, message.value)))
             except BaseException as e:
-                _send(sock, ("checked", f"{type(e).__name__}: {e}"))
+                _send(sock, Checked(f"{type(e).__name__}: {e}"))
             continue
-        _, role, label, spec, returns, has_stdin = message
+        spec = message.spec
         pipe = fds[0]
-        stdin = fds[1] if has_stdin else None
+        stdin = fds[1] if message.has_stdin else None
         try:  # (in initialize()'s client, BecomeClient goes up from here to the script)
-            reply = ("started", _fork_role(sock, rank, role, spec, pipe, stdin, returns,
-                                           run_role))
-            started[reply[1]] = getattr(spec.get("settings"), "shutdown_timeout", 10.0)
+            reply = Started(_fork_role(sock, rank, message.role, spec, pipe, stdin,
+                                       message.returns, run_role))
+            started[reply.pid] = getattr(spec.get("settings"), "shutdown_timeout", 10.0)
         except OSError as e:
-            reply = ("error", str(e))
+            reply = Refused(str(e))
         for fd in fds:
             os.close(fd)
         _send(sock, reply)
@@ -370,7 +374,7 @@ def import_parser() -> str | None:
 
 
 def parse_for(message, fds, error=None) -> tuple:
-    """Parse a rank's command line (``message``: ("parse", argv, env, cwd); ``fds``: its
+    """Parse a rank's command line (``message``: a :class:`ParseRequest`; ``fds``: its
     stdout and stderr) in a process forked for it; the reply for the rank."""
     if error:
         for fd in fds:
@@ -413,7 +417,7 @@ def parse_for(message, fds, error=None) -> tuple:
 def _parse_here(message, fds) -> tuple:
     """In the forked process: become the rank (its stdout, stderr, environment, working
     directory and dask config) and parse as the command always did."""
-    _, argv, env, cwd = message
+    argv, env, cwd = message.argv, message.env, message.cwd
     set_title("dml-parse")
     try:
         signal.set_wakeup_fd(-1)
@@ -438,6 +442,6 @@ def _parse_here(message, fds) -> tuple:
 
 def _send(sock, message) -> None:
     try:
-        socket.send_fds(sock, [pickle.dumps(message)], [])
+        socket.send_fds(sock, [pickle.dumps(tuple(message))], [])
     except OSError:
         os._exit(0)
