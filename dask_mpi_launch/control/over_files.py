@@ -57,6 +57,7 @@ import socket
 import stat
 import time
 
+from dask_mpi_launch.base.messages import Fail, Stop
 from dask_mpi_launch.base.status import FAILED
 from dask_mpi_launch.base.errors import LaunchError, UsageError
 from dask_mpi_launch.security.trust import Unsafe as UnsafeDirectory, open_private_dir, remove
@@ -384,24 +385,9 @@ class FileControl:
             if last is None or last[0] != beat:
                 self._heard[rank] = (beat, now)
             elif now - last[1] > self.dead_after:
-                self._loopback.append(self._declare_dead(rank, beat))
+                self._dead.add(rank)
+                self._loopback.append(_death_message(self._run_fd, rank, beat, self.dead_after))
         return True
-
-    def _declare_dead(self, rank: int, beat: bytes) -> tuple:
-        """The message saying ``rank`` died: a ``fail`` from the first rank to find it,
-        a plain ``stop`` from the others (the job says it once)."""
-        self._dead.add(rank)
-        try:
-            host = str(json.loads(beat)[1])
-        except (ValueError, TypeError, IndexError):
-            host = "?"
-        try:
-            os.close(os.open(f"dead-{rank}", _NEW_FILE, 0o600, dir_fd=self._run_fd))
-        except FileExistsError:
-            return ("stop", 1, FAILED)
-        return ("fail", rank, host, "its supervisor",
-                f"no sign of life for {self.dead_after:g} s: killed, out of memory, or its "
-                "node failed", 1, FAILED)
 
     def _only_dead_missing(self, values: dict, look: bool) -> bool:
         """Whether every rank missing from ``values`` is known dead (``look``: also
@@ -487,8 +473,25 @@ class FileControl:
         self._inbox_fd = self._run_fd = None
 
     def abort(self, status: int) -> None:
-        self.broadcast("stop", status, 3)
+        self.broadcast(*Stop(status, 3))
         os._exit(status)
+
+
+def _death_message(run_fd: int, rank: int, beat: bytes, dead_after: float) -> tuple:
+    """The message saying ``rank`` died: a ``fail`` from the first rank to find it (it
+    makes the run's ``dead-<rank>`` file), a plain ``stop`` from the others (the job says
+    it once)."""
+    try:
+        host = str(json.loads(beat)[1])
+    except (ValueError, TypeError, IndexError):
+        host = "?"
+    try:
+        os.close(os.open(f"dead-{rank}", _NEW_FILE, 0o600, dir_fd=run_fd))
+    except FileExistsError:
+        return tuple(Stop(1, FAILED))
+    return tuple(Fail(rank, host, "its supervisor",
+                      f"no sign of life for {dead_after:g} s: killed, out of memory, or its "
+                      "node failed", 1, FAILED))
 
 
 def _list(dir_fd: int, name: str) -> list[str]:
