@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from dask_mpi_launch.base.record import Record
 from dask_mpi_launch.hpc.launchers import is_grid_engine, parse_slurm_counts
 
 MIB = 1024 * 1024
@@ -55,47 +56,15 @@ MIB = 1024 * 1024
 _MPI_MARKERS = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
 
-class Resources:
-    """What the batch job gives each worker process (frozen; a plain class, as
+class Resources(Record):
+    """What the batch job gives each worker process (frozen; a ``Record``, as
     ``dataclasses`` costs every thin rank ~100 file look-ups)."""
 
-    __slots__ = ("nthreads", "memory_limit", "job_id", "scheduler", "source")
     nthreads: int  # threads per worker process, >= 1
     memory_limit: int | None  # bytes per worker process; None = let Dask decide
     job_id: str | None
     scheduler: str  # "slurm" | "pbs" | "lsf" | "sge" | "mpi" | "none"
     source: str  # how the numbers were found, e.g. "SLURM_CPUS_PER_TASK=2; ..."
-
-    def __init__(self, nthreads: int, memory_limit: int | None, job_id: str | None,
-                 scheduler: str, source: str):
-        for name, value in zip(self.__slots__,
-                               (nthreads, memory_limit, job_id, scheduler, source)):
-            object.__setattr__(self, name, value)
-
-    def _values(self) -> tuple:
-        return tuple(getattr(self, n) for n in self.__slots__)
-
-    def __eq__(self, other):
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self):
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        return "Resources(" + ", ".join(f"{n}={getattr(self, n)!r}"
-                                        for n in self.__slots__) + ")"
-
-    def __setattr__(self, name, value):
-        from dataclasses import FrozenInstanceError
-
-        raise FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name):
-        from dataclasses import FrozenInstanceError
-
-        raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
 class _Reader:
