@@ -152,12 +152,12 @@ def serve_until_signalled(child: FakeChild, first_event=None) -> None:
 
 
 def default_behaviour(child: FakeChild) -> None:
-    run = child.spec["run"]
+    run = child.spec.runs
     if run == "scheduler":
         serve_until_signalled(child, ("address", {"address": "tcp://fake:1",
                                                   "identity": {}, "dashboard": None}))
     elif run == "worker":
-        serve_until_signalled(child, ("ready", {"name": str(child.spec["name"])}))
+        serve_until_signalled(child, ("ready", {"name": str(child.spec.name)}))
     else:  # the script: waits for a signal like a long computation
         signum = child.wait_signal()
         child.exit(128 + signum if signum else 0)
@@ -176,7 +176,7 @@ class FakeLauncher:
             os.close(stdin)
         child = FakeChild(role, label, spec, self.log)
         self.started.append(child)
-        behaviour = self.behaviours.get((self.rank, spec["run"]), default_behaviour)
+        behaviour = self.behaviours.get((self.rank, spec.runs), default_behaviour)
         threading.Thread(target=behaviour, args=(child,), daemon=True).start()
         return child
 

@@ -72,6 +72,12 @@ def test_the_docs_table_is_the_classes(conversation):
     assert table == messages.table(conversation)
 
 
+def test_the_docs_table_of_role_specs_is_the_classes():
+    page = (ROOT / "docs" / "messages.rst").read_text()
+    start = page.index(".. role-specs-start") + len(".. role-specs-start")
+    assert page[start:page.index(".. role-specs-end")].strip() == messages.specs_table()
+
+
 def _exits_7(child):
     child.exit(7)
 
@@ -104,3 +110,21 @@ def test_supervisors_talk_in_typed_messages(tmp_path):
         supervisor.decode = saved
     assert statuses == [7, 7, 7, 7]
     assert {"address", "ready", "all-ready", "stop"} <= set(seen), seen
+
+
+def test_role_specs_say_what_runs_and_travel_pickled():
+    from dask_mpi_launch.base.messages import ClientSpec, SchedulerSpec, StartRole, WorkerSpec
+    from dask_mpi_launch.base.record import replace
+
+    specs = [SchedulerSpec(new_credentials=True),
+             WorkerSpec(address="tls://a:1", name="3", nthreads=2, memory_limit=2**30),
+             ClientSpec(kind="jupyter", address="tls://a:1")]
+    assert [s.ROLE for s in specs] == ["scheduler", "worker", "client"]  # the layout's names
+    assert [s.runs for s in specs] == ["scheduler", "worker", "jupyter"]  # the titles
+    for spec in specs:
+        wire = pickle.loads(pickle.dumps(tuple(StartRole("worker", "w", spec, False, False))))
+        assert decode("zygote", wire).spec == spec
+    node = replace(specs[1], env={"A": "1"}, cwd="/", affinity=[0])
+    assert node.name == "3" and node.env == {"A": "1"} and specs[1].env is None
+    with pytest.raises(ValueError, match="unknown client kind 'notebook'"):
+        ClientSpec(kind="notebook")

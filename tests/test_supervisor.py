@@ -51,7 +51,7 @@ def test_workers_the_schedulers_close_ended_are_not_signalled(settings, capfd):
         child.exit(0 if signum else 1)
 
     def worker(child):
-        child.send("ready", name=str(child.spec["name"]))
+        child.send("ready", name=str(child.spec.name))
         closed.wait(10)
         child.exit(0)
 
@@ -82,7 +82,7 @@ def test_script_killed_by_a_signal_is_reported(settings, capfd):
 @pytest.mark.parametrize("rank", [0, 2, 3])
 def test_a_worker_dying_anywhere_fails_the_job_once(settings, capfd, rank):
     def dies(child):
-        child.send("ready", name=str(child.spec["name"]))
+        child.send("ready", name=str(child.spec.name))
         child.exit(signum=signal.SIGKILL)
 
     statuses, _, _ = run_job(4, settings(layout="full"), {(rank, "worker"): dies})
@@ -108,7 +108,7 @@ def test_killed_worker_is_restarted_then_the_job_ends_normally(settings, capfd):
 
     def dies_once(child):
         lives.append(child)
-        child.send("ready", name=str(child.spec["name"]))
+        child.send("ready", name=str(child.spec.name))
         if len(lives) == 1:
             child.exit(signum=signal.SIGKILL)
         else:
@@ -124,7 +124,7 @@ def test_killed_worker_is_restarted_then_the_job_ends_normally(settings, capfd):
     statuses, _, _ = run_job(3, settings(worker_restarts=1),
                              {(2, "worker"): dies_once, (1, "script"): script})
     assert statuses == [0, 0, 0]
-    assert len(lives) == 2 and lives[1].spec["name"] == lives[0].spec["name"]
+    assert len(lives) == 2 and lives[1].spec.name == lives[0].spec.name
     assert "restarting it (1 of 1)" in capfd.readouterr().err
 
 
@@ -202,7 +202,7 @@ def test_big_job_tuning_reaches_every_role_and_the_banner(settings, capfd, monke
     statuses, launchers, _ = run_job(3, settings(quiet=False), {(1, "script"): script})
     assert statuses == [0, 0, 0]
     specs = [c.spec for launcher in launchers for c in launcher.started]
-    assert specs and all(spec["dask_config"] == changes for spec in specs)
-    assert all(spec["settings"].connect_timeout == 50.0 for spec in specs)
+    assert specs and all(spec.dask_config == changes for spec in specs)
+    assert all(spec.settings.connect_timeout == 50.0 for spec in specs)
     assert "tuning     scaled for a big job: distributed.comm.socket-backlog 5000" in \
         capfd.readouterr().out

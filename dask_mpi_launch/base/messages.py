@@ -182,11 +182,11 @@ class ParseRequest(_Zygote):
 
 
 class StartRole(_Zygote):
-    """+ fds [pipe, stdin?]: fork a role with its spec (plain data)"""
+    """+ fds [pipe, stdin?]: fork a role with its RoleSpec"""
     KIND, ROUTE = "start", "rank -> zygote"
     role: str
     label: str
-    spec: dict
+    spec: object
     returns: bool
     has_stdin: bool
 
@@ -233,3 +233,77 @@ class Exited(_Zygote):
     KIND, ROUTE = "exited", "node zygote -> rank"
     pid: int
     status: int
+
+
+# ---------------------------------------------------------------------------
+# role specs: what a role process is started with (``process/starting.py`` makes them, the
+# zygote forks the role with one, ``roles/run.py`` runs it); plain data, pickled to the
+# zygote with StartRole
+
+
+class RoleSpec(Record):
+    """What every role gets: the job's settings, the dask config for its size
+    (``tuning/scale.py``), and, from a node's shared zygote, the rank's environment,
+    working directory and CPU affinity (the role is not the rank's child there)."""
+
+    ROLE = ""  # the role's name as the layout says it (base/layout.py)
+    settings: object = None
+    dask_config: object = None
+    env: object = None
+    cwd: object = None
+    affinity: object = None
+
+    @property
+    def runs(self) -> str:
+        """What the process runs, and its title (``dml-<runs>``)."""
+        return self.ROLE
+
+
+class SchedulerSpec(RoleSpec):
+    ROLE = "scheduler"
+    new_credentials: bool = False  # TLS: the scheduler makes the job's credentials
+
+
+class WorkerSpec(RoleSpec):
+    ROLE = "worker"
+    address: str = ""
+    name: str = ""
+    nthreads: object = None
+    memory_limit: object = None
+    credentials: object = None
+    scheduler_info: object = None  # the scheduler's host and interfaces (for diagnosis)
+
+
+#: what a client role runs: the user's script (or module), JupyterLab, or the caller of
+#: initialize() itself (its process returns into the script instead of running a body)
+CLIENT_KINDS = ("script", "jupyter", "initialize")
+
+
+class ClientSpec(RoleSpec):
+    """kind: script, jupyter or initialize (CLIENT_KINDS)"""
+    ROLE = "client"
+    kind: str = "script"
+    address: str = ""
+    credentials: object = None
+    scheduler_info: object = None
+
+    def __post_init__(self):
+        if self.kind not in CLIENT_KINDS:
+            raise ValueError(f"unknown client kind {self.kind!r}: one of {CLIENT_KINDS}")
+
+    @property
+    def runs(self) -> str:
+        return self.kind
+
+
+def specs_table() -> str:
+    """The reStructuredText table of the role specs: role, its own fields, the docstring."""
+    rows = [(cls.ROLE or "(every role)",
+             ", ".join(f for f in cls.FIELDS if cls is RoleSpec or f not in RoleSpec.FIELDS),
+             " ".join((cls.__doc__ or "").split()))
+            for cls in (RoleSpec, SchedulerSpec, WorkerSpec, ClientSpec)]
+    head = ("role", "fields", "what")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
+    rule = "  ".join("=" * w for w in widths)
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([rule, line(head), rule, *map(line, rows), rule])

@@ -26,6 +26,7 @@ import sys
 import time
 import warnings
 
+from dask_mpi_launch.base.record import replace
 from dask_mpi_launch.base.status import Ended
 from dask_mpi_launch.roles.life import (  # noqa: F401 (the role's side, used here)
     ENDING, RESTART_REASON, BecomeClient, Channel, end_as_python_would, flush, run_body,
@@ -137,8 +138,8 @@ class Family:
     def of(self, role: str) -> list[Child]:
         return [c for c in self.members if c.role == role]
 
-    def start(self, role: str, label: str, spec: dict, **kwargs) -> Child | None:
-        spec = {"settings": self.settings, "dask_config": self.config, **spec}
+    def start(self, role: str, label: str, spec, **kwargs) -> Child | None:
+        spec = replace(spec, settings=self.settings, dask_config=self.config)
         child = self.launcher.start(role, label, spec, **kwargs)
         if child is not None:
             self.members.append(child)
@@ -154,8 +155,7 @@ class Family:
         self.restarts[child.label] = n
         self.members.remove(child)
         child.signal(signal.SIGKILL)  # whatever it left in its group
-        spec = {k: v for k, v in child.spec.items() if k not in ("settings", "dask_config")}
-        self.start(child.role, child.label, spec)
+        self.start(child.role, child.label, child.spec)
         return n
 
     def fds(self) -> list[int]:
@@ -371,7 +371,7 @@ class ForkLauncher:
         channel = Channel(write_fd)
         if returns:
             os.set_inheritable(write_fd, False)
-            raise BecomeClient(spec["address"], spec.get("credentials"))
+            raise BecomeClient(spec.address, spec.credentials)
         run_body(lambda ch: self.run_role(role, spec, ch), channel, spec)
 
     def check(self, what, value):

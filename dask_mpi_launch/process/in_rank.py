@@ -39,6 +39,7 @@ import os
 import signal
 import threading
 
+from dask_mpi_launch.base.messages import WorkerSpec
 from dask_mpi_launch.process.children import Child
 from dask_mpi_launch.base.status import Ended
 
@@ -110,27 +111,27 @@ class InRankLauncher:
         self.comm = comm  # the data plane's communicator (collectively made)
 
     def start(self, role, label, spec, *, stdin=None, returns=False):
-        if spec.get("run") != "worker":
+        if not isinstance(spec, WorkerSpec):
             return self.base.start(role, label, spec, stdin=stdin, returns=returns)
         from dask_mpi_launch.dataplane import backend
         from dask_mpi_launch.roles.run import _quiet
         from dask_mpi_launch.security.credentials import security_from
 
-        s = spec["settings"]
+        s = spec.settings
         from dask_mpi_launch.tuning.idle import apply_hpc_defaults
 
         _quiet(s.log_level)  # as in a worker process: this rank is one now
         apply_hpc_defaults()
-        if spec.get("dask_config"):
+        if spec.dask_config:
             import dask.config
 
-            dask.config.set(spec["dask_config"])
+            dask.config.set(spec.dask_config)
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         handle = backend.start_worker_thread(
-            self.comm, spec["address"], name=spec["name"], nthreads=spec["nthreads"],
-            memory_limit=spec["memory_limit"],
-            security=security_from(spec.get("credentials")), interface=s.interface,
+            self.comm, spec.address, name=spec.name, nthreads=spec.nthreads,
+            memory_limit=spec.memory_limit,
+            security=security_from(spec.credentials), interface=s.interface,
             worker_options={"local_directory": s.local_directory, **s.worker_options})
         child = ThreadChild(label, spec, handle, read_fd)
         child.write_fd = write_fd
@@ -161,7 +162,7 @@ def _watch(child: ThreadChild) -> None:
         from dask_mpi_launch.roles.run import _quiet_heartbeat_at_close
 
         _quiet_heartbeat_at_close(handle.worker)  # as a worker process does
-        child.tell("ready", name=str(child.spec["name"]), address=address)
+        child.tell("ready", name=str(child.spec.name), address=address)
     handle.join(None)
     if handle.address is not None and not handle.asked_to_close:
         if handle.status == "failed":

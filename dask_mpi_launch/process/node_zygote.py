@@ -33,6 +33,7 @@ import time
 from dask_mpi_launch.process.children import (Child, become_subreaper, end_descendants, enter_role, flush,
                        run_body, set_title)
 from dask_mpi_launch.base.errors import LaunchError
+from dask_mpi_launch.base.record import replace
 from dask_mpi_launch.base.messages import (ZYGOTE, Checked, CheckValue, Exit, Exited, Parsed,
                                            ParseRequest, Refused, RolesReady, Started, StartRole,
                                            decode)
@@ -160,8 +161,8 @@ class NodeLauncher(ZygoteLauncher):
     def start(self, role, label, spec, *, stdin=None, returns=False):
         if returns:
             raise LaunchError("initialize()'s client cannot come from a shared zygote")
-        spec = {**spec, "env": dict(os.environ), "cwd": os.getcwd(),
-                "affinity": sorted(os.sched_getaffinity(0))}
+        spec = replace(spec, env=dict(os.environ), cwd=os.getcwd(),
+                       affinity=sorted(os.sched_getaffinity(0)))
         return super().start(role, label, spec, stdin=stdin)
 
     def _child(self, role, label, pid, fd, spec) -> Child:
@@ -450,9 +451,10 @@ def _fork(role, spec, fds, has_stdin, run_role, sockets, wake) -> int:
         os.close(fd)
     enter_role(zygote, stdin)
     os.environ.clear()
-    os.environ.update(spec.pop("env"))
-    os.chdir(spec.pop("cwd"))
-    os.sched_setaffinity(0, spec.pop("affinity"))
+    os.environ.update(spec.env)
+    os.chdir(spec.cwd)
+    os.sched_setaffinity(0, spec.affinity)
+    spec = replace(spec, env=None, cwd=None, affinity=None)  # the rank's: now this process's
     from dask_mpi_launch.process.children import Channel
 
     run_body(lambda ch: run_role(role, spec, ch), Channel(pipe), spec)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
-from dask_mpi_launch.process.children import BecomeClient
 from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER
+from dask_mpi_launch.base.messages import ClientSpec, SchedulerSpec, WorkerSpec
+from dask_mpi_launch.process.children import BecomeClient
 from dask_mpi_launch.hpc.launchers import local_size
 
 
@@ -19,8 +20,7 @@ def start_scheduler(sup) -> None:
         from dask_mpi_launch.security.scheduler_file import remove_stale
 
         remove_stale(s.scheduler_file)
-    sup.children.start(SCHEDULER, "scheduler", {"run": "scheduler",
-                                                "new_credentials": bool(s.tls)})
+    sup.children.start(SCHEDULER, "scheduler", SchedulerSpec(new_credentials=bool(s.tls)))
 
 
 def start_workers(sup) -> None:
@@ -30,13 +30,12 @@ def start_workers(sup) -> None:
     nthreads, memory_limit = worker_resources(s)
     for i in range(s.worker_processes):
         name = s.worker_name(sup.rank, i, sup.cluster.get("name_prefix"))
-        sup.children.start(WORKER, f"worker {name}", {
-            "run": "worker", "address": sup.address, "name": name,
-            "nthreads": nthreads, "memory_limit": memory_limit,
-            "credentials": sup.cluster.get("credentials"),
-            "scheduler_info": {k: v for k, v in sup.cluster.items()
-                               if k in ("address", "host", "interfaces", "network")},
-        })
+        sup.children.start(WORKER, f"worker {name}", WorkerSpec(
+            address=sup.address, name=name, nthreads=nthreads, memory_limit=memory_limit,
+            credentials=sup.cluster.get("credentials"),
+            scheduler_info={k: v for k, v in sup.cluster.items()
+                            if k in ("address", "host", "interfaces", "network")},
+        ))
 
 
 def worker_resources(settings):
@@ -92,14 +91,16 @@ def start_client(sup) -> None:
             os.dup2(stdin, 0)
             os.close(stdin)
         raise BecomeClient(sup.address, credentials)
-    spec = {"address": sup.address, "credentials": credentials}
     if s.in_process:
-        sup.children.start(CLIENT, "script", {**spec, "run": "initialize"}, stdin=stdin,
-                           returns=True)
+        sup.children.start(CLIENT, "script", ClientSpec(kind="initialize", address=sup.address,
+                                                        credentials=credentials),
+                           stdin=stdin, returns=True)
     elif s.jupyter:
         info = {k: v for k, v in sup.cluster.items() if k in ("address", "dashboard")}
-        sup.children.start(CLIENT, "jupyter", {**spec, "run": "jupyter",
-                                               "scheduler_info": info})
+        sup.children.start(CLIENT, "jupyter", ClientSpec(kind="jupyter", address=sup.address,
+                                                         credentials=credentials,
+                                                         scheduler_info=info))
     else:
-        sup.children.start(CLIENT, "script", {**spec, "run": "script"}, stdin=stdin)
+        sup.children.start(CLIENT, "script", ClientSpec(kind="script", address=sup.address,
+                                                        credentials=credentials), stdin=stdin)
 

@@ -290,7 +290,7 @@ def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None
         try:  # (in initialize()'s client, BecomeClient goes up from here to the script)
             reply = Started(_fork_role(sock, rank, message.role, spec, pipe, stdin,
                                        message.returns, run_role))
-            started[reply.pid] = getattr(spec.get("settings"), "shutdown_timeout", 10.0)
+            started[reply.pid] = getattr(spec.settings, "shutdown_timeout", 10.0)
         except OSError as e:
             reply = Refused(str(e))
         for fd in fds:
@@ -346,7 +346,7 @@ def _fork_role(sock, rank, role, spec, pipe, stdin, returns, run_role) -> int:
             channel = Channel(pipe)
             if returns:
                 os.set_inheritable(pipe, False)
-                raise BecomeClient(spec["address"], spec.get("credentials"))
+                raise BecomeClient(spec.address, spec.credentials)
             run_body(lambda ch: run_role(role, spec, ch), channel, spec)
         os.write(report_w, str(role_pid).encode())
         os._exit(0)

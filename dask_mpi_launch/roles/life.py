@@ -60,15 +60,15 @@ def set_title(name: str) -> None:
         pass
 
 
-def run_body(body, channel: Channel, spec: dict | None = None) -> None:
+def run_body(body, channel: Channel, spec=None) -> None:
     """Run a role's body and end the process with its status (never returns), as
     ``python script.py`` ends (:func:`end_as_python_would`): the scheduler's and the
     workers' ending is bounded by the shutdown grace, the script's is not (as under
     ``python``, its non-daemon threads are waited for); the scheduler runs no user code,
     so its (large) heap is not searched for open files."""
-    spec = spec or {}
-    bound = None if spec.get("run") in ("script", "jupyter") else getattr(
-        spec.get("settings"), "shutdown_timeout", None)
+    runs = getattr(spec, "runs", None)  # a RoleSpec (base/messages.py), or None
+    bound = None if runs in ("script", "jupyter") else getattr(
+        getattr(spec, "settings", None), "shutdown_timeout", None)
     status = 1
     try:
         import atexit
@@ -81,7 +81,7 @@ def run_body(body, channel: Channel, spec: dict | None = None) -> None:
         channel.error(f"{type(e).__name__}: {e}")
     finally:
         end_as_python_would(status if isinstance(status, int) else 1, bound,
-                            files=spec.get("run") != "scheduler")
+                            files=runs != "scheduler")
 
 
 #: set once a role's body is done and its process ends (a signal then only bounds it)

@@ -76,27 +76,29 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def run_role(role: str, spec: dict, channel: Channel) -> int:
-    """Run the role ``spec["run"]`` (scheduler, worker, script, jupyter); its status."""
+def run_role(role: str, spec, channel: Channel) -> int:
+    """Run the role ``spec`` describes (a ``RoleSpec``: what it ``runs`` is scheduler,
+    worker, script or jupyter); its status."""
     from dask_mpi_launch.roles.life import set_title
     from dask_mpi_launch.security.credentials import security_from
     from dask_mpi_launch.tuning.idle import apply_hpc_defaults
 
-    set_title(f"dml-{spec['run']}")
-    if spec["run"] in ("scheduler", "worker"):
+    run = spec.runs
+    set_title(f"dml-{run}")
+    if run in ("scheduler", "worker"):
         raise_open_files_limit()  # a connection per worker / per peer (10,000+ at scale)
     apply_hpc_defaults()  # quiet when idle, where the user has not chosen (tuning/idle.py)
-    if spec.get("dask_config"):  # big jobs (tuning/scale.py); a user's own config was left alone
+    if spec.dask_config:  # big jobs (tuning/scale.py); a user's own config was left alone
         import dask.config
 
-        dask.config.set(spec["dask_config"])
-    s, run = spec["settings"], spec["run"]
+        dask.config.set(spec.dask_config)
+    s = spec.settings
     from dask_mpi_launch.roles.life import JOINED
 
     JOINED["client"] = run in ("script", "jupyter")  # initialize() here returns at once
     if run == "scheduler":
         credentials = None
-        if spec.get("new_credentials"):  # this job's, made here (the rank never imports
+        if spec.new_credentials:  # this job's, made here (the rank never imports
             from dask_mpi_launch.base.errors import LaunchError  # cryptography), told to the rank with the address
             from dask_mpi_launch.security.credentials import new_credentials
 
@@ -106,18 +108,17 @@ def run_role(role: str, spec: dict, channel: Channel) -> int:
                 channel.error(e.message)
                 return e.status
         return run_scheduler(s, channel, credentials=credentials)
-    security = security_from(spec.get("credentials"))
+    security = security_from(spec.credentials)
     if run == "worker":
-        return run_worker(s, channel, spec["address"], spec["name"], spec["nthreads"],
-                          spec["memory_limit"], security=security,
-                          scheduler_info=spec.get("scheduler_info"))
+        return run_worker(s, channel, spec.address, spec.name, spec.nthreads,
+                          spec.memory_limit, security=security,
+                          scheduler_info=spec.scheduler_info)
     if run == "script":
-        return run_script(s, channel, spec["address"], spec.get("credentials"))
+        return run_script(s, channel, spec.address, spec.credentials)
     if run == "jupyter":
         from dask_mpi_launch.roles.jupyter import run_jupyter
 
-        return run_jupyter(s, channel, spec["address"], spec.get("credentials"),
-                           spec.get("scheduler_info"))
+        return run_jupyter(s, channel, spec.address, spec.credentials, spec.scheduler_info)
     raise ValueError(f"unknown role {run!r}")
 
 
