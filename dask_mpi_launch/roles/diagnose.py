@@ -473,6 +473,104 @@ def _connected_group(hosts: list[str], bad_pairs: set) -> list[str]:
     return [h for h in hosts if h in alive]
 
 
+def _attempts_by_pair(results: list) -> dict:
+    """{(iface, source host, destination host): [error or None, ...]} from the results."""
+    attempts: dict = {}
+    for src, iface, dst, err in results:
+        attempts.setdefault((iface, src, dst), []).append(err)
+    return attempts
+
+
+def _check_headline(hosts: dict) -> str:
+    """The first line: how many ranks on how many hosts, the first four hosts named."""
+    names = list(hosts)
+    shown = ", ".join(f"{h} (ranks {_ranges(r)})" for h, r in list(hosts.items())[:4])
+    if len(names) > 4:
+        shown += f", ... ({len(names) - 4} more)"
+    n_ranks = sum(len(r) for r in hosts.values())
+    return (f"{PREFIX}: check of {n_ranks} rank{'s' * (n_ranks != 1)} on {len(names)} "
+            f"host{'s' * (len(names) != 1)}: {shown}")
+
+
+def _pair_error(iface: str, s: str, d: str, addrs: dict, attempts: dict) -> str | None:
+    """Why host ``s`` did not reach host ``d`` over ``iface`` (None: it did): ``d`` has
+    no such interface or could not listen on it, the pair was not tested, or the error of
+    a failed attempt."""
+    a = addrs.get(d)
+    if a is None or not _interface(str(a)):
+        return f"{d} has no {iface}" if a is None else f"{d}: {a}"
+    errs = attempts.get((iface, s, d))
+    if errs is None:
+        return f"{s}->{d} not tested"
+    failed = [e for e in errs if e is not None]
+    return f"{s}->{d} {failed[0]}" if failed else None
+
+
+def _interface_failures(iface: str, names: list, addrs: dict,
+                        attempts: dict) -> tuple[list[str], int, set]:
+    """(the first three distinct problems, how many distinct problems, the failing
+    (source, destination) pairs) of one interface. Every host tests every other host; on
+    a one-host job the host tests itself."""
+    single = len(names) == 1
+    problems, distinct, bad = [], set(), set()
+    for s in names:
+        for d in (names if single else [x for x in names if x != s]):
+            err = _pair_error(iface, s, d, addrs, attempts)
+            if err is None:
+                continue
+            bad.add((s, d))
+            if err not in distinct:
+                distinct.add(err)
+                if len(problems) < 3:
+                    problems.append(err)
+    return problems, len(distinct), bad
+
+
+def _interface_row(iface: str, names: list, listeners: dict, attempts: dict,
+                   missing) -> tuple[tuple, tuple | None]:
+    """One row of the table, (iface, hosts count, "ok" or "", addresses or problems), and
+    the interface's rank among the working ones (None: it does not connect all hosts).
+    Loopback is not tested between hosts: it reaches its own host only."""
+    single = len(names) == 1
+    addrs = {h: listeners.get(h, {}).get(iface) for h in names}
+    entries = [a for a in addrs.values() if isinstance(a, str) and _interface(a)]
+    loop = iface == "lo" or (entries and all(_interface(a)[0].ip.is_loopback for a in entries))
+    if loop and not single:
+        return (iface, "-", "", "loopback: reaches its own host only, not tested"), None
+    problems, n_distinct, bad = _interface_failures(iface, names, addrs, attempts)
+    group = _connected_group(names, bad)
+    count = f"{len(group)}/{len(names)} host{'s' * (len(names) != 1)}"
+    if not bad and not missing:
+        detail = " ".join(f"{h}={addrs[h]}" for h in names[:4]) + (
+            " ..." if len(names) > 4 else "")
+        return (iface, count, "ok", detail), (loop, not _is_fabric(iface), iface)
+    more = n_distinct - len(problems)
+    detail = "; ".join(problems) + (f"; ... ({more} more)" if more > 0 else "")
+    return (iface, count, "", detail), None
+
+
+def _table_lines(rows: list) -> list[str]:
+    """The table under the headline: a header, then one aligned line per row."""
+    w = max([len("interface")] + [len(r[0]) for r in rows])
+    lines = [f"  {'interface':<{w}}  {'hosts':<11}  {'':<2}  addresses / problems"]
+    for iface, count, status, detail in rows:
+        lines.append(f"  {iface:<{w}}  {count:<11}  {status:<2}  {detail}".rstrip())
+    return lines
+
+
+def _check_conclusion(rows: list, working: list, missing) -> tuple[str | None, str]:
+    """(the interface to use or None, the last line): the best working interface (fabric
+    first, loopback last, then by name), else what failed and why."""
+    if working:
+        working.sort()
+        best = working[0][1]
+        return best, f"{PREFIX}: use --interface {best}"
+    tested = [r for r in rows if r[1] != "-"]
+    summary = "; ".join(f"{r[0]}: {r[1]}" for r in tested[:4]) or "no interface with an IPv4 address"
+    why = "ranks missing" if missing and tested else "check routes and firewalls between the hosts"
+    return None, (f"{PREFIX}: error: no interface connects all hosts ({summary}): {why}")
+
+
 def check_report(hosts: dict, listeners: dict, results: list, missing=()) -> tuple[list[str], str | None, str]:
     """What ``--check`` prints, from what the ranks found.
 
@@ -482,70 +580,21 @@ def check_report(hosts: dict, listeners: dict, results: list, missing=()) -> tup
     None, the last line).
     """
     names = list(hosts)
-    single = len(names) == 1
     ifaces = sorted({i for per in listeners.values() for i in per})
-    attempts: dict = {}
-    for src, iface, dst, err in results:
-        attempts.setdefault((iface, src, dst), []).append(err)
-    shown = ", ".join(f"{h} (ranks {_ranges(r)})" for h, r in list(hosts.items())[:4])
-    if len(names) > 4:
-        shown += f", ... ({len(names) - 4} more)"
-    n_ranks = sum(len(r) for r in hosts.values())
-    lines = [f"{PREFIX}: check of {n_ranks} rank{'s' * (n_ranks != 1)} on {len(names)} "
-             f"host{'s' * (len(names) != 1)}: {shown}"]
+    attempts = _attempts_by_pair(results)
     rows, working = [], []
     for iface in ifaces:
-        addrs = {h: listeners.get(h, {}).get(iface) for h in names}
-        entries = [a for a in addrs.values() if isinstance(a, str) and _interface(a)]
-        loop = iface == "lo" or (entries and all(_interface(a)[0].ip.is_loopback for a in entries))
-        if loop and not single:
-            rows.append((iface, "-", "", "loopback: reaches its own host only, not tested"))
-            continue
-        problems, distinct, bad = [], set(), set()
-        for s in names:
-            for d in (names if single else [x for x in names if x != s]):
-                a = addrs.get(d)
-                if a is None or not _interface(str(a)):
-                    err = f"{d} has no {iface}" if a is None else f"{d}: {a}"
-                else:
-                    errs = attempts.get((iface, s, d))
-                    if errs is None:
-                        err = f"{s}->{d} not tested"
-                    else:
-                        failed = [e for e in errs if e is not None]
-                        err = f"{s}->{d} {failed[0]}" if failed else None
-                if err is not None:
-                    bad.add((s, d))
-                    if err not in distinct:
-                        distinct.add(err)
-                        if len(problems) < 3:
-                            problems.append(err)
-        group = _connected_group(names, bad)
-        ok = not bad and not missing
-        count = f"{len(group)}/{len(names)} host{'s' * (len(names) != 1)}"
-        more = len(distinct) - len(problems)
-        detail = "; ".join(problems) + (f"; ... ({more} more)" if more > 0 else "")
-        if ok:
-            detail = " ".join(f"{h}={addrs[h]}" for h in names[:4]) + (
-                " ..." if len(names) > 4 else "")
-            working.append(((loop, not _is_fabric(iface), iface), iface))
-        rows.append((iface, count, "ok" if ok else "", detail))
+        row, works = _interface_row(iface, names, listeners, attempts, missing)
+        rows.append(row)
+        if works is not None:
+            working.append((works, iface))
     rows.sort(key=lambda r: (r[2] != "ok", r[1] == "-", r[0]))
-    w = max([len("interface")] + [len(r[0]) for r in rows])
-    lines.append(f"  {'interface':<{w}}  {'hosts':<11}  {'':<2}  addresses / problems")
-    for iface, count, status, detail in rows:
-        lines.append(f"  {iface:<{w}}  {count:<11}  {status:<2}  {detail}".rstrip())
+    lines = [_check_headline(hosts)] + _table_lines(rows)
     if missing:
         lines.append(f"  no report from rank{'s' * (len(missing) != 1)} {_ranges(missing)} "
                      "(they did not take part in time)")
-    if working:
-        working.sort()
-        best = working[0][1]
-        return lines, best, f"{PREFIX}: use --interface {best}"
-    tested = [r for r in rows if r[1] != "-"]
-    summary = "; ".join(f"{r[0]}: {r[1]}" for r in tested[:4]) or "no interface with an IPv4 address"
-    why = "ranks missing" if missing and tested else "check routes and firewalls between the hosts"
-    return lines, None, (f"{PREFIX}: error: no interface connects all hosts ({summary}): {why}")
+    best, last = _check_conclusion(rows, working, missing)
+    return lines, best, last
 
 
 class _Listeners:
