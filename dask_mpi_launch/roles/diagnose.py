@@ -239,6 +239,40 @@ def _answers(error: str | None) -> bool:
 # a worker that cannot reach the scheduler
 
 
+def _pair_candidate(le, re_, same_host: bool, answered: dict | None) -> tuple | None:
+    """(answered, remote IP, "network" text) of a local and a remote address of one
+    interface name that share a network; None if they do not, if they are one address on
+    two hosts (docker0's 172.17.0.1... never connects two hosts), or if a probe of the
+    remote address did not answer."""
+    lp, rp = _interface(str(le)), _interface(str(re_))
+    if lp is None or rp is None:
+        return None
+    (li, lknown), (ri, rknown) = lp, rp
+    if li.ip == ri.ip and not same_host:
+        return None
+    if not (ri.ip in li.network or li.ip in ri.network):
+        return None
+    ok = None if answered is None else answered.get(str(ri.ip))
+    if ok is False:
+        return None
+    net = li.network if lknown or not rknown else ri.network
+    guess = "" if (lknown or rknown) else " (guessed /24)"
+    return (ok is True, str(ri.ip), f"{net}{guess}")
+
+
+def _best_pair(local_entries, remote_entries, same_host: bool,
+               answered: dict | None) -> tuple | None:
+    """The best :func:`_pair_candidate` over all address pairs of one interface name (an
+    address that answered first), None if no pair shares a network."""
+    match = None
+    for le in local_entries:
+        for re_ in remote_entries:
+            cand = _pair_candidate(le, re_, same_host, answered)
+            if cand is not None and (match is None or cand > match):
+                match = cand
+    return match
+
+
 def suggest_interfaces(local: dict, remote: dict, *, exclude=(), same_host: bool = False,
                        answered: dict | None = None) -> list[tuple[str, str]]:
     """Interface names that both hosts have, whose addresses share a network, best first:
@@ -256,25 +290,7 @@ def suggest_interfaces(local: dict, remote: dict, *, exclude=(), same_host: bool
         loop = _is_loopback(name, local[name]) or _is_loopback(name, remote[name])
         if loop and not same_host:
             continue
-        match = None
-        for le in local[name]:
-            lp = _interface(str(le))
-            for re_ in remote[name]:
-                rp = _interface(str(re_))
-                if lp is None or rp is None:
-                    continue
-                (li, lknown), (ri, rknown) = lp, rp
-                if li.ip == ri.ip and not same_host:
-                    continue
-                if ri.ip in li.network or li.ip in ri.network:
-                    ok = None if answered is None else answered.get(str(ri.ip))
-                    if ok is False:
-                        continue
-                    net = li.network if lknown or not rknown else ri.network
-                    guess = "" if (lknown or rknown) else " (guessed /24)"
-                    cand = (ok is True, str(ri.ip), f"{net}{guess}")
-                    if match is None or cand > match:
-                        match = cand
+        match = _best_pair(local[name], remote[name], same_host, answered)
         if match is None:
             continue
         answered_ok, rip, net = match
