@@ -309,17 +309,9 @@ def unreachable_message(*, host: str, address: str, error: str, seconds: float,
 
     ``same_host``: whether the scheduler's host is this one (:func:`is_same_host`); None:
     decided from the two interface tables (the host names only if those cannot tell)."""
-    where = ""
-    on_scheduler_host = False
-    failed_names = []
-    for name, entries in sorted((scheduler_interfaces or {}).items()):
-        if target_ip and any(_ip_of(str(e)) == target_ip for e in entries):
-            failed_names.append(name)
-    if failed_names and scheduler_host:
-        where = f" ({'/'.join(failed_names)} of host {scheduler_host})"
-        on_scheduler_host = True
-    elif target_ip and target_ip != _host_part(address) and not where:
-        where = f" ({target_ip})"
+    failed_names = _failed_interfaces(scheduler_interfaces, target_ip)
+    on_scheduler_host = bool(failed_names and scheduler_host)
+    where = _tried_where(address, target_ip, failed_names, scheduler_host)
     text = (f"host {host} cannot reach the scheduler at {address}{where}: {error} "
             f"(tried for {seconds:.1f} s); host {host} has {format_interfaces(local)}")
     if not scheduler_interfaces or not scheduler_host:
@@ -344,16 +336,41 @@ def unreachable_message(*, host: str, address: str, error: str, seconds: float,
                        "scheduler? run the job with --check to test the interfaces")
     options = suggest_interfaces(local, scheduler_interfaces, exclude=failed_names,
                                  answered=answered)
+    return text + _interface_advice(options, host, scheduler_host, failed_names)
+
+
+def _failed_interfaces(scheduler_interfaces: dict, target_ip: str | None) -> list[str]:
+    """The names of the scheduler host's interfaces that have ``target_ip``, the address
+    that was tried (sorted; none if that address is not one of them)."""
+    return [name for name, entries in sorted((scheduler_interfaces or {}).items())
+            if target_ip and any(_ip_of(str(e)) == target_ip for e in entries)]
+
+
+def _tried_where(address: str, target_ip: str | None, failed_names: list,
+                 scheduler_host: str | None) -> str:
+    """What the address tried was, where ``address`` does not say it: the scheduler host's
+    interface (" (eth0 of host a)"), else the IP a name resolved to (" (10.0.0.1)")."""
+    if failed_names and scheduler_host:
+        return f" ({'/'.join(failed_names)} of host {scheduler_host})"
+    if target_ip and target_ip != _host_part(address):
+        return f" ({target_ip})"
+    return ""
+
+
+def _interface_advice(options: list, host: str, scheduler_host: str,
+                      failed_names: list) -> str:
+    """The end of the message: the --interface to use (and up to three others), or that
+    no interface shares a network and --check would tell more."""
     if not options:
         tried = f" other than {'/'.join(failed_names)}" if failed_names else ""
-        return text + (f"; no interface of host {host}{tried} shares a network with host "
-                       f"{scheduler_host}: run the job with --check to see which --interface "
-                       "connects all hosts")
+        return (f"; no interface of host {host}{tried} shares a network with host "
+                f"{scheduler_host}: run the job with --check to see which --interface "
+                "connects all hosts")
     name, why = options[0]
     also = ""
     if len(options) > 1:
         also = f"; also possible: {', '.join(n for n, _ in options[1:4])}"
-    return text + f"; use --interface {name} ({why}{also})"
+    return f"; use --interface {name} ({why}{also})"
 
 
 def _is_loopback_ip(ip: str | None) -> bool:
