@@ -398,6 +398,36 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict,
     tls:// and wss:// (default: from Dask's config; without TLS settings those are not
     checked, Dask says what is missing).
     """
+    target = _tcp_target(address, security)
+    if target is None:
+        return None
+    host, port, ssl_context = target
+    start = time.monotonic()
+    deadline = start + max(float(timeout), 0.1)
+    reached, error, target_ip = _connect_until(host, port, deadline, ssl_context)
+    if reached:
+        return None
+    info = scheduler_info or {}
+    sched_host, sched_ifaces = info.get("host"), info.get("interfaces") or {}
+    local = local_interfaces()
+    me = _hostname()
+    same_host = is_same_host(local, sched_ifaces, local_id=network_identity(),
+                             remote_id=info.get("network"))
+    if same_host is None:
+        same_host = sched_host == me
+    answered = None
+    if sched_host and sched_ifaces and not same_host:
+        answered = _answering_addresses(local, sched_ifaces, target_ip, port,
+                                        min(1.0, float(timeout)), ssl_context)
+    return unreachable_message(
+        host=me, address=address, error=error or "failed", seconds=time.monotonic() - start,
+        local=local, scheduler_host=sched_host, scheduler_interfaces=sched_ifaces,
+        target_ip=target_ip, answered=answered, same_host=same_host)
+
+
+def _tcp_target(address: str, security=None) -> tuple[str, int, object] | None:
+    """(host, port, SSL context or None) of an address this check can judge; None for
+    one it leaves to Dask (unparsable, not plain TCP, tls:// without TLS settings)."""
     try:
         scheme, host, port = parse_address(address)
     except ValueError:
@@ -409,8 +439,13 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict,
         ssl_context = _tls_context(security)
         if ssl_context is None:
             return None
-    start = time.monotonic()
-    deadline = start + max(float(timeout), 0.1)
+    return host, port, ssl_context
+
+
+def _connect_until(host: str, port: int, deadline: float,
+                   ssl_context=None) -> tuple[bool, str | None, str | None]:
+    """(reached, the last error, the last IP tried): every address ``host`` resolves to,
+    in rounds until one connects or ``deadline`` passes."""
     error = None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -425,32 +460,22 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict,
             target_ip = sockaddr[0]
             error = try_connect(sockaddr, family, min(remaining, 5.0), ssl_context)
             if error is None:
-                return None
+                return True, None, target_ip
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         time.sleep(min(0.2, remaining))  # refused: the scheduler may be still starting
-    info = scheduler_info or {}
-    sched_host, sched_ifaces = info.get("host"), info.get("interfaces") or {}
-    local = local_interfaces()
-    me = _hostname()
-    same_host = is_same_host(local, sched_ifaces, local_id=network_identity(),
-                             remote_id=info.get("network"))
-    if same_host is None:
-        same_host = sched_host == me
-    answered = None
-    if sched_host and sched_ifaces and not same_host:
-        # which of the scheduler host's other addresses answer from here (a refusal is an
-        # answer: the route works), to recommend an interface that was seen to work
-        exclude = [n for n, es in sched_ifaces.items()
-                   if any(_ip_of(str(e)) == target_ip for e in es)]
-        candidates = suggest_interfaces(local, sched_ifaces, exclude=exclude)
-        ips = {_ip_of(str(e)) for n, _ in candidates for e in sched_ifaces.get(n, [])}
-        answered = _probe(sorted(ips), port, min(1.0, float(timeout)), ssl_context)
-    return unreachable_message(
-        host=me, address=address, error=error or "failed", seconds=time.monotonic() - start,
-        local=local, scheduler_host=sched_host, scheduler_interfaces=sched_ifaces,
-        target_ip=target_ip, answered=answered, same_host=same_host)
+    return False, error, target_ip
+
+
+def _answering_addresses(local: dict, sched_ifaces: dict, target_ip: str | None, port: int,
+                         timeout: float, ssl_context=None) -> dict[str, bool]:
+    """Which of the scheduler host's other addresses answer from here (a refusal is an
+    answer: the route works), to recommend an interface that was seen to work."""
+    exclude = _failed_interfaces(sched_ifaces, target_ip)
+    candidates = suggest_interfaces(local, sched_ifaces, exclude=exclude)
+    ips = {_ip_of(str(e)) for n, _ in candidates for e in sched_ifaces.get(n, [])}
+    return _probe(sorted(ips), port, timeout, ssl_context)
 
 
 def _probe(ips: list[str], port: int, timeout: float, ssl_context=None) -> dict[str, bool]:
