@@ -239,6 +239,40 @@ def _answers(error: str | None) -> bool:
 # a worker that cannot reach the scheduler
 
 
+def _pair_candidate(le, re_, same_host: bool, answered: dict | None) -> tuple | None:
+    """(answered, remote IP, "network" text) of a local and a remote address of one
+    interface name that share a network; None if they do not, if they are one address on
+    two hosts (docker0's 172.17.0.1... never connects two hosts), or if a probe of the
+    remote address did not answer."""
+    lp, rp = _interface(str(le)), _interface(str(re_))
+    if lp is None or rp is None:
+        return None
+    (li, lknown), (ri, rknown) = lp, rp
+    if li.ip == ri.ip and not same_host:
+        return None
+    if not (ri.ip in li.network or li.ip in ri.network):
+        return None
+    ok = None if answered is None else answered.get(str(ri.ip))
+    if ok is False:
+        return None
+    net = li.network if lknown or not rknown else ri.network
+    guess = "" if (lknown or rknown) else " (guessed /24)"
+    return (ok is True, str(ri.ip), f"{net}{guess}")
+
+
+def _best_pair(local_entries, remote_entries, same_host: bool,
+               answered: dict | None) -> tuple | None:
+    """The best :func:`_pair_candidate` over all address pairs of one interface name (an
+    address that answered first), None if no pair shares a network."""
+    match = None
+    for le in local_entries:
+        for re_ in remote_entries:
+            cand = _pair_candidate(le, re_, same_host, answered)
+            if cand is not None and (match is None or cand > match):
+                match = cand
+    return match
+
+
 def suggest_interfaces(local: dict, remote: dict, *, exclude=(), same_host: bool = False,
                        answered: dict | None = None) -> list[tuple[str, str]]:
     """Interface names that both hosts have, whose addresses share a network, best first:
@@ -256,25 +290,7 @@ def suggest_interfaces(local: dict, remote: dict, *, exclude=(), same_host: bool
         loop = _is_loopback(name, local[name]) or _is_loopback(name, remote[name])
         if loop and not same_host:
             continue
-        match = None
-        for le in local[name]:
-            lp = _interface(str(le))
-            for re_ in remote[name]:
-                rp = _interface(str(re_))
-                if lp is None or rp is None:
-                    continue
-                (li, lknown), (ri, rknown) = lp, rp
-                if li.ip == ri.ip and not same_host:
-                    continue
-                if ri.ip in li.network or li.ip in ri.network:
-                    ok = None if answered is None else answered.get(str(ri.ip))
-                    if ok is False:
-                        continue
-                    net = li.network if lknown or not rknown else ri.network
-                    guess = "" if (lknown or rknown) else " (guessed /24)"
-                    cand = (ok is True, str(ri.ip), f"{net}{guess}")
-                    if match is None or cand > match:
-                        match = cand
+        match = _best_pair(local[name], remote[name], same_host, answered)
         if match is None:
             continue
         answered_ok, rip, net = match
@@ -293,17 +309,9 @@ def unreachable_message(*, host: str, address: str, error: str, seconds: float,
 
     ``same_host``: whether the scheduler's host is this one (:func:`is_same_host`); None:
     decided from the two interface tables (the host names only if those cannot tell)."""
-    where = ""
-    on_scheduler_host = False
-    failed_names = []
-    for name, entries in sorted((scheduler_interfaces or {}).items()):
-        if target_ip and any(_ip_of(str(e)) == target_ip for e in entries):
-            failed_names.append(name)
-    if failed_names and scheduler_host:
-        where = f" ({'/'.join(failed_names)} of host {scheduler_host})"
-        on_scheduler_host = True
-    elif target_ip and target_ip != _host_part(address) and not where:
-        where = f" ({target_ip})"
+    failed_names = _failed_interfaces(scheduler_interfaces, target_ip)
+    on_scheduler_host = bool(failed_names and scheduler_host)
+    where = _tried_where(address, target_ip, failed_names, scheduler_host)
     text = (f"host {host} cannot reach the scheduler at {address}{where}: {error} "
             f"(tried for {seconds:.1f} s); host {host} has {format_interfaces(local)}")
     if not scheduler_interfaces or not scheduler_host:
@@ -328,16 +336,41 @@ def unreachable_message(*, host: str, address: str, error: str, seconds: float,
                        "scheduler? run the job with --check to test the interfaces")
     options = suggest_interfaces(local, scheduler_interfaces, exclude=failed_names,
                                  answered=answered)
+    return text + _interface_advice(options, host, scheduler_host, failed_names)
+
+
+def _failed_interfaces(scheduler_interfaces: dict, target_ip: str | None) -> list[str]:
+    """The names of the scheduler host's interfaces that have ``target_ip``, the address
+    that was tried (sorted; none if that address is not one of them)."""
+    return [name for name, entries in sorted((scheduler_interfaces or {}).items())
+            if target_ip and any(_ip_of(str(e)) == target_ip for e in entries)]
+
+
+def _tried_where(address: str, target_ip: str | None, failed_names: list,
+                 scheduler_host: str | None) -> str:
+    """What the address tried was, where ``address`` does not say it: the scheduler host's
+    interface (" (eth0 of host a)"), else the IP a name resolved to (" (10.0.0.1)")."""
+    if failed_names and scheduler_host:
+        return f" ({'/'.join(failed_names)} of host {scheduler_host})"
+    if target_ip and target_ip != _host_part(address):
+        return f" ({target_ip})"
+    return ""
+
+
+def _interface_advice(options: list, host: str, scheduler_host: str,
+                      failed_names: list) -> str:
+    """The end of the message: the --interface to use (and up to three others), or that
+    no interface shares a network and --check would tell more."""
     if not options:
         tried = f" other than {'/'.join(failed_names)}" if failed_names else ""
-        return text + (f"; no interface of host {host}{tried} shares a network with host "
-                       f"{scheduler_host}: run the job with --check to see which --interface "
-                       "connects all hosts")
+        return (f"; no interface of host {host}{tried} shares a network with host "
+                f"{scheduler_host}: run the job with --check to see which --interface "
+                "connects all hosts")
     name, why = options[0]
     also = ""
     if len(options) > 1:
         also = f"; also possible: {', '.join(n for n, _ in options[1:4])}"
-    return text + f"; use --interface {name} ({why}{also})"
+    return f"; use --interface {name} ({why}{also})"
 
 
 def _is_loopback_ip(ip: str | None) -> bool:
@@ -365,6 +398,36 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict,
     tls:// and wss:// (default: from Dask's config; without TLS settings those are not
     checked, Dask says what is missing).
     """
+    target = _tcp_target(address, security)
+    if target is None:
+        return None
+    host, port, ssl_context = target
+    start = time.monotonic()
+    deadline = start + max(float(timeout), 0.1)
+    reached, error, target_ip = _connect_until(host, port, deadline, ssl_context)
+    if reached:
+        return None
+    info = scheduler_info or {}
+    sched_host, sched_ifaces = info.get("host"), info.get("interfaces") or {}
+    local = local_interfaces()
+    me = _hostname()
+    same_host = is_same_host(local, sched_ifaces, local_id=network_identity(),
+                             remote_id=info.get("network"))
+    if same_host is None:
+        same_host = sched_host == me
+    answered = None
+    if sched_host and sched_ifaces and not same_host:
+        answered = _answering_addresses(local, sched_ifaces, target_ip, port,
+                                        min(1.0, float(timeout)), ssl_context)
+    return unreachable_message(
+        host=me, address=address, error=error or "failed", seconds=time.monotonic() - start,
+        local=local, scheduler_host=sched_host, scheduler_interfaces=sched_ifaces,
+        target_ip=target_ip, answered=answered, same_host=same_host)
+
+
+def _tcp_target(address: str, security=None) -> tuple[str, int, object] | None:
+    """(host, port, SSL context or None) of an address this check can judge; None for
+    one it leaves to Dask (unparsable, not plain TCP, tls:// without TLS settings)."""
     try:
         scheme, host, port = parse_address(address)
     except ValueError:
@@ -376,8 +439,13 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict,
         ssl_context = _tls_context(security)
         if ssl_context is None:
             return None
-    start = time.monotonic()
-    deadline = start + max(float(timeout), 0.1)
+    return host, port, ssl_context
+
+
+def _connect_until(host: str, port: int, deadline: float,
+                   ssl_context=None) -> tuple[bool, str | None, str | None]:
+    """(reached, the last error, the last IP tried): every address ``host`` resolves to,
+    in rounds until one connects or ``deadline`` passes."""
     error = None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -392,32 +460,22 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict,
             target_ip = sockaddr[0]
             error = try_connect(sockaddr, family, min(remaining, 5.0), ssl_context)
             if error is None:
-                return None
+                return True, None, target_ip
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         time.sleep(min(0.2, remaining))  # refused: the scheduler may be still starting
-    info = scheduler_info or {}
-    sched_host, sched_ifaces = info.get("host"), info.get("interfaces") or {}
-    local = local_interfaces()
-    me = _hostname()
-    same_host = is_same_host(local, sched_ifaces, local_id=network_identity(),
-                             remote_id=info.get("network"))
-    if same_host is None:
-        same_host = sched_host == me
-    answered = None
-    if sched_host and sched_ifaces and not same_host:
-        # which of the scheduler host's other addresses answer from here (a refusal is an
-        # answer: the route works), to recommend an interface that was seen to work
-        exclude = [n for n, es in sched_ifaces.items()
-                   if any(_ip_of(str(e)) == target_ip for e in es)]
-        candidates = suggest_interfaces(local, sched_ifaces, exclude=exclude)
-        ips = {_ip_of(str(e)) for n, _ in candidates for e in sched_ifaces.get(n, [])}
-        answered = _probe(sorted(ips), port, min(1.0, float(timeout)), ssl_context)
-    return unreachable_message(
-        host=me, address=address, error=error or "failed", seconds=time.monotonic() - start,
-        local=local, scheduler_host=sched_host, scheduler_interfaces=sched_ifaces,
-        target_ip=target_ip, answered=answered, same_host=same_host)
+    return False, error, target_ip
+
+
+def _answering_addresses(local: dict, sched_ifaces: dict, target_ip: str | None, port: int,
+                         timeout: float, ssl_context=None) -> dict[str, bool]:
+    """Which of the scheduler host's other addresses answer from here (a refusal is an
+    answer: the route works), to recommend an interface that was seen to work."""
+    exclude = _failed_interfaces(sched_ifaces, target_ip)
+    candidates = suggest_interfaces(local, sched_ifaces, exclude=exclude)
+    ips = {_ip_of(str(e)) for n, _ in candidates for e in sched_ifaces.get(n, [])}
+    return _probe(sorted(ips), port, timeout, ssl_context)
 
 
 def _probe(ips: list[str], port: int, timeout: float, ssl_context=None) -> dict[str, bool]:
@@ -473,6 +531,104 @@ def _connected_group(hosts: list[str], bad_pairs: set) -> list[str]:
     return [h for h in hosts if h in alive]
 
 
+def _attempts_by_pair(results: list) -> dict:
+    """{(iface, source host, destination host): [error or None, ...]} from the results."""
+    attempts: dict = {}
+    for src, iface, dst, err in results:
+        attempts.setdefault((iface, src, dst), []).append(err)
+    return attempts
+
+
+def _check_headline(hosts: dict) -> str:
+    """The first line: how many ranks on how many hosts, the first four hosts named."""
+    names = list(hosts)
+    shown = ", ".join(f"{h} (ranks {_ranges(r)})" for h, r in list(hosts.items())[:4])
+    if len(names) > 4:
+        shown += f", ... ({len(names) - 4} more)"
+    n_ranks = sum(len(r) for r in hosts.values())
+    return (f"{PREFIX}: check of {n_ranks} rank{'s' * (n_ranks != 1)} on {len(names)} "
+            f"host{'s' * (len(names) != 1)}: {shown}")
+
+
+def _pair_error(iface: str, s: str, d: str, addrs: dict, attempts: dict) -> str | None:
+    """Why host ``s`` did not reach host ``d`` over ``iface`` (None: it did): ``d`` has
+    no such interface or could not listen on it, the pair was not tested, or the error of
+    a failed attempt."""
+    a = addrs.get(d)
+    if a is None or not _interface(str(a)):
+        return f"{d} has no {iface}" if a is None else f"{d}: {a}"
+    errs = attempts.get((iface, s, d))
+    if errs is None:
+        return f"{s}->{d} not tested"
+    failed = [e for e in errs if e is not None]
+    return f"{s}->{d} {failed[0]}" if failed else None
+
+
+def _interface_failures(iface: str, names: list, addrs: dict,
+                        attempts: dict) -> tuple[list[str], int, set]:
+    """(the first three distinct problems, how many distinct problems, the failing
+    (source, destination) pairs) of one interface. Every host tests every other host; on
+    a one-host job the host tests itself."""
+    single = len(names) == 1
+    problems, distinct, bad = [], set(), set()
+    for s in names:
+        for d in (names if single else [x for x in names if x != s]):
+            err = _pair_error(iface, s, d, addrs, attempts)
+            if err is None:
+                continue
+            bad.add((s, d))
+            if err not in distinct:
+                distinct.add(err)
+                if len(problems) < 3:
+                    problems.append(err)
+    return problems, len(distinct), bad
+
+
+def _interface_row(iface: str, names: list, listeners: dict, attempts: dict,
+                   missing) -> tuple[tuple, tuple | None]:
+    """One row of the table, (iface, hosts count, "ok" or "", addresses or problems), and
+    the interface's rank among the working ones (None: it does not connect all hosts).
+    Loopback is not tested between hosts: it reaches its own host only."""
+    single = len(names) == 1
+    addrs = {h: listeners.get(h, {}).get(iface) for h in names}
+    entries = [a for a in addrs.values() if isinstance(a, str) and _interface(a)]
+    loop = iface == "lo" or (entries and all(_interface(a)[0].ip.is_loopback for a in entries))
+    if loop and not single:
+        return (iface, "-", "", "loopback: reaches its own host only, not tested"), None
+    problems, n_distinct, bad = _interface_failures(iface, names, addrs, attempts)
+    group = _connected_group(names, bad)
+    count = f"{len(group)}/{len(names)} host{'s' * (len(names) != 1)}"
+    if not bad and not missing:
+        detail = " ".join(f"{h}={addrs[h]}" for h in names[:4]) + (
+            " ..." if len(names) > 4 else "")
+        return (iface, count, "ok", detail), (loop, not _is_fabric(iface), iface)
+    more = n_distinct - len(problems)
+    detail = "; ".join(problems) + (f"; ... ({more} more)" if more > 0 else "")
+    return (iface, count, "", detail), None
+
+
+def _table_lines(rows: list) -> list[str]:
+    """The table under the headline: a header, then one aligned line per row."""
+    w = max([len("interface")] + [len(r[0]) for r in rows])
+    lines = [f"  {'interface':<{w}}  {'hosts':<11}  {'':<2}  addresses / problems"]
+    for iface, count, status, detail in rows:
+        lines.append(f"  {iface:<{w}}  {count:<11}  {status:<2}  {detail}".rstrip())
+    return lines
+
+
+def _check_conclusion(rows: list, working: list, missing) -> tuple[str | None, str]:
+    """(the interface to use or None, the last line): the best working interface (fabric
+    first, loopback last, then by name), else what failed and why."""
+    if working:
+        working.sort()
+        best = working[0][1]
+        return best, f"{PREFIX}: use --interface {best}"
+    tested = [r for r in rows if r[1] != "-"]
+    summary = "; ".join(f"{r[0]}: {r[1]}" for r in tested[:4]) or "no interface with an IPv4 address"
+    why = "ranks missing" if missing and tested else "check routes and firewalls between the hosts"
+    return None, (f"{PREFIX}: error: no interface connects all hosts ({summary}): {why}")
+
+
 def check_report(hosts: dict, listeners: dict, results: list, missing=()) -> tuple[list[str], str | None, str]:
     """What ``--check`` prints, from what the ranks found.
 
@@ -482,70 +638,21 @@ def check_report(hosts: dict, listeners: dict, results: list, missing=()) -> tup
     None, the last line).
     """
     names = list(hosts)
-    single = len(names) == 1
     ifaces = sorted({i for per in listeners.values() for i in per})
-    attempts: dict = {}
-    for src, iface, dst, err in results:
-        attempts.setdefault((iface, src, dst), []).append(err)
-    shown = ", ".join(f"{h} (ranks {_ranges(r)})" for h, r in list(hosts.items())[:4])
-    if len(names) > 4:
-        shown += f", ... ({len(names) - 4} more)"
-    n_ranks = sum(len(r) for r in hosts.values())
-    lines = [f"{PREFIX}: check of {n_ranks} rank{'s' * (n_ranks != 1)} on {len(names)} "
-             f"host{'s' * (len(names) != 1)}: {shown}"]
+    attempts = _attempts_by_pair(results)
     rows, working = [], []
     for iface in ifaces:
-        addrs = {h: listeners.get(h, {}).get(iface) for h in names}
-        entries = [a for a in addrs.values() if isinstance(a, str) and _interface(a)]
-        loop = iface == "lo" or (entries and all(_interface(a)[0].ip.is_loopback for a in entries))
-        if loop and not single:
-            rows.append((iface, "-", "", "loopback: reaches its own host only, not tested"))
-            continue
-        problems, distinct, bad = [], set(), set()
-        for s in names:
-            for d in (names if single else [x for x in names if x != s]):
-                a = addrs.get(d)
-                if a is None or not _interface(str(a)):
-                    err = f"{d} has no {iface}" if a is None else f"{d}: {a}"
-                else:
-                    errs = attempts.get((iface, s, d))
-                    if errs is None:
-                        err = f"{s}->{d} not tested"
-                    else:
-                        failed = [e for e in errs if e is not None]
-                        err = f"{s}->{d} {failed[0]}" if failed else None
-                if err is not None:
-                    bad.add((s, d))
-                    if err not in distinct:
-                        distinct.add(err)
-                        if len(problems) < 3:
-                            problems.append(err)
-        group = _connected_group(names, bad)
-        ok = not bad and not missing
-        count = f"{len(group)}/{len(names)} host{'s' * (len(names) != 1)}"
-        more = len(distinct) - len(problems)
-        detail = "; ".join(problems) + (f"; ... ({more} more)" if more > 0 else "")
-        if ok:
-            detail = " ".join(f"{h}={addrs[h]}" for h in names[:4]) + (
-                " ..." if len(names) > 4 else "")
-            working.append(((loop, not _is_fabric(iface), iface), iface))
-        rows.append((iface, count, "ok" if ok else "", detail))
+        row, works = _interface_row(iface, names, listeners, attempts, missing)
+        rows.append(row)
+        if works is not None:
+            working.append((works, iface))
     rows.sort(key=lambda r: (r[2] != "ok", r[1] == "-", r[0]))
-    w = max([len("interface")] + [len(r[0]) for r in rows])
-    lines.append(f"  {'interface':<{w}}  {'hosts':<11}  {'':<2}  addresses / problems")
-    for iface, count, status, detail in rows:
-        lines.append(f"  {iface:<{w}}  {count:<11}  {status:<2}  {detail}".rstrip())
+    lines = [_check_headline(hosts)] + _table_lines(rows)
     if missing:
         lines.append(f"  no report from rank{'s' * (len(missing) != 1)} {_ranges(missing)} "
                      "(they did not take part in time)")
-    if working:
-        working.sort()
-        best = working[0][1]
-        return lines, best, f"{PREFIX}: use --interface {best}"
-    tested = [r for r in rows if r[1] != "-"]
-    summary = "; ".join(f"{r[0]}: {r[1]}" for r in tested[:4]) or "no interface with an IPv4 address"
-    why = "ranks missing" if missing and tested else "check routes and firewalls between the hosts"
-    return lines, None, (f"{PREFIX}: error: no interface connects all hosts ({summary}): {why}")
+    best, last = _check_conclusion(rows, working, missing)
+    return lines, best, last
 
 
 class _Listeners:
