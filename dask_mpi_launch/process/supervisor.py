@@ -28,9 +28,9 @@ import socket
 import time
 
 from dask_mpi_launch.tuning import scale
-from dask_mpi_launch.process import starting
+from dask_mpi_launch.process import checking, starting
 from dask_mpi_launch.process.coordinator import Coordinator
-from dask_mpi_launch.base.messages import (CONTROL, Address, AllReady, CheckFailed, Closed, Fail,
+from dask_mpi_launch.base.messages import (CONTROL, Address, AllReady, Closed, Fail,
                                             Hello, Jupyter, Ready, SchedulerClosed, Stdin, Stop,
                                             decode)
 from dask_mpi_launch.process.children import (RESTART_REASON, Child, Family, StdinRelay, end_descendants,
@@ -39,8 +39,7 @@ from dask_mpi_launch.control.over_mpi import ControlPlane
 from dask_mpi_launch.base.errors import LaunchError
 from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER
 from dask_mpi_launch.base.record import replace
-from dask_mpi_launch.configure.settings import (Settings, check_dashboard_host, check_interface, check_scheduler_file,
-                       check_script)
+from dask_mpi_launch.configure.settings import Settings
 from dask_mpi_launch.base.status import FAILED, NORMAL, SCRIPT, SIGNALLED, Outcome, say
 
 # seconds between looks at MPI while starting/stopping, and while running (child pipes
@@ -107,7 +106,7 @@ class Supervisor:
         """Run this rank until the job ends; return the job's status, agreed by all ranks."""
         self._install_signal_handlers()
         try:
-            self._check()
+            checking.check(self)  # CHECKING
             if not self.outcome.decided:
                 self._serve()
         except _Stop:
@@ -126,50 +125,6 @@ class Supervisor:
     @property
     def address(self) -> str | None:
         return self.cluster.get("address")
-
-    # ------------------------------------------------------------------
-    # CHECKING: every rank checks what it will use; the first error is said once
-
-    def _check(self) -> None:
-        try:
-            self.layout.check()
-        except LaunchError as e:  # the same on every rank: rank 0 says it plainly
-            if self.rank == 0:
-                say(f"error: {e.message}")
-            self.roles = ()  # no role runs, and no message goes to a rank outside the world
-            self.error = e
-            self.outcome.propose(e.status, FAILED)
-            return
-        error = None
-        try:
-            s = self.settings
-            check_interface(s.interface)
-            if SCHEDULER in self.roles:
-                check_scheduler_file(s.scheduler_file)
-                check_dashboard_host(s)
-            if CLIENT in self.roles and not s.in_process:
-                check_script(s)
-            if WORKER in self.roles:
-                problem = self.launcher.check("worker-class", s.worker_class)
-                if problem:
-                    raise LaunchError(problem, 2)
-        except LaunchError as e:
-            error = e
-        except Exception as e:  # whatever it is, every rank enters the same collectives
-            error = LaunchError(f"internal error while checking: {type(e).__name__}: {e}")
-        if error is not None:
-            self.error = error
-            self.control.send(0, *CheckFailed(self.rank, self.host, self.role_name,
-                                              error.message, error.status))
-        failed = self.control.allreduce_sum(
-            int(error is not None), self.settings.startup_timeout, self.poll_quietly)
-        if failed is None:
-            self.abort(f"not every rank started within {self.settings.startup_timeout:g} s "
-                       "(raise mpi-launch.startup-timeout if imports are slow here)", 1)
-        if failed:
-            if self.coordinator:
-                self.coordinator.report_check_failures(failed)
-            self.outcome.propose(error.status if error else 1, FAILED)  # max: the worst
 
     # ------------------------------------------------------------------
     # STARTING and RUNNING: the event loop
