@@ -28,19 +28,18 @@ import socket
 import time
 
 from dask_mpi_launch.tuning import scale
-from dask_mpi_launch.process import checking, starting
+from dask_mpi_launch.process import checking, child_events, starting
 from dask_mpi_launch.process.coordinator import Coordinator
 from dask_mpi_launch.base.messages import (CONTROL, Address, AllReady, Closed, Fail,
-                                            Hello, Jupyter, Ready, SchedulerClosed, Stdin, Stop,
+                                            Hello, SchedulerClosed, Stdin, Stop,
                                             decode)
-from dask_mpi_launch.process.children import (RESTART_REASON, Child, Family, StdinRelay, end_descendants,
-                       read_stdin)
+from dask_mpi_launch.process.children import Family, StdinRelay, end_descendants, read_stdin
 from dask_mpi_launch.control.over_mpi import ControlPlane
 from dask_mpi_launch.base.errors import LaunchError
 from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER
 from dask_mpi_launch.base.record import replace
 from dask_mpi_launch.configure.settings import Settings
-from dask_mpi_launch.base.status import FAILED, NORMAL, SCRIPT, SIGNALLED, Outcome, say
+from dask_mpi_launch.base.status import FAILED, NORMAL, SIGNALLED, Outcome, say
 
 # seconds between looks at MPI while starting/stopping, and while running (child pipes
 # and exits wake the loop at once; only messages from other ranks wait for the next look)
@@ -201,11 +200,11 @@ class Supervisor:
             readable, can_write = (), ()
             time.sleep(timeout)
         for child, event in self.children.said(readable):
-            self._on_event(child, event)
+            child_events.on_event(self, child, event)
         for child, events in self.children.ended():
             for event in events:
-                self._on_event(child, event)
-            self._on_exit(child)
+                child_events.on_event(self, child, event)
+            child_events.on_exit(self, child)
         if 0 in readable and self.relay_stdin:
             self._forward_stdin()
         if can_write:
@@ -253,69 +252,6 @@ class Supervisor:
                 "on this cluster (drop --no-tls / --protocol tcp to secure it)")
         self.cluster.update(info)
         self.control.broadcast(*Address(info))
-
-    # ------------------------------------------------------------------
-    # what children say, and how they end
-
-    def _on_event(self, child: Child, event: dict) -> None:
-        kind = event.get("event")
-        if kind == "error":
-            self.fail(child.role, event.get("message", "unknown error"))
-        elif kind == "address" and child.role == SCHEDULER:
-            self.credentials = event.get("credentials")  # made by the scheduler (TLS)
-            network = (event["interfaces"], event.get("network")) if (
-                "interfaces" in event) else None
-            self.announce(event["address"], event.get("identity"), event.get("dashboard"),
-                          network=network)
-        elif kind == "leaving":
-            child.left = str(event.get("reason", ""))
-        elif kind == "jupyter" and child.role == CLIENT:
-            self.control.send(0, *Jupyter(event["url"]))
-        elif kind == "ready" and child.role == WORKER:
-            self.workers_ready += 1  # restarted workers count again: == fires once
-            if self.workers_ready == self.settings.worker_processes:
-                names = [c.label.split(" ", 1)[1] for c in self.children.of(WORKER)]
-                self.control.send(0, *Ready(self.rank, self.host, names))
-
-    def _on_exit(self, child: Child) -> None:
-        if self.outcome.decided:
-            return
-        ended = child.ended
-        if child.role == CLIENT:
-            if ended.crashed:
-                self.fail(CLIENT, f"the script {ended.describe()}", ended.status, SCRIPT)
-            else:
-                self.stop(ended.status, SCRIPT)
-        elif ended.ok and child.role == SCHEDULER and not self.settings.has_client:
-            self.stop(0, NORMAL)  # cluster-only mode: a client shut the scheduler down
-        elif child.role == WORKER and ended.ok and child.left == RESTART_REASON:
-            self.children.restart(child, counted=False)  # client.restart(): the nanny's part
-        elif ended.ok and (child.left is not None or child.role != WORKER
-                           or not child.announces_leaving):
-            # closed by Dask itself (client.shutdown(), retire_workers): fine; in join mode
-            # the rank is done once all its workers are
-            if not self.settings.scheduler and not any(c.alive for c in self.children):
-                self.stop(0, NORMAL)
-        elif child.role == WORKER and self.children.may_restart(child):
-            # dead: killed (OOM killer, SIGKILL), or ended by a task (os._exit, sys.exit)
-            # with whatever status, since it did not say it leaves (roles.run_worker)
-            n = self.children.restart(child)  # same name: its tasks are rescheduled
-            say(f"{child.label} (rank {self.rank}, host {self.host}) {self._death(child)}: "
-                f"restarting it ({n} of {self.settings.worker_restarts})")
-        else:
-            self.fail(child.role, f"the {child.label} process {self._death(child)}"
-                      + (f" (after {self.settings.worker_restarts} restarts)"
-                         if child.role == WORKER and self.settings.worker_restarts else ""))
-
-    @staticmethod
-    def _death(child: Child) -> str:
-        ended = child.ended
-        if child.cause:
-            return child.cause
-        if ended.ok:  # a worker ends with 0 only after saying it leaves
-            return ("ended with status 0 without being asked to (a task called sys.exit "
-                    "or os._exit?)")
-        return ended.describe()
 
     # ------------------------------------------------------------------
     # what other ranks say
