@@ -30,10 +30,11 @@ import time
 from dask_mpi_launch.tuning import scale
 from dask_mpi_launch.process import checking, child_events, starting
 from dask_mpi_launch.process.coordinator import Coordinator
+from dask_mpi_launch.process.stopping import Stopping
 from dask_mpi_launch.base.messages import (CONTROL, Address, AllReady, Closed, Fail,
                                             Hello, SchedulerClosed, Stdin, Stop,
                                             decode)
-from dask_mpi_launch.process.children import Family, StdinRelay, end_descendants, read_stdin
+from dask_mpi_launch.process.children import Family, StdinRelay, read_stdin
 from dask_mpi_launch.control.over_mpi import ControlPlane
 from dask_mpi_launch.base.errors import LaunchError
 from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER
@@ -314,67 +315,9 @@ class Supervisor:
     # STOPPING, in order: the client, then the scheduler, then the workers it left
 
     def shutdown(self) -> None:
-        """The scheduler closes before the workers: its close tells every worker to close
-        (one message each), while workers closing first would cost the scheduler a removal
-        each that notifies every remaining worker, O(workers^2) (tuning/scheduler.py). So the
-        script's finally blocks still have the whole cluster; then the scheduler's rank
-        closes it and tells the worker ranks, which end what is left."""
+        """Stop this rank's roles in order (process/stopping.py says why that order)."""
         self.phase = Phase.STOPPING
-        grace = self.settings.shutdown_timeout
-        self._terminate(self.children.of(CLIENT), grace)
-        client = self.layout.client_rank
-        if CLIENT in self.roles and self.rank != self.scheduler_rank:
-            self.control.send(self.scheduler_rank, *Closed(self.rank))
-        scheduler = self.children.of(SCHEDULER)
-        if scheduler:
-            deadline = time.monotonic() + grace
-            while (client not in (None, self.rank) and client not in self.closed
-                   and scheduler[0].alive and time.monotonic() < deadline):
-                self.poll_quietly()
-            self._terminate(scheduler, grace)
-        if SCHEDULER in self.roles:
-            self.control.broadcast(*SchedulerClosed())
-        workers = self.children.of(WORKER)
-        if workers and self.settings.scheduler and SCHEDULER not in self.roles:
-            # closed by the scheduler's close; bounded: the client's and the scheduler's
-            # grace, in case the scheduler's rank cannot say
-            deadline = time.monotonic() + 2 * grace
-            while (not self.scheduler_closed and any(c.alive for c in workers)
-                   and time.monotonic() < deadline):
-                self.poll_quietly()
-            # the scheduler's close told them to go, and its rank's word can come before
-            # they are gone: a moment more to leave by themselves before any signal
-            deadline = time.monotonic() + min(grace / 2, 2.0)
-            while (self.scheduler_closed and any(c.alive for c in workers)
-                   and time.monotonic() < deadline):
-                self.poll_quietly()
-        self._terminate(workers, grace)
-        self.children.kill_leftovers()
-        if self.stdin_relay is not None:
-            self.stdin_relay.close()
-        if self.coordinator:
-            self.coordinator.remove_scheduler_file()
-        self.launcher.close()
-        self._end_strays()
-
-    def _end_strays(self) -> None:
-        """What the roles left running (orphans reparented to this rank, a subreaper): a
-        daemon the script started, a task's helper that left its session. Not where this
-        process is the user's script (initialize(exit=False)'s client), whose own
-        children are its business; the node's shared zygote serves other ranks still."""
-        if not self.children.reap_orphans:
-            return
-        launcher = getattr(self.launcher, "base", self.launcher)
-        spare = tuple(getattr(launcher, "spare", ()))
-        ended = end_descendants(min(2.0, self.settings.shutdown_timeout), spare)
-        if ended:
-            shown = ", ".join(ended[:3]) + (" ..." if len(ended) > 3 else "")
-            say(f"rank {self.rank} (host {self.host}): ended {len(ended)} process"
-                f"{'es' if len(ended) > 1 else ''} the job left running: {shown}")
-
-    def _terminate(self, children, grace: float) -> None:
-        signum = signal.SIGINT if self.signalled == signal.SIGINT else signal.SIGTERM
-        self.children.terminate(children, grace, signum, self.poll_quietly)
+        Stopping(self).run()
 
     # ------------------------------------------------------------------
     # the job's status
