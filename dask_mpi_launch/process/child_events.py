@@ -6,6 +6,7 @@ from __future__ import annotations
 from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER
 from dask_mpi_launch.base.messages import Jupyter, Ready
 from dask_mpi_launch.base.status import NORMAL, SCRIPT, say
+from dask_mpi_launch.process import starting
 from dask_mpi_launch.process.children import RESTART_REASON, Child
 
 
@@ -26,8 +27,8 @@ def on_event(sup, child: Child, event: dict) -> None:
 def _scheduler_listens(sup, event: dict) -> None:
     sup.credentials = event.get("credentials")  # made by the scheduler (TLS)
     network = (event["interfaces"], event.get("network")) if "interfaces" in event else None
-    sup.announce(event["address"], event.get("identity"), event.get("dashboard"),
-                 network=network)
+    starting.announce(sup, event["address"], event.get("identity"), event.get("dashboard"),
+                      network=network)
 
 
 def _worker_ready(sup) -> None:

@@ -6,6 +6,7 @@ import os
 import time
 
 from dask_mpi_launch.tuning import scale
+from dask_mpi_launch.process import starting
 from dask_mpi_launch.base.messages import AllReady, CheckFailed, Hello, Jupyter, Ready
 
 
@@ -96,8 +97,8 @@ class Coordinator:
                          f"{scheduler_file.credentials_directory(path)}")
                 return
         # names must not clash with the cluster's own workers (named by their ranks)
-        sup.announce(address, identity, None,
-                     name_prefix=sup.settings.name or f"join{job_id() or os.getpid()}")
+        starting.announce(sup, address, identity, None,
+                          name_prefix=sup.settings.name or f"join{job_id() or os.getpid()}")
 
     def _all_ready(self, now: float) -> None:
         sup = self.sup

@@ -7,6 +7,8 @@ import os
 
 from dask_mpi_launch.process.children import BecomeClient
 from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER
+from dask_mpi_launch.base.messages import Address
+from dask_mpi_launch.base.status import say
 from dask_mpi_launch.hpc.launchers import local_size
 
 
@@ -21,6 +23,26 @@ def start_scheduler(sup) -> None:
         remove_stale(s.scheduler_file)
     sup.children.start(SCHEDULER, "scheduler", {"run": "scheduler",
                                                 "new_credentials": bool(s.tls)})
+
+
+def announce(sup, address, identity, dashboard, name_prefix=None, network=None) -> None:
+    """The scheduler's rank knows the address: tell every rank, with what helps them
+    connect (or explain why they cannot). ``network``: this host's interfaces and
+    network identity as the scheduler found them (it has psutil imported), else
+    found here."""
+    if network is None:
+        from dask_mpi_launch.roles import diagnose
+
+        network = (diagnose.local_interfaces(), diagnose.network_identity())
+    info = {"address": address, "identity": identity, "dashboard": dashboard,
+            "name_prefix": name_prefix or sup.settings.name,
+            "host": sup.host, "interfaces": network[0],
+            "network": network[1], "credentials": sup.credentials}
+    if sup.settings.scheduler and not sup.settings.tls:
+        say(f"warning: TLS is off: anyone who can reach {address} can run code as you "
+            "on this cluster (drop --no-tls / --protocol tcp to secure it)")
+    sup.cluster.update(info)
+    sup.control.broadcast(*Address(info))
 
 
 def start_workers(sup) -> None:

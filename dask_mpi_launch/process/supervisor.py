@@ -130,11 +130,21 @@ class Supervisor:
     # STARTING and RUNNING: the event loop
 
     def _serve(self) -> None:
-        s = self.settings
         self.phase = Phase.STARTING
-        address_deadline = time.monotonic() + s.wait_timeout
+        address_deadline = time.monotonic() + self.settings.wait_timeout
         if self.rank != 0:  # rank 0 owns that deadline and says what went wrong
-            address_deadline += 5 + s.shutdown_timeout
+            address_deadline += 5 + self.settings.shutdown_timeout
+        self._begin()
+        while True:
+            self.step(IDLE_POLL if self.phase is Phase.RUNNING else BUSY_POLL)
+            now = time.monotonic()
+            if self.address is None:
+                self._await_address(now, address_deadline)
+            else:
+                self._start_what_is_due(now)
+
+    def _begin(self) -> None:
+        """The scheduler (if here), this rank's hello to rank 0, the stdin relay."""
         if SCHEDULER in self.roles:
             starting.start_scheduler(self)
         if self.coordinator:
@@ -144,30 +154,31 @@ class Supervisor:
         # launchers give the job's stdin to rank 0: it relays it to the client's rank
         # (Open MPI 5's mpirun never passes end-of-file on: there the client reads none)
         client = self.layout.client_rank
-        relay = client not in (None, 0) and not s.jupyter
+        relay = client not in (None, 0) and not self.settings.jupyter
         self.relay_stdin = relay and self.rank == 0 and not _open_mpi()
         if relay and self.rank == client:
             self.stdin_relay = StdinRelay()
             if _open_mpi():
                 self.stdin_relay.feed("")
-        while True:
-            self.step(IDLE_POLL if self.phase is Phase.RUNNING else BUSY_POLL)
-            now = time.monotonic()
-            if self.address is None:
-                if self.coordinator and not s.scheduler:  # join mode
-                    self.coordinator.read_scheduler_file()
-                if self.address is None and now > address_deadline:
-                    self._no_address()
-                continue
-            if WORKER in self.roles and "workers" not in self.started:
-                starting.start_workers(self)
-            if self.coordinator:
-                self.coordinator.advance(now)
-            if CLIENT in self.roles and "client" not in self.started:
-                if self.cluster.get("all_ready") or not s.wait_for_workers:
-                    starting.start_client(self)
-            if self.phase is Phase.STARTING and self._all_started():
-                self.phase = Phase.RUNNING
+
+    def _await_address(self, now: float, deadline: float) -> None:
+        if self.coordinator and not self.settings.scheduler:  # join mode
+            self.coordinator.read_scheduler_file()
+        if self.address is None and now > deadline:
+            self._no_address()
+
+    def _start_what_is_due(self, now: float) -> None:
+        """Workers once the address is known, the client once they are all connected
+        (or at once without --wait-for-workers); RUNNING once all this rank's are."""
+        if WORKER in self.roles and "workers" not in self.started:
+            starting.start_workers(self)
+        if self.coordinator:
+            self.coordinator.advance(now)
+        if CLIENT in self.roles and "client" not in self.started:
+            if self.cluster.get("all_ready") or not self.settings.wait_for_workers:
+                starting.start_client(self)
+        if self.phase is Phase.STARTING and self._all_started():
+            self.phase = Phase.RUNNING
 
     def _all_started(self) -> bool:
         return ((WORKER not in self.roles or "workers" in self.started)
@@ -187,25 +198,8 @@ class Supervisor:
 
     def step(self, timeout: float = BUSY_POLL, stop: bool = True) -> None:
         """Handle whatever happened: pipes, child exits, MPI messages, signals, stdin."""
-        fds = self.children.fds()
-        if self.relay_stdin:
-            fds.append(0)
-        writable = [self.stdin_relay.write_fd] if self.stdin_relay and self.stdin_relay.waiting \
-            else []
-        if fds or writable:
-            try:
-                readable, can_write, _ = select.select(fds, writable, [], timeout)
-            except (OSError, ValueError):
-                readable, can_write = fds, writable
-        else:
-            readable, can_write = (), ()
-            time.sleep(timeout)
-        for child, event in self.children.said(readable):
-            child_events.on_event(self, child, event)
-        for child, events in self.children.ended():
-            for event in events:
-                child_events.on_event(self, child, event)
-            child_events.on_exit(self, child)
+        readable, can_write = self._wait_for_io(timeout)
+        self._on_children(readable)
         if 0 in readable and self.relay_stdin:
             self._forward_stdin()
         if can_write:
@@ -220,6 +214,30 @@ class Supervisor:
         if stop and self.outcome.decided:
             raise _Stop
 
+    def _wait_for_io(self, timeout: float) -> tuple:
+        """(readable, writable) of the children's pipes and stdin, within ``timeout``."""
+        fds = self.children.fds()
+        if self.relay_stdin:
+            fds.append(0)
+        writable = [self.stdin_relay.write_fd] if self.stdin_relay and self.stdin_relay.waiting \
+            else []
+        if not (fds or writable):
+            time.sleep(timeout)
+            return (), ()
+        try:
+            readable, can_write, _ = select.select(fds, writable, [], timeout)
+        except (OSError, ValueError):
+            readable, can_write = fds, writable
+        return readable, can_write
+
+    def _on_children(self, readable) -> None:
+        for child, event in self.children.said(readable):
+            child_events.on_event(self, child, event)
+        for child, events in self.children.ended():
+            for event in events:
+                child_events.on_event(self, child, event)
+            child_events.on_exit(self, child)
+
     def poll_quietly(self) -> None:
         self.step(timeout=0.001, stop=False)
 
@@ -230,29 +248,6 @@ class Supervisor:
         self.control.send(self.layout.client_rank, *Stdin(text))
         if text == "":
             self.relay_stdin = False
-
-    # ------------------------------------------------------------------
-    # starting roles
-
-    def announce(self, address, identity, dashboard, name_prefix=None,
-                 network=None) -> None:
-        """The scheduler's rank knows the address: tell every rank, with what helps them
-        connect (or explain why they cannot). ``network``: this host's interfaces and
-        network identity as the scheduler found them (it has psutil imported), else
-        found here."""
-        if network is None:
-            from dask_mpi_launch.roles import diagnose
-
-            network = (diagnose.local_interfaces(), diagnose.network_identity())
-        info = {"address": address, "identity": identity, "dashboard": dashboard,
-                "name_prefix": name_prefix or self.settings.name,
-                "host": self.host, "interfaces": network[0],
-                "network": network[1], "credentials": self.credentials}
-        if self.settings.scheduler and not self.settings.tls:
-            say(f"warning: TLS is off: anyone who can reach {address} can run code as you "
-                "on this cluster (drop --no-tls / --protocol tcp to secure it)")
-        self.cluster.update(info)
-        self.control.broadcast(*Address(info))
 
     # ------------------------------------------------------------------
     # what other ranks say
