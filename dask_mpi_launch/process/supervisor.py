@@ -16,7 +16,10 @@ other ranks (``control/over_mpi.py``) and signals. Nothing waits without a bound
 
 The phases, in order: CHECKING (every rank checks its options; errors are said once), STARTING
 (scheduler, then the address to every rank, then workers, then the client once all workers
-are connected), RUNNING, STOPPING.
+are connected), RUNNING, STOPPING. The supervisor keeps the rank's state and its phase; the
+steps live beside it in ``process/``: ``checking.py`` (CHECKING), ``starting.py`` (what each
+role is started with, and the address announced), ``child_events.py`` (what children say and
+how they end), ``stopping.py`` (STOPPING, in order) and, on rank 0, ``coordinator.py``.
 """
 from __future__ import annotations
 
