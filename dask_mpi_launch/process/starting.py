@@ -1,12 +1,13 @@
-"""What each role process is started with: its spec (plain data, picklable: the zygote
-that forks it may be another process), from the settings and what the rank knows of the
+"""What each role process is started with: its spec (a ``RoleSpec`` record of
+``base/messages.py``, picklable: the zygote that forks it may be another process), from the settings and what the rank knows of the
 cluster. The supervisor decides when; this decides what."""
 from __future__ import annotations
 
 import os
 
 from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER
-from dask_mpi_launch.base.messages import ClientSpec, SchedulerSpec, WorkerSpec
+from dask_mpi_launch.base.messages import Address, ClientSpec, SchedulerSpec, WorkerSpec
+from dask_mpi_launch.base.status import say
 from dask_mpi_launch.process.children import BecomeClient
 from dask_mpi_launch.hpc.launchers import local_size
 
@@ -21,6 +22,26 @@ def start_scheduler(sup) -> None:
 
         remove_stale(s.scheduler_file)
     sup.children.start(SCHEDULER, "scheduler", SchedulerSpec(new_credentials=bool(s.tls)))
+
+
+def announce(sup, address, identity, dashboard, name_prefix=None, network=None) -> None:
+    """The scheduler's rank knows the address: tell every rank, with what helps them
+    connect (or explain why they cannot). ``network``: this host's interfaces and
+    network identity as the scheduler found them (it has psutil imported), else
+    found here."""
+    if network is None:
+        from dask_mpi_launch.roles import diagnose
+
+        network = (diagnose.local_interfaces(), diagnose.network_identity())
+    info = {"address": address, "identity": identity, "dashboard": dashboard,
+            "name_prefix": name_prefix or sup.settings.name,
+            "host": sup.host, "interfaces": network[0],
+            "network": network[1], "credentials": sup.credentials}
+    if sup.settings.scheduler and not sup.settings.tls:
+        say(f"warning: TLS is off: anyone who can reach {address} can run code as you "
+            "on this cluster (drop --no-tls / --protocol tcp to secure it)")
+    sup.cluster.update(info)
+    sup.control.broadcast(*Address(info))
 
 
 def start_workers(sup) -> None:

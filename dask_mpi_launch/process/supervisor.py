@@ -16,7 +16,10 @@ other ranks (``control/over_mpi.py``) and signals. Nothing waits without a bound
 
 The phases, in order: CHECKING (every rank checks its options; errors are said once), STARTING
 (scheduler, then the address to every rank, then workers, then the client once all workers
-are connected), RUNNING, STOPPING.
+are connected), RUNNING, STOPPING. The supervisor keeps the rank's state and its phase; the
+steps live beside it in ``process/``: ``checking.py`` (CHECKING), ``starting.py`` (what each
+role is started with, and the address announced), ``child_events.py`` (what children say and
+how they end), ``stopping.py`` (STOPPING, in order) and, on rank 0, ``coordinator.py``.
 """
 from __future__ import annotations
 
@@ -28,19 +31,19 @@ import socket
 import time
 
 from dask_mpi_launch.tuning import scale
-from dask_mpi_launch.process import starting
-from dask_mpi_launch.base.messages import (CONTROL, Address, AllReady, CheckFailed, Closed, Fail,
-                                            Hello, Jupyter, Ready, SchedulerClosed, Stdin, Stop,
+from dask_mpi_launch.process import checking, child_events, starting
+from dask_mpi_launch.process.coordinator import Coordinator
+from dask_mpi_launch.process.stopping import Stopping
+from dask_mpi_launch.base.messages import (CONTROL, Address, AllReady, Closed, Fail,
+                                            Hello, SchedulerClosed, Stdin, Stop,
                                             decode)
-from dask_mpi_launch.process.children import (RESTART_REASON, Child, Family, StdinRelay, end_descendants,
-                       read_stdin)
+from dask_mpi_launch.process.children import Family, StdinRelay, read_stdin
 from dask_mpi_launch.control.over_mpi import ControlPlane
 from dask_mpi_launch.base.errors import LaunchError
 from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER
 from dask_mpi_launch.base.record import replace
-from dask_mpi_launch.configure.settings import (Settings, check_dashboard_host, check_interface, check_scheduler_file,
-                       check_script)
-from dask_mpi_launch.base.status import FAILED, NORMAL, SCRIPT, SIGNALLED, Outcome, say
+from dask_mpi_launch.configure.settings import Settings
+from dask_mpi_launch.base.status import FAILED, NORMAL, SIGNALLED, Outcome, say
 
 # seconds between looks at MPI while starting/stopping, and while running (child pipes
 # and exits wake the loop at once; only messages from other ranks wait for the next look)
@@ -60,14 +63,6 @@ class _Stop(Exception):
 
 def _open_mpi(env=os.environ) -> bool:
     return "OMPI_COMM_WORLD_SIZE" in env
-
-
-def job_id(env=os.environ) -> str | None:
-    """The batch job's id without its server part (PBS's ``123.server``), or None."""
-    from dask_mpi_launch.hpc.launchers import job_id as launcher_job_id
-
-    found = launcher_job_id(env)
-    return found.split(".")[0] if found else None
 
 
 class Supervisor:
@@ -102,7 +97,7 @@ class Supervisor:
         self.relay_stdin = False  # rank 0 forwards the job's stdin to the client's rank
         self.workers_ready = 0  # this rank's worker processes that connected
         self.started: set[str] = set()  # "workers", "client" once asked to start
-        self.coordinator = _Coordinator(self) if self.rank == 0 else None
+        self.coordinator = Coordinator(self) if self.rank == 0 else None
         self.reported = False
         self.closed: set[int] = set()  # the client's rank once done (on the scheduler's)
         self.scheduler_closed = False  # the scheduler's rank closed it (on worker ranks)
@@ -114,7 +109,7 @@ class Supervisor:
         """Run this rank until the job ends; return the job's status, agreed by all ranks."""
         self._install_signal_handlers()
         try:
-            self._check()
+            checking.check(self)  # CHECKING
             if not self.outcome.decided:
                 self._serve()
         except _Stop:
@@ -135,58 +130,24 @@ class Supervisor:
         return self.cluster.get("address")
 
     # ------------------------------------------------------------------
-    # CHECKING: every rank checks what it will use; the first error is said once
-
-    def _check(self) -> None:
-        try:
-            self.layout.check()
-        except LaunchError as e:  # the same on every rank: rank 0 says it plainly
-            if self.rank == 0:
-                say(f"error: {e.message}")
-            self.roles = ()  # no role runs, and no message goes to a rank outside the world
-            self.error = e
-            self.outcome.propose(e.status, FAILED)
-            return
-        error = None
-        try:
-            s = self.settings
-            check_interface(s.interface)
-            if SCHEDULER in self.roles:
-                check_scheduler_file(s.scheduler_file)
-                check_dashboard_host(s)
-            if CLIENT in self.roles and not s.in_process:
-                check_script(s)
-            if WORKER in self.roles:
-                problem = self.launcher.check("worker-class", s.worker_class)
-                if problem:
-                    raise LaunchError(problem, 2)
-        except LaunchError as e:
-            error = e
-        except Exception as e:  # whatever it is, every rank enters the same collectives
-            error = LaunchError(f"internal error while checking: {type(e).__name__}: {e}")
-        if error is not None:
-            self.error = error
-            self.control.send(0, *CheckFailed(self.rank, self.host, self.role_name,
-                                              error.message, error.status))
-        failed = self.control.allreduce_sum(
-            int(error is not None), self.settings.startup_timeout, self.poll_quietly)
-        if failed is None:
-            self.abort(f"not every rank started within {self.settings.startup_timeout:g} s "
-                       "(raise mpi-launch.startup-timeout if imports are slow here)", 1)
-        if failed:
-            if self.coordinator:
-                self.coordinator.report_check_failures(failed)
-            self.outcome.propose(error.status if error else 1, FAILED)  # max: the worst
-
-    # ------------------------------------------------------------------
     # STARTING and RUNNING: the event loop
 
     def _serve(self) -> None:
-        s = self.settings
         self.phase = Phase.STARTING
-        address_deadline = time.monotonic() + s.wait_timeout
+        address_deadline = time.monotonic() + self.settings.wait_timeout
         if self.rank != 0:  # rank 0 owns that deadline and says what went wrong
-            address_deadline += 5 + s.shutdown_timeout
+            address_deadline += 5 + self.settings.shutdown_timeout
+        self._begin()
+        while True:
+            self.step(IDLE_POLL if self.phase is Phase.RUNNING else BUSY_POLL)
+            now = time.monotonic()
+            if self.address is None:
+                self._await_address(now, address_deadline)
+            else:
+                self._start_what_is_due(now)
+
+    def _begin(self) -> None:
+        """The scheduler (if here), this rank's hello to rank 0, the stdin relay."""
         if SCHEDULER in self.roles:
             starting.start_scheduler(self)
         if self.coordinator:
@@ -196,30 +157,31 @@ class Supervisor:
         # launchers give the job's stdin to rank 0: it relays it to the client's rank
         # (Open MPI 5's mpirun never passes end-of-file on: there the client reads none)
         client = self.layout.client_rank
-        relay = client not in (None, 0) and not s.jupyter
+        relay = client not in (None, 0) and not self.settings.jupyter
         self.relay_stdin = relay and self.rank == 0 and not _open_mpi()
         if relay and self.rank == client:
             self.stdin_relay = StdinRelay()
             if _open_mpi():
                 self.stdin_relay.feed("")
-        while True:
-            self.step(IDLE_POLL if self.phase is Phase.RUNNING else BUSY_POLL)
-            now = time.monotonic()
-            if self.address is None:
-                if self.coordinator and not s.scheduler:  # join mode
-                    self.coordinator.read_scheduler_file()
-                if self.address is None and now > address_deadline:
-                    self._no_address()
-                continue
-            if WORKER in self.roles and "workers" not in self.started:
-                starting.start_workers(self)
-            if self.coordinator:
-                self.coordinator.advance(now)
-            if CLIENT in self.roles and "client" not in self.started:
-                if self.cluster.get("all_ready") or not s.wait_for_workers:
-                    starting.start_client(self)
-            if self.phase is Phase.STARTING and self._all_started():
-                self.phase = Phase.RUNNING
+
+    def _await_address(self, now: float, deadline: float) -> None:
+        if self.coordinator and not self.settings.scheduler:  # join mode
+            self.coordinator.read_scheduler_file()
+        if self.address is None and now > deadline:
+            self._no_address()
+
+    def _start_what_is_due(self, now: float) -> None:
+        """Workers once the address is known, the client once they are all connected
+        (or at once without --wait-for-workers); RUNNING once all this rank's are."""
+        if WORKER in self.roles and "workers" not in self.started:
+            starting.start_workers(self)
+        if self.coordinator:
+            self.coordinator.advance(now)
+        if CLIENT in self.roles and "client" not in self.started:
+            if self.cluster.get("all_ready") or not self.settings.wait_for_workers:
+                starting.start_client(self)
+        if self.phase is Phase.STARTING and self._all_started():
+            self.phase = Phase.RUNNING
 
     def _all_started(self) -> bool:
         return ((WORKER not in self.roles or "workers" in self.started)
@@ -239,25 +201,8 @@ class Supervisor:
 
     def step(self, timeout: float = BUSY_POLL, stop: bool = True) -> None:
         """Handle whatever happened: pipes, child exits, MPI messages, signals, stdin."""
-        fds = self.children.fds()
-        if self.relay_stdin:
-            fds.append(0)
-        writable = [self.stdin_relay.write_fd] if self.stdin_relay and self.stdin_relay.waiting \
-            else []
-        if fds or writable:
-            try:
-                readable, can_write, _ = select.select(fds, writable, [], timeout)
-            except (OSError, ValueError):
-                readable, can_write = fds, writable
-        else:
-            readable, can_write = (), ()
-            time.sleep(timeout)
-        for child, event in self.children.said(readable):
-            self._on_event(child, event)
-        for child, events in self.children.ended():
-            for event in events:
-                self._on_event(child, event)
-            self._on_exit(child)
+        readable, can_write = self._wait_for_io(timeout)
+        self._on_children(readable)
         if 0 in readable and self.relay_stdin:
             self._forward_stdin()
         if can_write:
@@ -272,6 +217,30 @@ class Supervisor:
         if stop and self.outcome.decided:
             raise _Stop
 
+    def _wait_for_io(self, timeout: float) -> tuple:
+        """(readable, writable) of the children's pipes and stdin, within ``timeout``."""
+        fds = self.children.fds()
+        if self.relay_stdin:
+            fds.append(0)
+        writable = [self.stdin_relay.write_fd] if self.stdin_relay and self.stdin_relay.waiting \
+            else []
+        if not (fds or writable):
+            time.sleep(timeout)
+            return (), ()
+        try:
+            readable, can_write, _ = select.select(fds, writable, [], timeout)
+        except (OSError, ValueError):
+            readable, can_write = fds, writable
+        return readable, can_write
+
+    def _on_children(self, readable) -> None:
+        for child, event in self.children.said(readable):
+            child_events.on_event(self, child, event)
+        for child, events in self.children.ended():
+            for event in events:
+                child_events.on_event(self, child, event)
+            child_events.on_exit(self, child)
+
     def poll_quietly(self) -> None:
         self.step(timeout=0.001, stop=False)
 
@@ -282,92 +251,6 @@ class Supervisor:
         self.control.send(self.layout.client_rank, *Stdin(text))
         if text == "":
             self.relay_stdin = False
-
-    # ------------------------------------------------------------------
-    # starting roles
-
-    def announce(self, address, identity, dashboard, name_prefix=None,
-                 network=None) -> None:
-        """The scheduler's rank knows the address: tell every rank, with what helps them
-        connect (or explain why they cannot). ``network``: this host's interfaces and
-        network identity as the scheduler found them (it has psutil imported), else
-        found here."""
-        if network is None:
-            from dask_mpi_launch.roles import diagnose
-
-            network = (diagnose.local_interfaces(), diagnose.network_identity())
-        info = {"address": address, "identity": identity, "dashboard": dashboard,
-                "name_prefix": name_prefix or self.settings.name,
-                "host": self.host, "interfaces": network[0],
-                "network": network[1], "credentials": self.credentials}
-        if self.settings.scheduler and not self.settings.tls:
-            say(f"warning: TLS is off: anyone who can reach {address} can run code as you "
-                "on this cluster (drop --no-tls / --protocol tcp to secure it)")
-        self.cluster.update(info)
-        self.control.broadcast(*Address(info))
-
-    # ------------------------------------------------------------------
-    # what children say, and how they end
-
-    def _on_event(self, child: Child, event: dict) -> None:
-        kind = event.get("event")
-        if kind == "error":
-            self.fail(child.role, event.get("message", "unknown error"))
-        elif kind == "address" and child.role == SCHEDULER:
-            self.credentials = event.get("credentials")  # made by the scheduler (TLS)
-            network = (event["interfaces"], event.get("network")) if (
-                "interfaces" in event) else None
-            self.announce(event["address"], event.get("identity"), event.get("dashboard"),
-                          network=network)
-        elif kind == "leaving":
-            child.left = str(event.get("reason", ""))
-        elif kind == "jupyter" and child.role == CLIENT:
-            self.control.send(0, *Jupyter(event["url"]))
-        elif kind == "ready" and child.role == WORKER:
-            self.workers_ready += 1  # restarted workers count again: == fires once
-            if self.workers_ready == self.settings.worker_processes:
-                names = [c.label.split(" ", 1)[1] for c in self.children.of(WORKER)]
-                self.control.send(0, *Ready(self.rank, self.host, names))
-
-    def _on_exit(self, child: Child) -> None:
-        if self.outcome.decided:
-            return
-        ended = child.ended
-        if child.role == CLIENT:
-            if ended.crashed:
-                self.fail(CLIENT, f"the script {ended.describe()}", ended.status, SCRIPT)
-            else:
-                self.stop(ended.status, SCRIPT)
-        elif ended.ok and child.role == SCHEDULER and not self.settings.has_client:
-            self.stop(0, NORMAL)  # cluster-only mode: a client shut the scheduler down
-        elif child.role == WORKER and ended.ok and child.left == RESTART_REASON:
-            self.children.restart(child, counted=False)  # client.restart(): the nanny's part
-        elif ended.ok and (child.left is not None or child.role != WORKER
-                           or not child.announces_leaving):
-            # closed by Dask itself (client.shutdown(), retire_workers): fine; in join mode
-            # the rank is done once all its workers are
-            if not self.settings.scheduler and not any(c.alive for c in self.children):
-                self.stop(0, NORMAL)
-        elif child.role == WORKER and self.children.may_restart(child):
-            # dead: killed (OOM killer, SIGKILL), or ended by a task (os._exit, sys.exit)
-            # with whatever status, since it did not say it leaves (roles.run_worker)
-            n = self.children.restart(child)  # same name: its tasks are rescheduled
-            say(f"{child.label} (rank {self.rank}, host {self.host}) {self._death(child)}: "
-                f"restarting it ({n} of {self.settings.worker_restarts})")
-        else:
-            self.fail(child.role, f"the {child.label} process {self._death(child)}"
-                      + (f" (after {self.settings.worker_restarts} restarts)"
-                         if child.role == WORKER and self.settings.worker_restarts else ""))
-
-    @staticmethod
-    def _death(child: Child) -> str:
-        ended = child.ended
-        if child.cause:
-            return child.cause
-        if ended.ok:  # a worker ends with 0 only after saying it leaves
-            return ("ended with status 0 without being asked to (a task called sys.exit "
-                    "or os._exit?)")
-        return ended.describe()
 
     # ------------------------------------------------------------------
     # what other ranks say
@@ -430,67 +313,9 @@ class Supervisor:
     # STOPPING, in order: the client, then the scheduler, then the workers it left
 
     def shutdown(self) -> None:
-        """The scheduler closes before the workers: its close tells every worker to close
-        (one message each), while workers closing first would cost the scheduler a removal
-        each that notifies every remaining worker, O(workers^2) (tuning/scheduler.py). So the
-        script's finally blocks still have the whole cluster; then the scheduler's rank
-        closes it and tells the worker ranks, which end what is left."""
+        """Stop this rank's roles in order (process/stopping.py says why that order)."""
         self.phase = Phase.STOPPING
-        grace = self.settings.shutdown_timeout
-        self._terminate(self.children.of(CLIENT), grace)
-        client = self.layout.client_rank
-        if CLIENT in self.roles and self.rank != self.scheduler_rank:
-            self.control.send(self.scheduler_rank, *Closed(self.rank))
-        scheduler = self.children.of(SCHEDULER)
-        if scheduler:
-            deadline = time.monotonic() + grace
-            while (client not in (None, self.rank) and client not in self.closed
-                   and scheduler[0].alive and time.monotonic() < deadline):
-                self.poll_quietly()
-            self._terminate(scheduler, grace)
-        if SCHEDULER in self.roles:
-            self.control.broadcast(*SchedulerClosed())
-        workers = self.children.of(WORKER)
-        if workers and self.settings.scheduler and SCHEDULER not in self.roles:
-            # closed by the scheduler's close; bounded: the client's and the scheduler's
-            # grace, in case the scheduler's rank cannot say
-            deadline = time.monotonic() + 2 * grace
-            while (not self.scheduler_closed and any(c.alive for c in workers)
-                   and time.monotonic() < deadline):
-                self.poll_quietly()
-            # the scheduler's close told them to go, and its rank's word can come before
-            # they are gone: a moment more to leave by themselves before any signal
-            deadline = time.monotonic() + min(grace / 2, 2.0)
-            while (self.scheduler_closed and any(c.alive for c in workers)
-                   and time.monotonic() < deadline):
-                self.poll_quietly()
-        self._terminate(workers, grace)
-        self.children.kill_leftovers()
-        if self.stdin_relay is not None:
-            self.stdin_relay.close()
-        if self.coordinator:
-            self.coordinator.remove_scheduler_file()
-        self.launcher.close()
-        self._end_strays()
-
-    def _end_strays(self) -> None:
-        """What the roles left running (orphans reparented to this rank, a subreaper): a
-        daemon the script started, a task's helper that left its session. Not where this
-        process is the user's script (initialize(exit=False)'s client), whose own
-        children are its business; the node's shared zygote serves other ranks still."""
-        if not self.children.reap_orphans:
-            return
-        launcher = getattr(self.launcher, "base", self.launcher)
-        spare = tuple(getattr(launcher, "spare", ()))
-        ended = end_descendants(min(2.0, self.settings.shutdown_timeout), spare)
-        if ended:
-            shown = ", ".join(ended[:3]) + (" ..." if len(ended) > 3 else "")
-            say(f"rank {self.rank} (host {self.host}): ended {len(ended)} process"
-                f"{'es' if len(ended) > 1 else ''} the job left running: {shown}")
-
-    def _terminate(self, children, grace: float) -> None:
-        signum = signal.SIGINT if self.signalled == signal.SIGINT else signal.SIGTERM
-        self.children.terminate(children, grace, signum, self.poll_quietly)
+        Stopping(self).run()
 
     # ------------------------------------------------------------------
     # the job's status
@@ -527,144 +352,3 @@ class Supervisor:
             _thread.interrupt_main()  # KeyboardInterrupt in the script: the job failed
         self.shutdown()
         self.agree()
-
-
-class _Coordinator:
-    """Rank 0's part: it hears every rank, knows when all workers are connected, prints the
-    banner, writes the scheduler file, and says failures once."""
-
-    def __init__(self, supervisor: Supervisor):
-        self.sup = supervisor
-        self.ready: dict[int, tuple] = {}  # worker rank -> (host, names)
-        self.hosts: dict[int, tuple] = {}  # rank -> (host, roles), for the banner
-        self.check_failures: list[tuple] = []
-        self.all_ready_at: float | None = None
-        self.ready_deadline: float | None = None
-        self.banner_done = False
-        self.file_written = False
-
-    def starting(self) -> None:
-        sup = self.sup
-        self.hosts[0] = (sup.host, sup.roles)
-
-    def advance(self, now: float) -> None:
-        sup, s = self.sup, self.sup.settings
-        if self.ready_deadline is None:
-            self.ready_deadline = now + s.wait_timeout
-        if not (self.file_written or s.wait_for_workers) and s.scheduler_file and s.scheduler:
-            self._write_scheduler_file()  # as dask-mpi does: once the scheduler listens
-        if self.all_ready_at is None:
-            if len(self.ready) == len(sup.layout.worker_ranks):
-                self._all_ready(now)
-            elif now > self.ready_deadline:
-                sup.fail("scheduler", self._missing_workers())
-        elif not self.banner_done:
-            # every rank said where it runs (or 2 s passed): one block, once
-            if len(self.hosts) == sup.size or now > self.all_ready_at + 2:
-                self._banner()
-
-    def on_message(self, m) -> None:
-        if isinstance(m, Ready):
-            self.ready[m.rank] = (m.host, m.names)
-        elif isinstance(m, Hello):
-            self.hosts[m.rank] = (m.host, tuple(m.roles))
-        elif isinstance(m, CheckFailed):
-            self.check_failures.append(m.encode()[1:])
-        elif isinstance(m, Jupyter):
-            if not self.sup.settings.quiet:
-                from dask_mpi_launch.base.banner import jupyter_lines
-
-                print(jupyter_lines(m.url, self.sup.settings.login_host), flush=True)
-
-    def report_check_failures(self, failed: int) -> None:
-        """The same error is often found on many ranks: say the lowest rank's, once."""
-        deadline = time.monotonic() + 5.0
-        while len(self.check_failures) < failed and time.monotonic() < deadline:
-            self.sup.poll_quietly()
-        if self.check_failures:
-            rank, host, role, text, _ = min(self.check_failures)
-            more = len(self.check_failures) - 1
-            if more:
-                text += f" (and {more} more rank{'s' if more > 1 else ''} failed too)"
-            self.sup.report(rank, host, role, text)
-
-    def read_scheduler_file(self) -> None:
-        """Join mode: take the address from the scheduler file once it is there, if it is
-        the user's own (another user's file, or credentials, would make this job join their
-        cluster: refused with one line, ``scheduler_file.py``)."""
-        from dask_mpi_launch.security import scheduler_file
-
-        sup = self.sup
-        path = sup.settings.scheduler_file
-        identity = scheduler_file.read(path)
-        if identity is None:
-            return  # not there yet (the wait is bounded by wait-timeout)
-        address = identity["address"]
-        if address.startswith("tls://"):
-            sup.credentials = scheduler_file.read_credentials(path)
-            if sup.credentials is None:
-                sup.fail(sup.role_name, f"the cluster at {address} uses TLS, and its "
-                         f"credentials are not readable in "
-                         f"{scheduler_file.credentials_directory(path)}")
-                return
-        # names must not clash with the cluster's own workers (named by their ranks)
-        sup.announce(address, identity, None,
-                     name_prefix=sup.settings.name or f"join{job_id() or os.getpid()}")
-
-    def _all_ready(self, now: float) -> None:
-        sup = self.sup
-        self.all_ready_at = now
-        client = sup.layout.client_rank
-        if client is not None:
-            if client == 0:
-                sup.cluster["all_ready"] = True
-            else:
-                sup.control.send(client, *AllReady(len(self.ready)))
-        if sup.settings.scheduler_file and sup.settings.scheduler and not self.file_written:
-            self._write_scheduler_file()
-
-    def _banner(self) -> None:
-        self.banner_done = True
-        sup, s = self.sup, self.sup.settings
-        if not s.quiet:
-            from dask_mpi_launch.base.banner import render
-
-            print(render({
-                "mode": "join" if not s.scheduler else "script" if s.has_client else "cluster",
-                "address": sup.address, "dashboard": sup.cluster.get("dashboard"),
-                "dashboard_wanted": s.dashboard,
-                "workers": sum(len(names) for _, names in self.ready.values()),
-                "ranks": self.hosts, "scheduler_file": s.scheduler_file if s.scheduler else None,
-                "login_host": s.login_host,
-            }), flush=True)
-            if sup.tuning:  # the defaults changed for a big job, and how to choose
-                print(f"  tuning     {scale.describe(sup.tuning)}", flush=True)
-
-    def _write_scheduler_file(self) -> None:
-        """Publish the scheduler file and its credentials (made on the scheduler's rank)
-        beside it; the file stays locked by this process until the end: a second job given
-        the same path is refused while this one lives (``scheduler_file.py``)."""
-        from dask_mpi_launch.security import scheduler_file
-
-        sup = self.sup
-        self.published = scheduler_file.publish(
-            sup.settings.scheduler_file, sup.cluster.get("identity") or {"address": sup.address},
-            sup.cluster.get("credentials"))
-        self.file_written = True
-
-    def remove_scheduler_file(self) -> None:
-        """Remove what this job published, if it is still what it made."""
-        if getattr(self, "published", None) is not None:
-            from dask_mpi_launch.security import scheduler_file
-
-            scheduler_file.remove(self.published)
-            self.published = None
-
-    def _missing_workers(self) -> str:
-        sup = self.sup
-        missing = [r for r in sup.layout.worker_ranks if r not in self.ready]
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        return (f"{len(missing)} of {len(sup.layout.worker_ranks)} worker ranks did not "
-                f"connect to the scheduler at {sup.address} within "
-                f"{sup.settings.wait_timeout:g} s (ranks {shown}); check --interface, or "
-                "raise --wait-timeout")
