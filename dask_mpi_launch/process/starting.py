@@ -1,6 +1,7 @@
 """What each role process is started with: its spec (a ``RoleSpec`` record of
-``base/messages.py``, picklable: the zygote that forks it may be another process), from the settings and what the rank knows of the
-cluster. The supervisor decides when; this decides what."""
+``base/messages.py``, picklable: the zygote that forks it may be another process), from
+the settings and what the rank knows of the cluster. The supervisor decides when; this
+decides what."""
 from __future__ import annotations
 
 import os
