@@ -97,7 +97,7 @@ def test_pbs_directives(path):
     assert re.fullmatch(r"\d\d:\d\d:\d\d", req["walltime"] or ""), req
     (chunk,) = req["chunks"]  # one host: all ranks share it (the emulation's assumption)
     assert chunk["mpiprocs"] >= 3 and chunk["ncpus"] >= chunk["mpiprocs"], req
-    assert chunk["ompthreads"] is None, "ompthreads changes NCPUS (see README)"
+    assert chunk["ompthreads"] is None, "ompthreads changes NCPUS (see docs/batch/pbs.rst)"
     text = path.read_text()
     assert 'cd "$PBS_O_WORKDIR"' in text and "#PBS -V" in text and os.access(path, os.X_OK)
 
@@ -227,7 +227,7 @@ def test_lsf_script_template(venv, tmp_path):
 
 
 def test_lsf_more_slots_than_ranks_gives_threads(venv, tmp_path):
-    """The README's recipe: 16 slots on the host, mpiexec -ppn 4: 16/4 = 4 threads each."""
+    """docs/batch/lsf.rst's recipe: 16 slots on the host, mpiexec -ppn 4: 4 threads each."""
     argv, env, cwd = lsf_job(venv, tmp_path, "script.lsf", slots=16)
     body = Path(argv[1])
     body.write_text(body.read_text().replace("mpiexec dask-mpi-launch",
