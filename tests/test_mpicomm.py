@@ -15,6 +15,7 @@ HARNESS = HERE / "mpicomm_harness.py"
 
 pytest.importorskip("distributed")
 from dask_mpi_launch.dataplane import backend as mpicomm  # noqa: E402
+from dask_mpi_launch.dataplane import connections, engine, wire, worker  # noqa: E402
 
 
 # --- pure parts ---------------------------------------------------------------------------
@@ -22,7 +23,8 @@ from dask_mpi_launch.dataplane import backend as mpicomm  # noqa: E402
 def test_doctests():
     import doctest
 
-    assert doctest.testmod(mpicomm).failed == 0
+    for module in (wire, engine, connections, mpicomm, worker):
+        assert doctest.testmod(module).failed == 0, module.__name__
 
 
 @pytest.mark.parametrize("loc, expected", [
@@ -92,7 +94,7 @@ def test_polling_backs_off_only_where_the_cores_are_busy():
     with open("/proc/stat") as f:  # the real file parses, and its counters only grow
         now = mpicomm.cpu_times(f.read())
     assert now[1] >= now[0] > 0
-    assert mpicomm._max_sleep(0.0, crowded=False) < mpicomm._max_sleep(0.0, crowded=True)
+    assert engine._max_sleep(0.0, crowded=False) < engine._max_sleep(0.0, crowded=True)
 
 
 def test_header_inline_total_is_bounded():
