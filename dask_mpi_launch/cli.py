@@ -18,9 +18,15 @@ def __getattr__(name):
     if name == "command":  # the click command (docs, tests) lives where click is imported
         from dask_mpi_launch.configure import command_line
 
-        command_line.run_in_process = run  # the command run in-process runs the job here
+        command_line.run_in_process = _run_in_process
         return command_line.command
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _run_in_process(settings, check: bool = False) -> int:
+    """The command invoked in-process (click's CliRunner) runs the job here: ``run`` is
+    looked up at each call, so that a test may replace it."""
+    return run(settings, check=check)
 
 
 def run(settings, check: bool = False, launcher=None) -> int:

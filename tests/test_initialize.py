@@ -57,7 +57,7 @@ if is_client:
     print(f"client sees {len(client.scheduler_info()['workers'])} workers", flush=True)
     send_close_signal()
 # one write per line: print() writes its pieces one by one, and the ranks share the pipe
-sys.stdout.write(f"rank {MPI.COMM_WORLD.rank} continues {is_client}\n")
+sys.stdout.write(f"rank {MPI.COMM_WORLD.rank} continues {is_client}\\n")
 sys.stdout.flush()
 """)
     out = venv.launch_python(4, path, timeout=HANG)
