@@ -64,7 +64,7 @@ def test_every_kind_is_one_class():
             KIND, CONVERSATION = "stop", CONTROL
 
 
-@pytest.mark.parametrize("conversation", ["control", "zygote"])
+@pytest.mark.parametrize("conversation", ["control", "zygote", "event"])
 def test_the_docs_table_is_the_classes(conversation):
     page = (ROOT / "docs" / "messages.rst").read_text()
     start = page.index(f".. {conversation}-messages-start") + len(f".. {conversation}-messages-start")
@@ -128,3 +128,22 @@ def test_role_specs_say_what_runs_and_travel_pickled():
     assert node.name == "3" and node.env == {"A": "1"} and specs[1].env is None
     with pytest.raises(ValueError, match="unknown client kind 'notebook'"):
         ClientSpec(kind="notebook")
+
+
+def test_events_from_a_role_are_typed_and_unknown_ones_refused():
+    import json
+
+    from dask_mpi_launch.base.messages import (Leaving, ListensAt, RoleError, decode_event,
+                                               event_line)
+
+    line = event_line("address", address="tls://a:1", interfaces={"ib0": ["10.0.0.1"]})
+    m = decode_event(json.loads(line))
+    assert line.endswith(b"\n") and isinstance(m, ListensAt)
+    assert (m.address, m.interfaces, m.dashboard) == ("tls://a:1", {"ib0": ["10.0.0.1"]}, None)
+    assert decode_event({"event": "error"}) == RoleError("unknown error")  # fields may be left out
+    assert decode_event({"event": "leaving", "reason": "x"}) == Leaving("x")
+    for bad, fragment in [({"event": "hello"}, "unknown event 'hello'"),
+                          ({"event": "ready", "colour": 1}, "unknown fields colour"),
+                          (["ready"], "not {'event': kind, ...}")]:
+        with pytest.raises(UnknownMessage, match=fragment):
+            decode_event(bad)

@@ -15,6 +15,8 @@ Imports only the standard library and ``base`` (a thin rank imports this module)
 """
 from __future__ import annotations
 
+import json
+
 from dask_mpi_launch.base.errors import LaunchError
 from dask_mpi_launch.base.record import Record
 
@@ -307,3 +309,70 @@ def specs_table() -> str:
     rule = "  ".join("=" * w for w in widths)
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([rule, line(head), rule, *map(line, rows), rule])
+
+
+# ---------------------------------------------------------------------------
+# the event conversation: a role process tells its rank what happened, one JSON object a
+# line on its private pipe ({"event": kind, field: value, ...}); fields may be left out
+
+EVENT = "event"
+
+
+class _Event(Message):
+    CONVERSATION = EVENT
+
+
+class ListensAt(_Event):
+    """the scheduler's address, and what helps the ranks connect (credentials made here)"""
+    KIND, ROUTE = "address", "scheduler -> its rank"
+    address: str = ""
+    identity: object = None
+    dashboard: object = None
+    credentials: object = None
+    interfaces: object = None
+    network: object = None
+
+
+class WorkerReady(_Event):
+    KIND, ROUTE = "ready", "worker -> its rank"
+    name: str = ""
+    address: object = None
+
+
+class RoleError(_Event):
+    """one line: why the role cannot go on (the rank fails the job with it)"""
+    KIND, ROUTE = "error", "any role -> its rank"
+    message: str = "unknown error"
+
+
+class Leaving(_Event):
+    """a worker ends with 0 only after saying why (a close it was asked for)"""
+    KIND, ROUTE = "leaving", "worker -> its rank"
+    reason: str = ""
+
+
+class LabOpen(_Event):
+    """JupyterLab's URLs (lab, dashboard), with their token"""
+    KIND, ROUTE = "jupyter", "client (JupyterLab) -> its rank"
+    url: object = None
+
+
+def event_line(kind: str, **fields) -> bytes:
+    """An event as its role writes it: one JSON object and a newline."""
+    return (json.dumps({"event": kind, **fields}) + "\n").encode()
+
+
+def decode_event(obj) -> Message:
+    """The typed event of one decoded JSON line; :class:`UnknownMessage` for anything
+    else (a field this version does not know included)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("event"), str):
+        raise UnknownMessage(f"an event that is not {{'event': kind, ...}}: {str(obj)[:80]!r}")
+    fields = {k: v for k, v in obj.items() if k != "event"}
+    cls = REGISTRY[EVENT].get(obj["event"])
+    if cls is None:
+        raise UnknownMessage(f"unknown event {obj['event']!r}; known: "
+                             f"{', '.join(sorted(REGISTRY[EVENT]))}")
+    unknown = sorted(set(fields) - set(cls.FIELDS))
+    if unknown:
+        raise UnknownMessage(f"event {cls.KIND!r} has unknown fields {', '.join(unknown)}")
+    return cls(**fields)

@@ -4,31 +4,36 @@ hands each event from a role's pipe to :func:`on_event` and each ended child to
 from __future__ import annotations
 
 from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER
-from dask_mpi_launch.base.messages import Jupyter, Ready
+from dask_mpi_launch.base.messages import (Jupyter, LabOpen, Leaving, ListensAt, Ready, RoleError,
+                                           UnknownMessage, WorkerReady, decode_event)
 from dask_mpi_launch.base.status import NORMAL, SCRIPT, say
 from dask_mpi_launch.process import starting
 from dask_mpi_launch.process.children import RESTART_REASON, Child
 
 
 def on_event(sup, child: Child, event: dict) -> None:
-    kind = event.get("event")
-    if kind == "error":
-        sup.fail(child.role, event.get("message", "unknown error"))
-    elif kind == "address" and child.role == SCHEDULER:
-        _scheduler_listens(sup, event)
-    elif kind == "leaving":
-        child.left = str(event.get("reason", ""))
-    elif kind == "jupyter" and child.role == CLIENT:
-        sup.control.send(0, *Jupyter(event["url"]))
-    elif kind == "ready" and child.role == WORKER:
+    """One event from a role's pipe (typed: ``base/messages.py``); one this version does
+    not know is left unread, as before."""
+    try:
+        m = decode_event(event)
+    except UnknownMessage:
+        return
+    if isinstance(m, RoleError):
+        sup.fail(child.role, m.message)
+    elif isinstance(m, ListensAt) and child.role == SCHEDULER:
+        _scheduler_listens(sup, m)
+    elif isinstance(m, Leaving):
+        child.left = str(m.reason)
+    elif isinstance(m, LabOpen) and child.role == CLIENT:
+        sup.control.send(0, *Jupyter(m.url))
+    elif isinstance(m, WorkerReady) and child.role == WORKER:
         _worker_ready(sup)
 
 
-def _scheduler_listens(sup, event: dict) -> None:
-    sup.credentials = event.get("credentials")  # made by the scheduler (TLS)
-    network = (event["interfaces"], event.get("network")) if "interfaces" in event else None
-    starting.announce(sup, event["address"], event.get("identity"), event.get("dashboard"),
-                      network=network)
+def _scheduler_listens(sup, m: ListensAt) -> None:
+    sup.credentials = m.credentials  # made by the scheduler (TLS)
+    network = (m.interfaces, m.network) if m.interfaces is not None else None
+    starting.announce(sup, m.address, m.identity, m.dashboard, network=network)
 
 
 def _worker_ready(sup) -> None:

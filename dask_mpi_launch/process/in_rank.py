@@ -33,13 +33,12 @@ the scheduler's rank says what happened, or the job is ending). Two ways a task 
 """
 from __future__ import annotations
 
-import json
 import operator
 import os
 import signal
 import threading
 
-from dask_mpi_launch.base.messages import WorkerSpec
+from dask_mpi_launch.base.messages import WorkerSpec, event_line
 from dask_mpi_launch.process.children import Child
 from dask_mpi_launch.base.status import Ended
 
@@ -71,7 +70,7 @@ class ThreadChild(Child):
             if self.write_fd is None:
                 return
             try:
-                os.write(self.write_fd, (json.dumps({"event": event, **fields}) + "\n").encode())
+                os.write(self.write_fd, event_line(event, **fields))
             except OSError:
                 pass
 

@@ -7,11 +7,11 @@ them, below the process tree (a role never imports the supervisor that started i
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 
+from dask_mpi_launch.base.messages import event_line
 from dask_mpi_launch.base.status import exit_status
 
 #: ``initialize()`` joined the layout in this process: the client's answer, kept for a
@@ -40,7 +40,7 @@ class Channel:
         self.fd = fd
 
     def send(self, event: str, **fields) -> None:
-        data = (json.dumps({"event": event, **fields}) + "\n").encode()
+        data = event_line(event, **fields)
         try:
             os.write(self.fd, data)
         except OSError:
