@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import (_load, _stats, fmt_stat, machine_facts, machine_lines,  # noqa: E402
-                     make_env, run_once)
+from common import (_load, _stats, command_line, fmt_stat, load1, machine_facts,  # noqa: E402
+                    machine_lines, make_env, results_dir, run_once)
 
 MIB = 2**20
 
@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--venv", type=Path, default=Path(os.environ.get("DML_BENCH_VENV",
                                                                      ".venv/bench")),
                     help="venv whose bin/ has mpiexec, python, dask-mpi-launch")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+    ap.add_argument("--out", type=Path, default=results_dir(),
                     help="directory for dataplane.md/.json (default benchmarks/results)")
     ap.add_argument("--touch-memory", type=float, default=0.0, metavar="GIB",
                     help="first write to GIB GiB of memory, then free it: on a virtual "
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     mpi = "openmpi" if "Open MPI" in meta.get("mpi_library", "") else "mpich"
     env = make_env(venv, mpi)
     env.setdefault("OMP_NUM_THREADS", "1")
-    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(argv)
     sizes = ([] if args.no_latency else [8]) + [s * MIB for s in args.sizes]
     size_arg = ",".join(map(str, sizes))
     print(f"MPI: {meta['mpi_library']}; venv {venv}; load {_load()}", file=sys.stderr)
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_mpi(args, venv, env, Path(tmp), size_arg)
                 else:
                     res = run_dask(v, args, venv, env, Path(tmp), size_arg)
-                res["load1"] = os.getloadavg()[0]
+                res["load1"] = load1()
                 rounds[v].append(res)
                 print(f"[round {rnd + 1}/{args.rounds}] {v}: {time.time() - t:.1f} s "
                       f"{res.get('note') or 'ok'}; load {_load()}", file=sys.stderr)
@@ -671,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     t = time.time()
                     res = run_e2e(v, args, venv, env, Path(tmp))
-                    res["load1"] = os.getloadavg()[0]
+                    res["load1"] = load1()
                     e2e.setdefault(v, []).append(res)
                     print(f"[e2e round {rnd + 1}/{args.rounds}] {v}: {time.time() - t:.1f} s "
                           f"{res.get('note') or 'ok'}; load {_load()}", file=sys.stderr)

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import (_load, _stats, fmt_stat, machine_facts, machine_lines,  # noqa: E402
-                     make_env)
+from common import (_load, _stats, command_line, fmt_stat, load1, machine_facts,  # noqa: E402
+                    machine_lines, make_env, pick_mpi, results_dir)
 
 try:
     import psutil
@@ -330,7 +330,7 @@ def run_one(name: str, n: int, args, venv: Path, env: dict, mpi: str) -> dict:
         argv = [str(venv / "bin" / "mpiexec"), "-n", str(n), *extra,
                 *(a.format(**fill) for a in v.argv)]
         job = Job(argv, {**env, **(v.env or {})}, tmp)
-        result: dict = {"variant": name, "n": n, "load1": round(os.getloadavg()[0], 2)}
+        result: dict = {"variant": name, "n": n, "load1": round(load1(), 2)}
         try:
             if v.measure == "script-raises":
                 result.update(measure_script_raises(job, args.timeout))
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--venv", type=Path, default=Path(".venv/bench"),
                     help="venv whose bin/ has mpiexec, python, dask-mpi-launch, dask-mpi")
     ap.add_argument("--mpi", choices=["auto", "mpich", "openmpi"], default="auto")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--out", type=Path, default=results_dir())
     ap.add_argument("--name", default="idle", help="results file name (without extension)")
     args = ap.parse_args(argv)
     if psutil is None:
@@ -467,13 +467,10 @@ def main(argv: list[str] | None = None) -> int:
 
     venv = args.venv.absolute()
     meta = machine_facts(venv)
-    mpi = args.mpi
-    if mpi == "auto":
-        mpi = "openmpi" if "Open MPI" in meta.get("mpi_library", "") else "mpich"
-    meta["mpi_kind"] = mpi
+    mpi = pick_mpi(meta, args.mpi)
     env = make_env(venv, mpi)
     env["PYTHONUNBUFFERED"] = "1"
-    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(argv)
     print(f"MPI: {meta['mpi_library']} ({mpi}); venv {venv}; load {_load()}", file=sys.stderr)
 
     runs: list[dict] = []

@@ -29,8 +29,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import (VARIANTS, _load, build_argv, machine_facts, machine_lines,  # noqa: E402
-                     make_env, parse_markers, run_once)
+from common import (_load, machine_facts, machine_lines, make_env, results_dir,  # noqa: E402
+                    run_once)
+from startup import VARIANTS, build_argv, parse_markers  # noqa: E402
 
 DEFAULT_VARIANTS = ["floor", "dask-mpi", "ours-script"]
 OPEN = {"open", "openat", "openat2", "creat", "open_by_handle_at"}
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="bound on one traced run, seconds (strace slows it down)")
     ap.add_argument("--venv", type=Path, default=Path(sys.prefix),
                     help="venv with mpiexec, the package and dask-mpi (MPICH)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+    ap.add_argument("--out", type=Path, default=results_dir(),
                     help="directory for metadata.md/.json (default benchmarks/results)")
     args = ap.parse_args(argv)
     strace = shutil.which("strace")

@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import _load, machine_facts, machine_lines  # noqa: E402
+from common import _load, load1, machine_facts, machine_lines, results_dir  # noqa: E402
 
 # Worker processes only: strip per-worker background timers so 100s of workers fit in one
 # process (on a real cluster each worker has its own core for these).
@@ -807,7 +807,7 @@ def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
     real = min(args.real, n)
     res: dict = {"n": n, "variant": variant, "config": config, "ramp": ramp,
                  "procs": args.procs, "scheduler": which, "tls": bool(args.tls_file),
-                 "real": real, "load1": os.getloadavg()[0]}
+                 "real": real, "load1": load1()}
     try:
         sched = Child([py, me, "_scheduler", str(n), json.dumps(config), str(args.timeout),
                        str(args.settle), args.tls_file or "-", which], env, str(tmp))
@@ -1510,7 +1510,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds the scheduler's steady-state CPU is measured after")
     ap.add_argument("--venv", type=Path, default=Path(sys.prefix),
                     help="venv to report package versions of (the children use this python)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+    ap.add_argument("--out", type=Path, default=results_dir(),
                     help="directory for scale.md/.json/.png (default benchmarks/results)")
     ap.add_argument("--from-json", type=Path, default=None, metavar="SCALE_JSON",
                     help="only re-render scale.md/.png from an earlier scale.json")

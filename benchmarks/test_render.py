@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import startup  # noqa: E402
 
 
@@ -14,6 +15,18 @@ def _run(variant, n, wall, status="ok", workers=None):
 
 def test_doctests():
     assert doctest.testmod(startup).failed == 0
+
+
+def test_common_doctests():
+    assert doctest.testmod(common).failed == 0
+
+
+def test_pick_mpi_and_command_line():
+    meta = {"mpi_library": "MPICH Version: 4.2.0"}
+    assert common.pick_mpi(meta, "openmpi") == "openmpi" and meta["mpi_kind"] == "openmpi"
+    assert common.pick_mpi(meta, "auto") == "mpich"
+    assert common.command_line(["--ranks", "4"]).endswith(" --ranks 4")
+    assert common.results_dir() == Path(startup.__file__).resolve().parent / "results"
 
 
 def test_summarize_ratios_and_failures():
