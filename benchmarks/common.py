@@ -189,3 +189,44 @@ def machine_lines(meta: dict, command: str | None = None, load_note: str = "") -
     if command is not None:
         lines.append(f"- command: `{command}`")
     return lines
+
+
+# --- results files ---------------------------------------------------------------------------
+
+def args_record(args) -> dict:
+    """The parsed options as recorded in a results JSON (paths as strings).
+
+    >>> import argparse
+    >>> args_record(argparse.Namespace(out=Path("/tmp/r"), repeat=3))
+    {'out': '/tmp/r', 'repeat': 3}
+    """
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def write_results(out: Path, name: str, md: str, record: dict) -> tuple[Path, Path]:
+    """Write ``name``.md and ``name``.json (indent 1, one final newline) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = out / f"{name}.md", out / f"{name}.json"
+    md_path.write_text(md)
+    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    return md_path, json_path
+
+
+def interleave(rounds: int, variants: list[str], run, label: str = "round") -> dict[str, list]:
+    """Run every variant once per round, in turn, so that load drifts hit all alike.
+
+    ``run(variant)`` returns a result dict; its 1-minute load is added. A variant whose last
+    result says ``skip`` (it cannot work here) is not run again. Progress goes to stderr.
+    """
+    results: dict[str, list[dict]] = {}
+    for rnd in range(rounds):
+        for v in variants:
+            if results.get(v) and results[v][-1].get("skip"):
+                continue
+            t = time.time()
+            res = run(v)
+            res["load1"] = load1()
+            results.setdefault(v, []).append(res)
+            print(f"[{label} {rnd + 1}/{rounds}] {v}: {time.time() - t:.1f} s "
+                  f"{res.get('note') or 'ok'}; load {_load()}", file=sys.stderr)
+    return results
