@@ -87,6 +87,11 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
+def mpi_of(meta: dict) -> str:
+    """The MPI library the venv's mpi4py reports (machine_facts): openmpi or mpich."""
+    return "openmpi" if "Open MPI" in meta.get("mpi_library", "") else "mpich"
+
+
 def pick_mpi(meta: dict, mpi: str) -> str:
     """--mpi auto: the MPI library the venv's mpi4py reports; recorded in ``meta``.
 
@@ -97,7 +102,7 @@ def pick_mpi(meta: dict, mpi: str) -> str:
     'mpich'
     """
     if mpi == "auto":
-        mpi = "openmpi" if "Open MPI" in meta.get("mpi_library", "") else "mpich"
+        mpi = mpi_of(meta)
     meta["mpi_kind"] = mpi
     return mpi
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (_load, _stats, args_record, command_line, fmt_stat,  # noqa: E402
-                    interleave, machine_facts, machine_lines, make_env, results_dir, run_once,
+                    interleave, machine_facts, mpi_of, machine_lines, make_env, results_dir, run_once,
                     write_results)
 
 MIB = 2**20
@@ -686,8 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tls_method = "cli" if cli_has_tls(venv) else "config"
     meta.update(rounds=args.rounds, repeat=args.repeat, warmup=args.warmup,
                 tls_method=args.tls_method, touched_gib=args.touch_memory)
-    mpi = "openmpi" if "Open MPI" in meta.get("mpi_library", "") else "mpich"
-    env = make_env(venv, mpi)
+    env = make_env(venv, mpi_of(meta))
     env.setdefault("OMP_NUM_THREADS", "1")
     command = command_line(argv)
     sizes = ([] if args.no_latency else [8]) + [s * MIB for s in args.sizes]

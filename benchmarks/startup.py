@@ -154,6 +154,15 @@ def measure(raw: dict, fails: bool, has_script: bool) -> dict:
     return result
 
 
+def write_script(tmp: str, name: str) -> str | None:
+    """The variant's script as a file in ``tmp`` (named so that it shadows no module)."""
+    if VARIANTS[name].script is None:
+        return None
+    path = str(Path(tmp) / f"bench_{name.replace('-', '_')}.py")
+    Path(path).write_text(VARIANTS[name].script)
+    return path
+
+
 def build_argv(variant: Variant, n: int, venv: Path, script: str | None, mpi: str) -> list[str]:
     fill = {"python": str(venv / "bin" / "python"), "bin": str(venv / "bin"),
             "script": script or ""}
@@ -301,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         scripts = {}
         for name in args.variants:
             if VARIANTS[name].script is not None:
-                scripts[name] = str(Path(tmp) / f"bench_{name.replace('-', '_')}.py")  # no shadowing
-                Path(scripts[name]).write_text(VARIANTS[name].script)
+                scripts[name] = write_script(tmp, name)
 
         def one(name: str, n: int) -> dict:
             v = VARIANTS[name]
