@@ -24,21 +24,19 @@ first on ``PYTHONPATH``: the launched ranks then import that ``dask_mpi_launch``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (_load, _stats, command_line, fmt_stat, load1, machine_facts,  # noqa: E402
-                    machine_lines, make_env, pick_mpi, results_dir)
+from common import (_load, _stats, args_record, command_line, fmt_stat, load1,  # noqa: E402
+                    machine_facts, machine_lines, make_env, pick_mpi, results_dir, write_results)
 
 try:
     import psutil
@@ -491,15 +489,12 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["load_end"] = _load()
     idle_rows, fail_rows = summarize(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
     md = render_markdown(meta, idle_rows, fail_rows, command, vars(args))
-    (args.out / f"{args.name}.md").write_text(md)
-    (args.out / f"{args.name}.json").write_text(json.dumps(
-        {"meta": meta, "command": command,
-         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-         "idle": idle_rows, "failure": fail_rows, "runs": runs}, indent=1) + "\n")
+    md_path, json_path = write_results(args.out, args.name, md, {
+        "meta": meta, "command": command, "args": args_record(args),
+        "idle": idle_rows, "failure": fail_rows, "runs": runs})
     print(md)
-    print(f"wrote {args.out / (args.name + '.md')}, {args.out / (args.name + '.json')}")
+    print(f"wrote {md_path}, {json_path}")
     return 0
 
 

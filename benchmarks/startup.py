@@ -17,7 +17,6 @@ Writes results/startup.{md,json,png}.  Usually run through ``bin/bench``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -26,8 +25,9 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (_load, _stats, command_line, fmt_stat, load1,  # noqa: E402
-                    machine_facts, machine_lines, make_env, pick_mpi, results_dir, run_once)
+from common import (_load, _stats, args_record, command_line, fmt_stat, load1,  # noqa: E402
+                    machine_facts, machine_lines, make_env, pick_mpi, results_dir, run_once,
+                    write_results)
 
 
 # --- variants (adjust here) ------------------------------------------------------------
@@ -339,16 +339,13 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["load_end"] = _load()
     rows = summarize(runs, args.timeout)
-    args.out.mkdir(parents=True, exist_ok=True)
     md = render_markdown(meta, rows, command)
-    (args.out / "startup.md").write_text(md)
-    (args.out / "startup.json").write_text(json.dumps(
-        {"meta": meta, "command": command, "args": {k: str(v) if isinstance(v, Path) else v
-                                                     for k, v in vars(args).items()},
-         "summary": rows, "runs": runs}, indent=1) + "\n")
+    md_path, json_path = write_results(args.out, "startup", md, {
+        "meta": meta, "command": command, "args": args_record(args),
+        "summary": rows, "runs": runs})
     note = plot(rows, args.out / "startup.png")
     print(md)
-    print(f"wrote {args.out / 'startup.md'}, {args.out / 'startup.json'}; {note}")
+    print(f"wrote {md_path}, {json_path}; {note}")
     return 0
 
 
