@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_lines  # noqa: E402
+from common import machine_lines, write_results  # noqa: E402
 
 
 def quantile(xs: list[float], q: float) -> float | None:
@@ -524,50 +524,51 @@ def plot(curve_trials: list[dict], knob_trials: list[dict], rows: list[dict],
     except ImportError:
         return "plot skipped: matplotlib does not import"
     fig, axes = plt.subplots(1, 3 if knob_trials else 2, figsize=(15 if knob_trials else 10, 4.3))
-    ax = axes[0]
-    for t in curve_trials:
-        arr = sorted(t.get("arrivals") or [])
-        if arr:
-            ax.plot(arr, range(1, len(arr) + 1), label=f"{t['n']} workers")
-    ax.set_xlabel("s since start")
-    ax.set_ylabel("workers registered")
-    ax.set_title("defaults")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    pts = sorted((r["n"], r["rate"], r["sched_cap"], r["sched_ms"]) for r in rows
-                 if r["rate"] and r["sched_cap"])
-    if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="measured workers/s")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "^-",
-                label="scheduler-bound /s (1 / CPU per worker)")
-        ax.set_xlabel("workers")
-        ax.set_ylabel("registrations / s")
-        ax.set_ylim(bottom=0)
-        ax2 = ax.twinx()
-        ax2.plot([p[0] for p in pts], [p[3] for p in pts], "s--", color="gray",
-                 label="scheduler ms / worker")
-        ax2.set_ylabel("scheduler CPU ms per worker")
-        ax2.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.set_title("throughput vs size (defaults)")
-        ax.legend(loc="upper right", fontsize=7)
-        ax2.legend(loc="center right", fontsize=7)
+    _plot_arrivals(axes[0], curve_trials, lambda t: f"{t['n']} workers", "defaults")
+    _plot_throughput(axes[1], rows)
     if knob_trials:
-        ax = axes[2]
-        for t in knob_trials:
-            arr = sorted(t.get("arrivals") or [])
-            if arr:
-                ax.plot(arr, range(1, len(arr) + 1), label=t["variant"])
-        ax.set_xlabel("s since start")
-        ax.set_ylabel("workers registered")
-        ax.set_title(f"settings at {knob_trials[0]['n']} workers")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _plot_arrivals(axes[2], knob_trials, lambda t: t["variant"],
+                       f"settings at {knob_trials[0]['n']} workers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"plot written: {path}"
+
+
+def _plot_arrivals(ax, trials: list[dict], label, title: str) -> None:
+    """Workers registered over time, one line per trial."""
+    for t in trials:
+        arr = sorted(t.get("arrivals") or [])
+        if arr:
+            ax.plot(arr, range(1, len(arr) + 1), label=label(t))
+    ax.set_xlabel("s since start")
+    ax.set_ylabel("workers registered")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_throughput(ax, rows: list[dict]) -> None:
+    """Measured and scheduler-bound registrations/s, and scheduler ms per worker, by size."""
+    pts = sorted((r["n"], r["rate"], r["sched_cap"], r["sched_ms"]) for r in rows
+                 if r["rate"] and r["sched_cap"])
+    if not pts:
+        return
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="measured workers/s")
+    ax.plot([p[0] for p in pts], [p[2] for p in pts], "^-",
+            label="scheduler-bound /s (1 / CPU per worker)")
+    ax.set_xlabel("workers")
+    ax.set_ylabel("registrations / s")
+    ax.set_ylim(bottom=0)
+    ax2 = ax.twinx()
+    ax2.plot([p[0] for p in pts], [p[3] for p in pts], "s--", color="gray",
+             label="scheduler ms / worker")
+    ax2.set_ylabel("scheduler CPU ms per worker")
+    ax2.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.set_title("throughput vs size (defaults)")
+    ax.legend(loc="upper right", fontsize=7)
+    ax2.legend(loc="center right", fontsize=7)
 
 
 def rerender(path: Path, out: Path) -> int:
@@ -580,10 +581,8 @@ def rerender(path: Path, out: Path) -> int:
     summary = write_summary(curve, knobs, d.get("model"), d["meta"])
     md = render_markdown(d["meta"], curve, knobs, d.get("model"), d["command"], summary,
                          float(d["args"]["timeout"]))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.md").write_text(md)
     d.update(curve=curve, knobs=knobs, summary=summary)
-    (out / "scale.json").write_text(json.dumps(d, indent=1) + "\n")
+    write_results(out, "scale", md, d)
     print(md)
     print(plot(curve_trials, knob_trials, curve, out / "scale.png"))
     return 0

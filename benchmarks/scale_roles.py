@@ -350,12 +350,11 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
                config: dict) -> int:
     """``count`` processes running ``run.run_worker`` unchanged (one worker each, forked
     after the imports as a rank forks its role processes), reporting through its channel."""
-    import select
-
     _be_nice()
     _raise_nofile()
     import dask
     dask.config.set(config)
+    # the launcher's worker role, its channel and the job's TLS: what scale.py measures
     from dask_mpi_launch.roles import run
     from dask_mpi_launch.roles.life import Channel
     from dask_mpi_launch.security.credentials import security_from
@@ -381,8 +380,27 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
         os.close(w)
         pipes[r] = (pid, t0)
         roles_pids.append(pid)
+    lat, errors = _await_roles(pipes, go + timeout)
+    out = {"index": index, "real": True, "started": len(lat), "lat": lat,
+           "failed": {"role error": len(errors)} if errors else {},
+           "errors": errors[:5], "pending": len(pipes), "cpu": 0.0,
+           "wall": round(time.time() - go, 3), "log": {}, "log_sample": errors[:5]}
+    print("WORKERS=" + json.dumps(out), flush=True)
+    if sys.stdin.readline().strip() == "CLOSE":
+        _end_roles(roles_pids)
+        return 0
+    os.killpg(0, signal.SIGKILL)  # the role processes with us
+    return 0
+
+
+def _await_roles(pipes: dict[int, tuple[int, float]], deadline: float
+                 ) -> tuple[list[float], list[str]]:
+    """Read the roles' channels until each said ready or error (or closed), or the deadline:
+    each ready role's seconds from its fork, and the errors. ``pipes`` keeps the silent ones."""
+    import select
+
     lat, errors, buffers = [], [], {fd: b"" for fd in pipes}
-    while pipes and time.time() < go + timeout:
+    while pipes and time.time() < deadline:
         ready, _, _ = select.select(list(pipes), [], [], 0.5)
         for fd in ready:
             data = os.read(fd, 65536)
@@ -397,27 +415,22 @@ def child_real(address: str, count: int, index: int, timeout: float, tls_file: s
                 else:
                     errors.append(done[0].get("message", "?")[:300] if done
                                   else "ended without a word")
-    out = {"index": index, "real": True, "started": len(lat), "lat": lat,
-           "failed": {"role error": len(errors)} if errors else {},
-           "errors": errors[:5], "pending": len(pipes), "cpu": 0.0,
-           "wall": round(time.time() - go, 3), "log": {}, "log_sample": errors[:5]}
-    print("WORKERS=" + json.dumps(out), flush=True)
-    if sys.stdin.readline().strip() == "CLOSE":
-        # the job ends: SIGTERM to the role processes still running (as their rank does),
-        # then wait for every one (bounded by the parent, which kills the group)
-        for pid in roles_pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for pid in roles_pids:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        return 0
-    os.killpg(0, signal.SIGKILL)  # the role processes with us
-    return 0
+    return lat, errors
+
+
+def _end_roles(roles_pids: list[int]) -> None:
+    """The job ends: SIGTERM to the role processes still running (as their rank does), then
+    wait for every one (bounded by the parent, which kills the group)."""
+    for pid in roles_pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for pid in roles_pids:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 def curve_config(n: int, scaled: bool) -> dict:

@@ -210,68 +210,87 @@ def teardown(sched: "Child", workers: list["Child"], order: str, timeout: float)
 
 def run_trial(n: int, variant: str, config: dict, ramp: float, args, tmp: Path,
               which: str = "ours", order: str | None = None) -> dict:
-    py = sys.executable
-    me = SCALE_PY
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    local_dir = tempfile.mkdtemp(prefix="scratch-", dir=tmp)
-    setup_deadline = time.time() + args.setup_timeout
-    children: list[Child] = []
     real = min(args.real, n)
     res: dict = {"n": n, "variant": variant, "config": config, "ramp": ramp,
                  "procs": args.procs, "scheduler": which, "tls": bool(args.tls_file),
                  "real": real, "load1": load1()}
+    spawn = _Spawner(args, tmp, config)
     try:
-        sched = Child([py, me, "_scheduler", str(n), json.dumps(config), str(args.timeout),
-                       str(args.settle), args.tls_file or "-", which], env, str(tmp))
-        children.append(sched)
-        _LIVE.append(sched)
-        event = sched.expect('{"event": ', setup_deadline)  # the role's channel
-        event = json.loads('{"event": ' + event) if event else {}
-        address = event.get("address")
-        if address is None:
-            return {**res, "status": "error", "why": "scheduler did not start: "
-                    + event.get("message", ""), "stderr": sched.stderr_tail()}
-        for i, k in enumerate(split(n - real, args.procs)):
-            c = Child([py, me, "_workers", address, str(k), str(i), json.dumps(config),
-                       str(args.timeout), str(ramp), local_dir, args.tls_file or "-",
-                       "spread" if args.spread else "lo"], env, str(tmp))
-            children.append(c)
-            _LIVE.append(c)
-        if real:
-            c = Child([py, me, "_real", address, str(real), "0", str(args.timeout),
-                       args.tls_file or "-", json.dumps(config)], env, str(tmp))
-            children.append(c)
-            _LIVE.append(c)
-        for c in children[1:]:
-            if c.expect("READY", setup_deadline) is None:
-                return {**res, "status": "error", "why": "a worker process did not start",
-                        "stderr": c.stderr_tail()}
-        go = time.time()
-        for c in children:
-            c.send(f"GO {go!r}\n")
-        done = sched.expect("DONE=", go + args.timeout + args.settle + 30)
-        reports = []
-        for c in children[1:]:
-            r = c.expect("WORKERS=", time.time() + 10)
-            reports.append(json.loads(r) if r else None)
-        if done is None:
-            return {**res, "status": "error", "why": "no report from the scheduler",
-                    "stderr": sched.stderr_tail()}
-        res.update(json.loads(done))
-        res["workers"] = reports
-        res["status"] = "ok" if res["connected"] >= n else "timeout"
-        if order:
-            res.update(teardown(sched, children[1:], order, args.timeout))
-        return res
+        return _trial(spawn, res, n, real, ramp, which, order)
     finally:
+        spawn.end_all()
+
+
+class _Spawner:
+    """Starts one trial's children (python scale.py _scheduler|_workers|_real ...), each in a
+    session of its own, and ends them all."""
+
+    def __init__(self, args, tmp: Path, config: dict):
+        self.args, self.tmp, self.config = args, tmp, config
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.local_dir = tempfile.mkdtemp(prefix="scratch-", dir=tmp)
+        self.setup_deadline = time.time() + args.setup_timeout
+        self.children: list[Child] = []
+
+    def start(self, role: str, *argv: str) -> Child:
+        c = Child([sys.executable, SCALE_PY, role, *argv], self.env, str(self.tmp))
+        self.children.append(c)
+        _LIVE.append(c)
+        return c
+
+    def end_all(self) -> None:
         # workers first (SIGKILL: closing them politely is not what we measure), then the
         # scheduler, which may need a moment to write its profile
+        children = self.children
         for c in children[1:] + children[:1]:
             c.send("STOP\n")
             c.kill(grace=60.0 if c is children[0] and os.environ.get("BENCH_SCALE_PROFILE")
                    else 0.0)
             if c in _LIVE:
                 _LIVE.remove(c)
+
+
+def _trial(spawn: _Spawner, res: dict, n: int, real: int, ramp: float, which: str,
+           order: str | None) -> dict:
+    """Start the scheduler, then the workers; GO; the scheduler's and the workers' reports."""
+    args, config = spawn.args, spawn.config
+    sched = spawn.start("_scheduler", str(n), json.dumps(config), str(args.timeout),
+                        str(args.settle), args.tls_file or "-", which)
+    event = sched.expect('{"event": ', spawn.setup_deadline)  # the role's channel
+    event = json.loads('{"event": ' + event) if event else {}
+    address = event.get("address")
+    if address is None:
+        return {**res, "status": "error", "why": "scheduler did not start: "
+                + event.get("message", ""), "stderr": sched.stderr_tail()}
+    for i, k in enumerate(split(n - real, args.procs)):
+        spawn.start("_workers", address, str(k), str(i), json.dumps(config),
+                    str(args.timeout), str(ramp), spawn.local_dir, args.tls_file or "-",
+                    "spread" if args.spread else "lo")
+    if real:
+        spawn.start("_real", address, str(real), "0", str(args.timeout),
+                    args.tls_file or "-", json.dumps(config))
+    workers = spawn.children[1:]
+    for c in workers:
+        if c.expect("READY", spawn.setup_deadline) is None:
+            return {**res, "status": "error", "why": "a worker process did not start",
+                    "stderr": c.stderr_tail()}
+    go = time.time()
+    for c in spawn.children:
+        c.send(f"GO {go!r}\n")
+    done = sched.expect("DONE=", go + args.timeout + args.settle + 30)
+    reports = []
+    for c in workers:
+        r = c.expect("WORKERS=", time.time() + 10)
+        reports.append(json.loads(r) if r else None)
+    if done is None:
+        return {**res, "status": "error", "why": "no report from the scheduler",
+                "stderr": sched.stderr_tail()}
+    res.update(json.loads(done))
+    res["workers"] = reports
+    res["status"] = "ok" if res["connected"] >= n else "timeout"
+    if order:
+        res.update(teardown(sched, workers, order, args.timeout))
+    return res
 
 
 def _read_int(path: str) -> str:
