@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -54,9 +53,9 @@ from common import _load, args_record, machine_facts, results_dir, write_results
 # the parts, by purpose (names re-exported for the tests and for older callers)
 from scale_report import (_f, _teardown, plot, render_markdown, rerender,  # noqa: E402,F401
                           summarize, write_summary)
-from scale_roles import curve_config, run_child  # noqa: E402
-from scale_trial import (ALIASES, MODEL_SIZES, SWEEP, _kill_all, _read_int,  # noqa: E402,F401
-                         parse_variant, run_trial, split)
+from scale_roles import curve_config, run_child, write_credentials  # noqa: E402
+from scale_trial import (ALIASES, MODEL_SIZES, SWEEP, _kill_all, _read_int,  # noqa: E402
+                         parse_variant, run_trial)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
@@ -141,16 +140,6 @@ def show(t: dict) -> None:
           f"worker_proc_rss<={r.get('worker_rss')} MB "
           f"load {_load()}" + (f" ({r['why']})" if r.get('why')
                                                          else ""), file=sys.stderr)
-
-
-def write_credentials(tmp: str) -> str:
-    """One job's credentials, 0600 in our 0700 directory, read by every child."""
-    from dask_mpi_launch.security.credentials import new_credentials  # the launcher's own
-    path = str(Path(tmp) / "credentials.json")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(new_credentials(), f)
-    return path
 
 
 def run_curve(args, proto: str, tmp: str) -> list[dict]:

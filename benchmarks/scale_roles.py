@@ -178,6 +178,8 @@ def child_scheduler(expect: int, config: dict, timeout: float, settle: float,
                       BENCH_SCALE_SETTLE=str(settle))
     import distributed
 
+    # the launcher's scheduler role as it runs in a job (run_scheduler, reporting its address
+    # on its Channel); tuning.scheduler holds the Scheduler class it runs (swapped for upstream's)
     from dask_mpi_launch.roles import run
     from dask_mpi_launch.tuning import scheduler
     from dask_mpi_launch.roles.life import Channel
@@ -206,7 +208,7 @@ def _read_credentials(path: str) -> dict | None:
 
 def _role_settings(credentials):
     """The launcher's settings for these roles: its defaults, loopback, no dashboard."""
-    from dask_mpi_launch.configure.settings import resolve
+    from dask_mpi_launch.configure.settings import resolve  # the settings a job's roles get
     return resolve(interface="lo", dashboard=False, tls=bool(credentials), nthreads=1,
                    memory_limit="0")
 
@@ -217,7 +219,7 @@ def child_model(sizes: list[int]) -> int:
     from distributed.versions import error_message, get_versions
     from sortedcontainers import SortedDict
 
-    from dask_mpi_launch.tuning.scheduler import VersionIndex
+    from dask_mpi_launch.tuning.scheduler import VersionIndex  # our scheduler's version check
 
     class WS:
         def __init__(self, versions):
@@ -265,6 +267,8 @@ def child_workers(address: str, count: int, index: int, config: dict, timeout: f
     _one_log_handler_per_process()
     from distributed.utils import import_term
 
+    # the heap freezer our roles use, so that hundreds of workers in one process do not make
+    # every full collection walk all of them; the job's TLS as the worker role builds it
     from dask_mpi_launch.tuning.scheduler import HeapFreezer
     from dask_mpi_launch.security.credentials import security_from
 
@@ -439,9 +443,20 @@ def curve_config(n: int, scaled: bool) -> dict:
         return {}
     import distributed  # noqa: F401 - its defaults, as in a role process
 
-    import dask_mpi_launch.configure.defaults  # noqa: F401
-    from dask_mpi_launch.tuning.scale import for_job
+    import dask_mpi_launch.configure.defaults  # noqa: F401 - the launcher's defaults, as a role has
+    from dask_mpi_launch.tuning.scale import for_job  # its settings for an n-worker job
     return for_job(n)
+
+
+def write_credentials(tmp: str) -> str:
+    """One job's credentials (the launcher's own, as a job's roles get them), 0600 in our 0700
+    directory, read by every child."""
+    from dask_mpi_launch.security.credentials import new_credentials
+    path = str(Path(tmp) / "credentials.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(new_credentials(), f)
+    return path
 
 
 def run_child(argv: list[str]) -> int | None:
