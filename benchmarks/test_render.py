@@ -29,6 +29,30 @@ def test_pick_mpi_and_command_line():
     assert common.results_dir() == Path(startup.__file__).resolve().parent / "results"
 
 
+def test_write_results_files(tmp_path):
+    import argparse
+    import json
+    args = argparse.Namespace(out=tmp_path / "r", repeat=2)
+    md_path, json_path = common.write_results(tmp_path / "r", "x", "# x\n",
+                                              {"args": common.args_record(args)})
+    assert md_path.read_text() == "# x\n"
+    assert json_path.read_text() == json.dumps({"args": {"out": str(tmp_path / "r"),
+                                                         "repeat": 2}}, indent=1) + "\n"
+
+
+def test_interleave_skips_what_cannot_work():
+    calls = []
+
+    def run(v):
+        calls.append(v)
+        return {"skip": True, "note": "no tls"} if v == "tls" else {"payload": len(calls)}
+
+    out = common.interleave(2, ["tcp", "tls"], run)
+    assert calls == ["tcp", "tls", "tcp"]
+    assert [r["payload"] for r in out["tcp"]] == [1, 3] and len(out["tls"]) == 1
+    assert all(isinstance(r["load1"], float) for rs in out.values() for r in rs)
+
+
 def test_summarize_ratios_and_failures():
     runs = [_run("floor", 4, 1.0), _run("floor", 4, 1.2), _run("dask-mpi", 4, 1.5, workers=2),
             _run("dask-mpi", 4, 1.7, workers=1), _run("ours", 4, 0.0, "error"),
