@@ -8,7 +8,8 @@ This is where scale.py imports dask-mpi-launch's internals: it measures the laun
 scheduler and worker roles (``roles.run``, reporting on ``roles.life.Channel``, with the settings
 ``configure.settings.resolve`` gives them and the job's TLS from ``security.credentials``), its
 Scheduler's version index and heap freezer (``tuning.scheduler``) and its defaults for a job's
-size (``tuning.scale.for_job``). They are imported inside the child functions, at the point the
+size (``tuning.scale.for_job``), and the job's credentials the parent writes (``write_credentials``).
+They are imported inside the functions that use them, at the point the
 old single file did: after the child has set its Dask config and nice value, and each process
 imports only what its role imports (the launcher's defaults, ``configure.defaults``, only where
 a curve point or variant asks for them).
