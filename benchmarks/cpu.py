@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import OPENMPI_ENV, VARIANTS  # noqa: E402
+from common import OPENMPI_ENV  # noqa: E402
+from startup import VARIANTS  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
 

@@ -40,8 +40,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import (_load, _stats, fmt_stat, machine_facts, machine_lines,  # noqa: E402
-                     make_env, run_once)
+from common import (_load, _stats, args_record, command_line, fmt_stat,  # noqa: E402
+                    interleave, machine_facts, mpi_of, machine_lines, make_env, results_dir, run_once,
+                    write_results)
 
 MIB = 2**20
 
@@ -366,14 +367,31 @@ def render_markdown(meta: dict, results: dict, command: str) -> str:
                     for s in r["payload"]["sizes"]}, key=int)
     small = [s for s in sizes if int(s) < MIB]
     big = [s for s in sizes if int(s) >= MIB]
-    lines = [
-        "# Data-plane benchmark: worker → worker vs MPI",
-        "",
-        *machine_lines(meta, command),
-        *([f"- memory: {meta['touched_gib']:g} GiB written once before the runs "
-           "(`--touch-memory`: a virtual machine's first touch of guest memory also faults in "
-           "the host)"] if meta.get("touched_gib") else []),
-        "",
+    lines = ["# Data-plane benchmark: worker → worker vs MPI", "", *machine_lines(meta, command),
+             *_memory_line(meta), "", _explanation(meta), ""]
+    lines += _note_lines(results)
+    if big:
+        lines += _bandwidth_table(results, protos, cols, big)
+    if small:
+        lines += _latency_table(results, cols, small)
+    return "\n".join(lines)
+
+
+def _memory_line(meta: dict) -> list[str]:
+    if not meta.get("touched_gib"):
+        return []
+    return [f"- memory: {meta['touched_gib']:g} GiB written once before the runs "
+            "(`--touch-memory`: a virtual machine's first touch of guest memory also faults in "
+            "the host)"]
+
+
+def _explanation(meta: dict) -> str:
+    """The paragraph that says what each column measures and how the runs were made."""
+    tls = ("`--tls` (dask-mpi-launch's own job credentials, in memory)"
+           if meta.get("tls_method") == "cli" else
+           "`--protocol tls` with `Security.temporary()` certificates given to every rank "
+           "through Dask's config (`DASK_DISTRIBUTED__COMM__TLS__*`)")
+    return (
         "Two ranks on one machine, so every byte crosses loopback or shared memory; "
         "arrays of float64 ones, sizes in MiB, **GB/s = 10⁹ bytes/s**, median (min–max) of "
         "all timed runs. "
@@ -389,44 +407,49 @@ def render_markdown(meta: dict, results: dict, command: str) -> str:
         "MPI and socket times are one-way after a Barrier, closed by a 1-byte "
         "ack. **memcpy**: `np.copyto` within one process, the machine's ceiling. "
         "tcp runs pass `--protocol tcp`; tls runs "
-        + ("`--tls` (dask-mpi-launch's own job credentials, in memory)"
-           if meta.get("tls_method") == "cli" else
-           "`--protocol tls` with `Security.temporary()` certificates given to every rank "
-           "through Dask's config (`DASK_DISTRIBUTED__COMM__TLS__*`)") + ". "
+        + tls + ". "
         f"Variants interleaved over {meta.get('rounds')} rounds (one `mpiexec` each) of "
-        f"{meta.get('repeat')} timed runs after {meta.get('warmup')} warm-up.",
-        "",
-    ]
+        f"{meta.get('repeat')} timed runs after {meta.get('warmup')} warm-up.")
+
+
+def _note_lines(results: dict) -> list[str]:
+    """One line per source that failed or has a note (the mpi4py reference's marked so)."""
     notes = [res.get("note") or f"{name}: no result" for name, res in results.items()
              if res.get("note") or not res.get("payload")]
-    if notes:
-        lines += [f"- {'mpi4py: ' if n == results.get(REF, {}).get('note') else ''}{n}"
-                  for n in notes] + [""]
-    if big:
-        ratios = [p for p in protos if results[p].get("payload")]
-        lines += ["| size | " + " | ".join(c[0] for c in cols) + " | "
-                  + " | ".join(f"dask {p} transfer ÷ Send/Recv fresh" for p in ratios) + " |",
-                  "|---|" + "---|" * len(cols) + "---:|" * len(ratios)]
-        for s in big:
-            cells = []
-            for p in ratios:
-                d = median_rate(results, p, "transfer", s)
-                m = median_rate(results, REF, "Send_fresh", s)
-                cells.append(f"{d / m:.2f}×" if d and m else "–")
-            lines.append(f"| {size_label(int(s))} | "
-                         + " | ".join(cell(results, src, key, s, "GB/s") for _, src, key in cols)
-                         + " | " + " | ".join(cells) + " |")
-        lines.append("")
-    if small:
-        lines += ["Latency of the same exchange with an 8-byte array, ms:", "",
-                  "| size | " + " | ".join(c[0] for c in cols) + " |",
-                  "|---|" + "---|" * len(cols)]
-        for s in small:
-            lines.append(f"| {size_label(int(s))} | "
-                         + " | ".join(cell(results, src, key, s, "ms") for _, src, key in cols)
-                         + " |")
-        lines.append("")
-    return "\n".join(lines)
+    if not notes:
+        return []
+    ref_note = results.get(REF, {}).get("note")
+    return [f"- {'mpi4py: ' if n == ref_note else ''}{n}" for n in notes] + [""]
+
+
+def _bandwidth_table(results: dict, protos: dict, cols: list, big: list[str]) -> list[str]:
+    """GB/s of every column at the sizes of 1 MiB and more, and dask ÷ Send/Recv fresh."""
+    ratios = [p for p in protos if results[p].get("payload")]
+    lines = ["| size | " + " | ".join(c[0] for c in cols) + " | "
+             + " | ".join(f"dask {p} transfer ÷ Send/Recv fresh" for p in ratios) + " |",
+             "|---|" + "---|" * len(cols) + "---:|" * len(ratios)]
+    for s in big:
+        cells = []
+        for p in ratios:
+            d = median_rate(results, p, "transfer", s)
+            m = median_rate(results, REF, "Send_fresh", s)
+            cells.append(f"{d / m:.2f}×" if d and m else "–")
+        lines.append(f"| {size_label(int(s))} | "
+                     + " | ".join(cell(results, src, key, s, "GB/s") for _, src, key in cols)
+                     + " | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _latency_table(results: dict, cols: list, small: list[str]) -> list[str]:
+    """Milliseconds of every column at the sizes below 1 MiB."""
+    lines = ["Latency of the same exchange with an 8-byte array, ms:", "",
+             "| size | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for s in small:
+        lines.append(f"| {size_label(int(s))} | "
+                     + " | ".join(cell(results, src, key, s, "ms") for _, src, key in cols)
+                     + " |")
+    return lines + [""]
 
 
 # --- running --------------------------------------------------------------------------------
@@ -502,11 +525,22 @@ def run_e2e(proto: str, args, venv: Path, env: dict, tmp: Path) -> dict:
     for line in raw["stdout"].splitlines():
         if line.startswith("DATAPLANE_E2E_JSON="):
             payload = json.loads(line.split("=", 1)[1])
+    return run_record(argv, raw, payload, 3, f"e2e {proto}: failed")
+
+
+def run_record(argv: list[str], raw: dict, payload: dict | None, tail: int, failed: str) -> dict:
+    """What a results JSON keeps of one mpiexec run; without a payload, why (stderr's tail).
+
+    >>> raw = {"rc": 1, "timed_out": False, "t0": 1.0, "t1": 3.5, "stderr": "a\\nb\\nc\\n"}
+    >>> run_record(["mpiexec", "-n", "2"], raw, None, 2, "failed")  # doctest: +NORMALIZE_WHITESPACE
+    {'argv': ['-n', '2'], 'rc': 1, 'timed_out': False, 'wall': 2.5, 'payload': None,
+     'stderr_tail': ['b', 'c'], 'note': 'failed (rc 1, timed out False)'}
+    """
     res = {"argv": argv[1:], "rc": raw["rc"], "timed_out": raw["timed_out"],
            "wall": round(raw["t1"] - raw["t0"], 2), "payload": payload}
     if payload is None:
-        res["stderr_tail"] = raw["stderr"].strip().splitlines()[-3:]
-        res["note"] = f"e2e {proto}: failed (rc {raw['rc']}, timed out {raw['timed_out']})"
+        res["stderr_tail"] = raw["stderr"].strip().splitlines()[-tail:]
+        res["note"] = f"{failed} (rc {raw['rc']}, timed out {raw['timed_out']})"
     return res
 
 
@@ -565,13 +599,7 @@ def run_mpi(args, venv: Path, env: dict, tmp: Path, sizes: str) -> dict:
     argv = [str(venv / "bin" / "mpiexec"), "-n", "2", str(venv / "bin" / "python"), str(script),
             sizes, str(args.repeat), str(args.warmup)]
     raw = run_once(argv, env, str(tmp), args.timeout)
-    payload = parse_payload(raw["stdout"])
-    res = {"argv": argv[1:], "rc": raw["rc"], "timed_out": raw["timed_out"],
-           "wall": round(raw["t1"] - raw["t0"], 2), "payload": payload}
-    if payload is None:
-        res["stderr_tail"] = raw["stderr"].strip().splitlines()[-5:]
-        res["note"] = f"failed (rc {raw['rc']}, timed out {raw['timed_out']})"
-    return res
+    return run_record(argv, raw, parse_payload(raw["stdout"]), 5, "failed")
 
 
 def touch_memory(gib: float) -> None:
@@ -586,6 +614,27 @@ def touch_memory(gib: float) -> None:
         held.append(b)
     del held
     print(f"touched {gib:g} GiB in {time.time() - t:.1f} s", file=sys.stderr)
+
+
+def measure_transfers(args, venv: Path, env: dict, size_arg: str) -> dict:
+    """The transfer rounds of every protocol and the mpi4py reference, merged by source."""
+    variants = list(args.protocols) + ([] if args.no_mpi else [REF])
+
+    with tempfile.TemporaryDirectory(prefix="dml-bench-data-") as tmp:
+        def one(v: str) -> dict:  # a tls that cannot work says skip: once is enough
+            if v == REF:
+                return run_mpi(args, venv, env, Path(tmp), size_arg)
+            return run_dask(v, args, venv, env, Path(tmp), size_arg)
+
+        rounds = {v: [] for v in variants} | interleave(args.rounds, variants, one)
+    return {v: merge(rs) for v, rs in rounds.items()}
+
+
+def measure_e2e(args, venv: Path, env: dict) -> dict[str, list[dict]]:
+    """The --e2e rounds (rechunk, shuffle) of every protocol."""
+    with tempfile.TemporaryDirectory(prefix="dml-bench-e2e-") as tmp:
+        return interleave(args.rounds, list(args.protocols),
+                          lambda v: run_e2e(v, args, venv, env, Path(tmp)), "e2e round")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -620,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--venv", type=Path, default=Path(os.environ.get("DML_BENCH_VENV",
                                                                      ".venv/bench")),
                     help="venv whose bin/ has mpiexec, python, dask-mpi-launch")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+    ap.add_argument("--out", type=Path, default=results_dir(),
                     help="directory for dataplane.md/.json (default benchmarks/results)")
     ap.add_argument("--touch-memory", type=float, default=0.0, metavar="GIB",
                     help="first write to GIB GiB of memory, then free it: on a virtual "
@@ -637,55 +686,23 @@ def main(argv: list[str] | None = None) -> int:
         args.tls_method = "cli" if cli_has_tls(venv) else "config"
     meta.update(rounds=args.rounds, repeat=args.repeat, warmup=args.warmup,
                 tls_method=args.tls_method, touched_gib=args.touch_memory)
-    mpi = "openmpi" if "Open MPI" in meta.get("mpi_library", "") else "mpich"
-    env = make_env(venv, mpi)
+    env = make_env(venv, mpi_of(meta))
     env.setdefault("OMP_NUM_THREADS", "1")
-    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(argv)
     sizes = ([] if args.no_latency else [8]) + [s * MIB for s in args.sizes]
     size_arg = ",".join(map(str, sizes))
     print(f"MPI: {meta['mpi_library']}; venv {venv}; load {_load()}", file=sys.stderr)
 
-    variants = list(args.protocols) + ([] if args.no_mpi else [REF])
-    rounds: dict[str, list[dict]] = {v: [] for v in variants}
-    with tempfile.TemporaryDirectory(prefix="dml-bench-data-") as tmp:
-        for rnd in range(args.rounds):
-            for v in variants:
-                if rounds[v] and rounds[v][-1].get("skip"):
-                    continue  # tls that cannot work: once is enough
-                t = time.time()
-                if v == REF:
-                    res = run_mpi(args, venv, env, Path(tmp), size_arg)
-                else:
-                    res = run_dask(v, args, venv, env, Path(tmp), size_arg)
-                res["load1"] = os.getloadavg()[0]
-                rounds[v].append(res)
-                print(f"[round {rnd + 1}/{args.rounds}] {v}: {time.time() - t:.1f} s "
-                      f"{res.get('note') or 'ok'}; load {_load()}", file=sys.stderr)
-    results = {v: merge(rs) for v, rs in rounds.items()}
-    e2e: dict[str, list[dict]] = {}
-    if args.e2e:
-        with tempfile.TemporaryDirectory(prefix="dml-bench-e2e-") as tmp:
-            for rnd in range(args.rounds):
-                for v in args.protocols:
-                    if e2e.get(v) and e2e[v][-1].get("skip"):
-                        continue
-                    t = time.time()
-                    res = run_e2e(v, args, venv, env, Path(tmp))
-                    res["load1"] = os.getloadavg()[0]
-                    e2e.setdefault(v, []).append(res)
-                    print(f"[e2e round {rnd + 1}/{args.rounds}] {v}: {time.time() - t:.1f} s "
-                          f"{res.get('note') or 'ok'}; load {_load()}", file=sys.stderr)
+    results = measure_transfers(args, venv, env, size_arg)
+    e2e = measure_e2e(args, venv, env) if args.e2e else {}
 
     meta["load_end"] = _load()
-    args.out.mkdir(parents=True, exist_ok=True)
     md = render_markdown(meta, results, command) + (render_e2e(e2e) if e2e else "")
-    (args.out / "dataplane.md").write_text(md)
-    (args.out / "dataplane.json").write_text(json.dumps(
-        {"meta": meta, "command": command,
-         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-         "results": results, "e2e": e2e}, indent=1) + "\n")
+    md_path, json_path = write_results(args.out, "dataplane", md, {
+        "meta": meta, "command": command, "args": args_record(args),
+        "results": results, "e2e": e2e})
     print(md)
-    print(f"wrote {args.out / 'dataplane.md'}, {args.out / 'dataplane.json'}")
+    print(f"wrote {md_path}, {json_path}")
     return 0 if all(r.get("payload") for p, r in results.items() if p in ("tcp", "mpi", REF)) else 1
 
 

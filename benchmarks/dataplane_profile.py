@@ -36,6 +36,8 @@ from distributed import Client, wait
 
 def _install(dask_worker):
     """Time stamps around the engine's steps in this worker's rank (idempotent)."""
+    # the launcher's MPI data plane, whose steps this profiles; imported here because this
+    # function runs in the worker (client.run), where the engine lives
     from dask_mpi_launch.dataplane import backend
 
     eng = backend.engine()
@@ -85,7 +87,7 @@ def _install(dask_worker):
 
 
 def _collect(dask_worker):
-    from dask_mpi_launch.dataplane import backend
+    from dask_mpi_launch.dataplane import backend  # in the worker, as in _install
 
     eng = backend.engine()
     events, eng._profile = list(eng._profile), []

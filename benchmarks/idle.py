@@ -24,21 +24,19 @@ first on ``PYTHONPATH``: the launched ranks then import that ``dask_mpi_launch``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import (_load, _stats, fmt_stat, machine_facts, machine_lines,  # noqa: E402
-                     make_env)
+from common import (_load, _stats, args_record, command_line, fmt_stat, load1,  # noqa: E402
+                    machine_facts, machine_lines, make_env, pick_mpi, results_dir, write_results)
 
 try:
     import psutil
@@ -330,7 +328,7 @@ def run_one(name: str, n: int, args, venv: Path, env: dict, mpi: str) -> dict:
         argv = [str(venv / "bin" / "mpiexec"), "-n", str(n), *extra,
                 *(a.format(**fill) for a in v.argv)]
         job = Job(argv, {**env, **(v.env or {})}, tmp)
-        result: dict = {"variant": name, "n": n, "load1": round(os.getloadavg()[0], 2)}
+        result: dict = {"variant": name, "n": n, "load1": round(load1(), 2)}
         try:
             if v.measure == "script-raises":
                 result.update(measure_script_raises(job, args.timeout))
@@ -458,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--venv", type=Path, default=Path(".venv/bench"),
                     help="venv whose bin/ has mpiexec, python, dask-mpi-launch, dask-mpi")
     ap.add_argument("--mpi", choices=["auto", "mpich", "openmpi"], default="auto")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--out", type=Path, default=results_dir())
     ap.add_argument("--name", default="idle", help="results file name (without extension)")
     args = ap.parse_args(argv)
     if psutil is None:
@@ -467,13 +465,10 @@ def main(argv: list[str] | None = None) -> int:
 
     venv = args.venv.absolute()
     meta = machine_facts(venv)
-    mpi = args.mpi
-    if mpi == "auto":
-        mpi = "openmpi" if "Open MPI" in meta.get("mpi_library", "") else "mpich"
-    meta["mpi_kind"] = mpi
+    mpi = pick_mpi(meta, args.mpi)
     env = make_env(venv, mpi)
     env["PYTHONUNBUFFERED"] = "1"
-    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(argv)
     print(f"MPI: {meta['mpi_library']} ({mpi}); venv {venv}; load {_load()}", file=sys.stderr)
 
     runs: list[dict] = []
@@ -494,15 +489,12 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["load_end"] = _load()
     idle_rows, fail_rows = summarize(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
     md = render_markdown(meta, idle_rows, fail_rows, command, vars(args))
-    (args.out / f"{args.name}.md").write_text(md)
-    (args.out / f"{args.name}.json").write_text(json.dumps(
-        {"meta": meta, "command": command,
-         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-         "idle": idle_rows, "failure": fail_rows, "runs": runs}, indent=1) + "\n")
+    md_path, json_path = write_results(args.out, args.name, md, {
+        "meta": meta, "command": command, "args": args_record(args),
+        "idle": idle_rows, "failure": fail_rows, "runs": runs})
     print(md)
-    print(f"wrote {args.out / (args.name + '.md')}, {args.out / (args.name + '.json')}")
+    print(f"wrote {md_path}, {json_path}")
     return 0
 
 

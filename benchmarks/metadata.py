@@ -21,7 +21,6 @@ Writes results/metadata.{md,json}.  Usually run through ``bin/bench-metadata``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -29,8 +28,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import (VARIANTS, _load, build_argv, machine_facts, machine_lines,  # noqa: E402
-                     make_env, parse_markers, run_once)
+from common import (_load, machine_facts, machine_lines, make_env, mpi_of,  # noqa: E402
+                    results_dir, run_once, write_results)
+from startup import VARIANTS, build_argv, parse_markers, write_script  # noqa: E402
 
 DEFAULT_VARIANTS = ["floor", "dask-mpi", "ours-script"]
 OPEN = {"open", "openat", "openat2", "creat", "open_by_handle_at"}
@@ -295,8 +295,7 @@ def render_markdown(meta: dict, rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=16, help="ranks of the job (mpiexec -n)")
@@ -309,63 +308,78 @@ def main(argv: list[str] | None = None) -> int:
                     help="bound on one traced run, seconds (strace slows it down)")
     ap.add_argument("--venv", type=Path, default=Path(sys.prefix),
                     help="venv with mpiexec, the package and dask-mpi (MPICH)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+    ap.add_argument("--out", type=Path, default=results_dir(),
                     help="directory for metadata.md/.json (default benchmarks/results)")
     args = ap.parse_args(argv)
-    strace = shutil.which("strace")
-    if strace is None:
+    args.strace = shutil.which("strace")
+    if args.strace is None:
         ap.error("needs strace: apt-get install strace")
+    return args
+
+
+def strace_argv(args, job: list[str], trace: Path, log: Path) -> list[str]:
+    """strace -c sums the calls; --by-process logs every call instead, to tell which kind of
+    process made them (and sums the log the same way)."""
+    if args.by_process:
+        return [args.strace, "-f", "-qq", "-e", "trace=%file,prctl,clone,clone3,fork,vfork",
+                "-s", "256", "-o", str(log), *job]
+    return [args.strace, "-f", "-c", "-e", "trace=%file", "-o", str(trace), *job]
+
+
+def counted_calls(args, trace: Path, log: Path) -> tuple[dict, dict | None]:
+    """(calls by name and result, calls by kind of process or None) of one traced run."""
+    if not args.by_process:
+        return (parse_strace_summary(trace.read_text()) if trace.exists() else {}), None
+    if not log.exists():
+        return {}, {}
+    return calls_from_log(log), parse_strace_log(log.open(errors="replace"))
+
+
+def trace_one(name: str, args, venv: Path, env: dict, mpi: str, tmp: str) -> dict:
+    """One traced run of a variant: its status and its file look-ups."""
+    v = VARIANTS[name]
+    script = write_script(tmp, name)
+    trace, log = Path(tmp) / f"{name}.strace", Path(tmp) / f"{name}.log"
+    cmd = strace_argv(args, build_argv(v, args.ranks, venv, script, mpi), trace, log)
+    load = _load()
+    raw = run_once(cmd, env, tmp, args.timeout)
+    ok = raw["rc"] == 0 and not raw["timed_out"] and (
+        v.script is None or parse_markers(raw["stdout"]).get("RESULT") == "2")
+    calls, by_process = counted_calls(args, trace, log)
+    row = {"variant": name, "n": args.ranks, "rc": raw["rc"], "load": load,
+           "status": "ok" if ok else ("timeout" if raw["timed_out"] else "error"),
+           "calls": calls, "totals": totals(calls, args.ranks) if calls else None,
+           "by_process": by_process}
+    if not ok:
+        row["stderr_tail"] = raw["stderr"].splitlines()[-5:]
+    return row
+
+
+def print_row(row: dict) -> None:
+    t = row["totals"] or {}
+    print(f"  {row['variant']:>12s} n={row['n']} {row['status']}: {t.get('all', '–')} "
+          f"file look-ups, {t.get('all_per_rank', '–')} per rank; outside "
+          f"/proc, /sys, /dev: {t.get('fs', '–')}, {t.get('fs_per_rank', '–')} per "
+          f"rank (load {row['load']})",
+          file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     venv = args.venv.absolute()
     meta = machine_facts(venv)
-    mpi = "openmpi" if "Open MPI" in meta.get("mpi_library", "") else "mpich"
+    mpi = mpi_of(meta)
     env = make_env(venv, mpi)
     command = " ".join([Path(sys.argv[0]).name, *argv])
     rows = []
     with tempfile.TemporaryDirectory(prefix="dml-bench-metadata-") as tmp:
         for name in args.variants:
-            v = VARIANTS[name]
-            script = None
-            if v.script is not None:
-                script = str(Path(tmp) / f"bench_{name.replace('-', '_')}.py")
-                Path(script).write_text(v.script)
-            trace = Path(tmp) / f"{name}.strace"
-            log = Path(tmp) / f"{name}.log"
-            # strace -c sums the calls; --by-process logs every call instead, to tell
-            # which kind of process made them (and sums the log the same way)
-            cmd = [strace, "-f", "-c", "-e", "trace=%file", "-o", str(trace),
-                   *build_argv(v, args.ranks, venv, script, mpi)]
-            if args.by_process:
-                cmd = [strace, "-f", "-qq", "-e", "trace=%file,prctl,clone,clone3,fork,vfork",
-                       "-s", "256", "-o", str(log), *build_argv(v, args.ranks, venv, script, mpi)]
-            load = _load()
-            raw = run_once(cmd, env, tmp, args.timeout)
-            ok = raw["rc"] == 0 and not raw["timed_out"] and (
-                v.script is None or parse_markers(raw["stdout"]).get("RESULT") == "2")
-            by_process = None
-            if args.by_process:
-                by_process = parse_strace_log(log.open(errors="replace")) if log.exists() else {}
-                calls = calls_from_log(log) if log.exists() else {}
-            else:
-                calls = parse_strace_summary(trace.read_text()) if trace.exists() else {}
-            row = {"variant": name, "n": args.ranks, "rc": raw["rc"], "load": load,
-                   "status": "ok" if ok else ("timeout" if raw["timed_out"] else "error"),
-                   "calls": calls, "totals": totals(calls, args.ranks) if calls else None,
-                   "by_process": by_process}
-            if not ok:
-                row["stderr_tail"] = raw["stderr"].splitlines()[-5:]
-            rows.append(row)
-            t = row["totals"] or {}
-            print(f"  {name:>12s} n={args.ranks} {row['status']}: {t.get('all', '–')} "
-                  f"file look-ups, {t.get('all_per_rank', '–')} per rank; outside "
-                  f"/proc, /sys, /dev: {t.get('fs', '–')}, {t.get('fs_per_rank', '–')} per "
-                  f"rank (load {load})",
-                  file=sys.stderr)
+            rows.append(trace_one(name, args, venv, env, mpi, tmp))
+            print_row(rows[-1])
     meta["load_end"] = _load()
     md = render_markdown(meta, rows, command)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metadata.md").write_text(md)
-    (args.out / "metadata.json").write_text(json.dumps(
-        {"meta": meta, "command": command, "rows": rows}, indent=1) + "\n")
+    write_results(args.out, "metadata", md, {"meta": meta, "command": command, "rows": rows})
     print(md)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

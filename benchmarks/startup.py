@@ -17,20 +17,17 @@ Writes results/startup.{md,json,png}.  Usually run through ``bin/bench``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import re
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Callable, NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (_load, _stats, args_record, command_line, fmt_stat, load1,  # noqa: E402
+                    machine_facts, machine_lines, make_env, pick_mpi, results_dir, run_once,
+                    write_results)
 
 
 # --- variants (adjust here) ------------------------------------------------------------
@@ -98,12 +95,6 @@ if os.environ.get("DML_BENCH_BEFORE"):
     VARIANTS["before-script"] = Variant(
         ["env", f"PYTHONPATH={os.environ['DML_BENCH_BEFORE']}"] + OURS_CLI, FIRST + CLIENT)
 
-# Open MPI as root and oversubscribed (see /work/shared/ANCHORS.md).
-OPENMPI_ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-}
 MARKER = re.compile(r"\b(T_FIRST|T_CLIENT|T_END|WORKERS|RESULT)=(\S+)")
 
 
@@ -119,38 +110,6 @@ def parse_markers(stdout: str) -> dict[str, str]:
     for m in MARKER.finditer(stdout):
         found.setdefault(m.group(1), m.group(2))
     return found
-
-
-def run_once(argv: list[str], env: dict, cwd: str, timeout: float) -> dict:
-    """Run one command in its own session; kill the whole group on timeout."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        timed_out = threading.Event()
-        t0 = time.time()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-        def kill() -> None:
-            timed_out.set()
-            _killpg(proc.pid)
-
-        timer = threading.Timer(timeout, kill)
-        timer.start()
-        rc = proc.wait()
-        t1 = time.time()
-        timer.cancel()
-        _killpg(proc.pid)  # leftovers of a finished run must not slow the next one
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    return {"t0": t0, "t1": t1, "rc": rc, "timed_out": timed_out.is_set(),
-            "stdout": stdout, "stderr": stderr}
-
-
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def measure(raw: dict, fails: bool, has_script: bool) -> dict:
@@ -195,6 +154,15 @@ def measure(raw: dict, fails: bool, has_script: bool) -> dict:
     return result
 
 
+def write_script(tmp: str, name: str) -> str | None:
+    """The variant's script as a file in ``tmp`` (named so that it shadows no module)."""
+    if VARIANTS[name].script is None:
+        return None
+    path = str(Path(tmp) / f"bench_{name.replace('-', '_')}.py")
+    Path(path).write_text(VARIANTS[name].script)
+    return path
+
+
 def build_argv(variant: Variant, n: int, venv: Path, script: str | None, mpi: str) -> list[str]:
     fill = {"python": str(venv / "bin" / "python"), "bin": str(venv / "bin"),
             "script": script or ""}
@@ -205,73 +173,7 @@ def build_argv(variant: Variant, n: int, venv: Path, script: str | None, mpi: st
             *(a.format(**fill) for a in variant.argv)]
 
 
-def make_env(venv: Path, mpi: str) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    env["VIRTUAL_ENV"] = str(venv)
-    if mpi == "openmpi":
-        env.update(OPENMPI_ENV)
-    return env
-
-
-def machine_facts(venv: Path) -> dict:
-    """Machine, MPI library and package versions (the latter asked of the venv's python)."""
-    probe = r"""
-import json, importlib.metadata as md
-info = {}
-try:
-    from mpi4py import MPI
-    lines = [l.strip() for l in MPI.Get_library_version().splitlines() if l.strip()]
-    info["mpi_library"] = "; ".join(lines[:2])
-except Exception as e:
-    info["mpi_library"] = f"unavailable ({e.__class__.__name__}: {e})"
-pk = {}
-for name in ["dask-mpi-launch", "dask-mpi", "dask", "distributed", "mpi4py", "mpich",
-             "openmpi", "tornado", "numpy"]:
-    try:
-        pk[name] = md.version(name)
-    except md.PackageNotFoundError:
-        pass
-info["packages"] = pk
-print(json.dumps(info))
-"""
-    try:
-        res = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True,
-                             text=True, timeout=60, cwd=tempfile.gettempdir())
-        info = json.loads(res.stdout)
-    except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as e:
-        info = {"mpi_library": f"unavailable ({e})", "packages": {}}
-    mem = "?"
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        mem = f"{kb / 2**20:.1f} GiB"
-    except (OSError, IndexError, ValueError):
-        pass
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node(), "os": f"{platform.system()} {platform.release()}",
-        "cores": os.cpu_count(), "memory": mem,
-        "python": platform.python_version(), "load_start": _load(), **info,
-    }
-
-
-def _load() -> str:
-    """1/5/15-minute load averages: other work on the machine skews the timings."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 # --- statistics and rendering (pure) ------------------------------------------------------
-
-def _stats(values: list[float]) -> dict | None:
-    """Median, min and max; None for no values.
-
-    >>> _stats([3.0, 1.0, 2.0])
-    {'median': 2.0, 'min': 1.0, 'max': 3.0}
-    """
-    if not values:
-        return None
-    return {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values)}
-
 
 def summarize(runs: list[dict], timeout: float) -> list[dict]:
     """One row per (variant, n), in first-seen order, with ratios of medians."""
@@ -298,21 +200,6 @@ def summarize(runs: list[dict], timeout: float) -> list[dict]:
     return rows
 
 
-def fmt_stat(s: dict | None, digits: int = 2) -> str:
-    """Median (min–max) with fixed digits.
-
-    >>> fmt_stat({"median": 1.234, "min": 1.1, "max": 1.5})
-    '1.23 (1.10–1.50)'
-    >>> fmt_stat(None)
-    '–'
-    """
-    if not s:
-        return "–"
-    if s["min"] == s["max"]:
-        return f"{s['median']:.{digits}f}"
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
-
-
 def fmt_wall(row: dict) -> str:
     """Wall-time cell: the statistic, or why there is none, plus failed-run counts.
 
@@ -336,23 +223,6 @@ def fmt_wall(row: dict) -> str:
 
 def _ratio(x: float | None) -> str:
     return f"{x:.2f}×" if x else "–"
-
-
-def machine_lines(meta: dict, command: str | None = None, load_note: str = "") -> list[str]:
-    """The Markdown header lines every benchmark's results start with."""
-    pk = ", ".join(f"{k} {v}" for k, v in meta.get("packages", {}).items())
-    lines = [
-        f"- date: {meta.get('date')}; host: {meta.get('host')} ({meta.get('os')})",
-        f"- cores: {meta.get('cores')}; memory: {meta.get('memory')}; "
-        f"Python {meta.get('python')}; load average at start {meta.get('load_start')}, "
-        f"at end {meta.get('load_end')}{load_note}",
-    ]
-    if meta.get("mpi_library"):
-        lines.append(f"- MPI: {meta.get('mpi_library')}")
-    lines.append(f"- packages: {pk or '?'}")
-    if command is not None:
-        lines.append(f"- command: `{command}`")
-    return lines
 
 
 def render_markdown(meta: dict, rows: list[dict], command: str) -> str:
@@ -425,17 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mpi", choices=["auto", "mpich", "openmpi"], default="auto")
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed runs of each variant at the smallest rank count")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--out", type=Path, default=results_dir())
     args = ap.parse_args(argv)
 
     venv = args.venv.absolute()
     meta = machine_facts(venv)
-    mpi = args.mpi
-    if mpi == "auto":
-        mpi = "openmpi" if "Open MPI" in meta.get("mpi_library", "") else "mpich"
-    meta["mpi_kind"] = mpi
+    mpi = pick_mpi(meta, args.mpi)
     env = make_env(venv, mpi)
-    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(argv)
     print(f"MPI: {meta['mpi_library']} ({mpi}); venv {venv}", file=sys.stderr)
 
     runs: list[dict] = []
@@ -443,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         scripts = {}
         for name in args.variants:
             if VARIANTS[name].script is not None:
-                scripts[name] = str(Path(tmp) / f"bench_{name.replace('-', '_')}.py")  # no shadowing
-                Path(scripts[name]).write_text(VARIANTS[name].script)
+                scripts[name] = write_script(tmp, name)
 
         def one(name: str, n: int) -> dict:
             v = VARIANTS[name]
@@ -463,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                     if name in hung:
                         continue
                     m = one(name, n)
-                    runs.append({"variant": name, "n": n, "rep": rep, "load1": os.getloadavg()[0],
+                    runs.append({"variant": name, "n": n, "rep": rep, "load1": load1(),
                                  **m})
                     print(f"[n={n} {rep + 1}/{args.repeat}] {name:16s} {m['wall']:7.2f} s "
                           f"{m['status']}" + (f" rc={m['rc']}" if m["status"] != "ok" else ""),
@@ -473,16 +339,13 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["load_end"] = _load()
     rows = summarize(runs, args.timeout)
-    args.out.mkdir(parents=True, exist_ok=True)
     md = render_markdown(meta, rows, command)
-    (args.out / "startup.md").write_text(md)
-    (args.out / "startup.json").write_text(json.dumps(
-        {"meta": meta, "command": command, "args": {k: str(v) if isinstance(v, Path) else v
-                                                     for k, v in vars(args).items()},
-         "summary": rows, "runs": runs}, indent=1) + "\n")
+    md_path, json_path = write_results(args.out, "startup", md, {
+        "meta": meta, "command": command, "args": args_record(args),
+        "summary": rows, "runs": runs})
     note = plot(rows, args.out / "startup.png")
     print(md)
-    print(f"wrote {args.out / 'startup.md'}, {args.out / 'startup.json'}; {note}")
+    print(f"wrote {md_path}, {json_path}; {note}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Doctests of the pure parts of benchmarks/dataplane.py and benchmarks/scale.py:
+"""Doctests of the pure parts of benchmarks/dataplane.py and benchmarks/scale*.py:
 python -m pytest benchmarks/test_bench_pure.py (needs no MPI; importing needs only the stdlib)."""
 import doctest
 import sys
@@ -7,6 +7,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dataplane  # noqa: E402
 import scale  # noqa: E402
+import scale_report  # noqa: E402
+import scale_trial  # noqa: E402
 
 
 def test_dataplane_doctests():
@@ -14,7 +16,13 @@ def test_dataplane_doctests():
 
 
 def test_scale_doctests():
-    assert doctest.testmod(scale).failed == 0
+    for module in (scale, scale_report, scale_trial):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def test_scale_child_commands_and_entry_point():
+    assert scale_trial.SCALE_PY == str(Path(scale.__file__).resolve())
+    assert scale.run_child(["--workers", "250"]) is None  # the parent's command line
 
 
 def test_scale_summary_and_tables():

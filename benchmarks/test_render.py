@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import startup  # noqa: E402
 
 
@@ -14,6 +15,42 @@ def _run(variant, n, wall, status="ok", workers=None):
 
 def test_doctests():
     assert doctest.testmod(startup).failed == 0
+
+
+def test_common_doctests():
+    assert doctest.testmod(common).failed == 0
+
+
+def test_pick_mpi_and_command_line():
+    meta = {"mpi_library": "MPICH Version: 4.2.0"}
+    assert common.pick_mpi(meta, "openmpi") == "openmpi" and meta["mpi_kind"] == "openmpi"
+    assert common.pick_mpi(meta, "auto") == "mpich"
+    assert common.command_line(["--ranks", "4"]).endswith(" --ranks 4")
+    assert common.results_dir() == Path(startup.__file__).resolve().parent / "results"
+
+
+def test_write_results_files(tmp_path):
+    import argparse
+    import json
+    args = argparse.Namespace(out=tmp_path / "r", repeat=2)
+    md_path, json_path = common.write_results(tmp_path / "r", "x", "# x\n",
+                                              {"args": common.args_record(args)})
+    assert md_path.read_text() == "# x\n"
+    assert json_path.read_text() == json.dumps({"args": {"out": str(tmp_path / "r"),
+                                                         "repeat": 2}}, indent=1) + "\n"
+
+
+def test_interleave_skips_what_cannot_work():
+    calls = []
+
+    def run(v):
+        calls.append(v)
+        return {"skip": True, "note": "no tls"} if v == "tls" else {"payload": len(calls)}
+
+    out = common.interleave(2, ["tcp", "tls"], run)
+    assert calls == ["tcp", "tls", "tcp"]
+    assert [r["payload"] for r in out["tcp"]] == [1, 3] and len(out["tls"]) == 1
+    assert all(isinstance(r["load1"], float) for rs in out.values() for r in rs)
 
 
 def test_summarize_ratios_and_failures():

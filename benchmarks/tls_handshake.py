@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from distributed.security import Security
 
+    # the launcher's own job credentials and its Security (JobSecurity: no session tickets),
+    # against distributed's Security with the same files: what this benchmark compares
     from dask_mpi_launch.security.credentials import new_credentials, security_from
     from dask_mpi_launch.security.tls import JobSecurity
 
