@@ -73,11 +73,18 @@ def decode(conversation: str, data) -> Message:
 def table(conversation: str) -> str:
     """The reStructuredText table of a conversation's messages: kind, fields, route, and
     the class's docstring (what it carries beyond its fields)."""
-    rows = [(cls.KIND, ", ".join(cls.FIELDS) or "(none)", cls.ROUTE,
-             " ".join((cls.__doc__ or "").split()))
+    rows = [(cls.KIND, ", ".join(cls.FIELDS) or "(none)", cls.ROUTE, _doc(cls))
             for cls in REGISTRY[conversation].values()]
-    head = ("kind", "fields", "from -> to", "what")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    return _rst_table(("kind", "fields", "from -> to", "what"), rows)
+
+
+def _doc(cls) -> str:
+    return " ".join((cls.__doc__ or "").split())
+
+
+def _rst_table(head: tuple, rows: list) -> str:
+    """A reStructuredText simple table of ``rows`` under ``head``."""
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     rule = "  ".join("=" * w for w in widths)
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([rule, line(head), rule, *map(line, rows), rule])
@@ -302,13 +309,9 @@ def specs_table() -> str:
     """The reStructuredText table of the role specs: role, its own fields, the docstring."""
     rows = [(cls.ROLE or "(every role)",
              ", ".join(f for f in cls.FIELDS if cls is RoleSpec or f not in RoleSpec.FIELDS),
-             " ".join((cls.__doc__ or "").split()))
+             _doc(cls))
             for cls in (RoleSpec, SchedulerSpec, WorkerSpec, ClientSpec)]
-    head = ("role", "fields", "what")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
-    rule = "  ".join("=" * w for w in widths)
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([rule, line(head), rule, *map(line, rows), rule])
+    return _rst_table(("role", "fields", "what"), rows)
 
 
 # ---------------------------------------------------------------------------
