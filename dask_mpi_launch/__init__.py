@@ -14,6 +14,9 @@ _LAZY = {
     "send_close_signal": "dask_mpi_launch.bootstrap",
     "execute": "dask_mpi_launch.execute",
     "connect": "dask_mpi_launch.security.credentials",
+    "time_left": "dask_mpi_launch.hpc.time_limit",
+    "on_time_limit": "dask_mpi_launch.hpc.time_limit",
+    "TimeLimitReached": "dask_mpi_launch.hpc.time_limit",
 }
 
 
@@ -36,6 +39,9 @@ __all__ = [
     "execute",
     "send_close_signal",
     "connect",
+    "time_left",
+    "on_time_limit",
+    "TimeLimitReached",
     "LaunchError",
     "UsageError",
     "WorldTooSmallError",

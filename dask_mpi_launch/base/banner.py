@@ -1,6 +1,7 @@
 """The block printed once when the cluster is ready. Pure: facts in, text out."""
 from __future__ import annotations
 
+import time
 from urllib.parse import urlsplit
 
 LOGIN_PLACEHOLDER = "LOGIN-HOST"
@@ -30,6 +31,8 @@ def render(facts: dict) -> str:
             lines.append(f"  file       {facts['scheduler_file']}")
             lines.append("  connect    " + connect_line(facts["scheduler_file"],
                                                      str(facts["address"]).startswith("tls://")))
+    if facts.get("end"):
+        lines.append("  " + end_line(facts["end"], facts.get("now"), facts.get("end_source")))
     ranks = facts.get("ranks") or {}
     if ranks:
         lines.append("  ranks      " + "; ".join(rank_summary(ranks)))
@@ -87,3 +90,15 @@ def rank_summary(ranks: dict) -> list[str]:
         else:
             groups.append([rank, rank, host, role])
     return [f"{a if a == b else f'{a}-{b}'} {host} {role}" for a, b, host, role in groups]
+
+
+def end_line(end: float, now: float | None = None, source: str | None = None) -> str:
+    """'ends       14:03:10, in 11:58:03 (Slurm)': when the allocation ends (local time;
+    with the date when not today) and how long from ``now``."""
+    now = time.time() if now is None else now
+    when = time.localtime(end)
+    fmt = "%H:%M:%S" if time.localtime(now)[:3] == when[:3] else "%Y-%m-%d %H:%M:%S"
+    left = max(0, int(round(end - now)))
+    text = (f"ends       {time.strftime(fmt, when)}, "
+            f"in {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
+    return text + (f" ({source})" if source else "")

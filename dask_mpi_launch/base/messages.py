@@ -170,6 +170,13 @@ class SchedulerClosed(_Control):
     KIND, ROUTE = "scheduler-closed", "scheduler rank -> all"
 
 
+class Deadline(_Control):
+    """the allocation's end (epoch seconds, None: no limit) and who said it (Slurm, ...)"""
+    KIND, ROUTE = "deadline", "rank 0 -> all (it alone asks the batch system)"
+    end: object
+    source: str
+
+
 # ---------------------------------------------------------------------------
 # the zygote conversation: a rank and the process that forks its roles (its own zygote, or
 # its node's), pickled over a private socketpair or a Unix socket whose peer is checked to

@@ -13,6 +13,12 @@ SIGNALLED  SIGTERM/SIGINT (scancel, walltime, Ctrl-C): 128 + the signal
 NORMAL     a cluster-only job closed by its client
 ========== =================================================================
 
+A job that ends itself before its time limit (process/deadline.py) ends with
+:data:`TIME_LIMIT`, 124 as coreutils' ``timeout``: at SIGNALLED priority when the job is
+stopped at ``end - teardown`` (the script's own status after that is not its own doing), as
+the script's status when it let the warning (``TimeLimitReached``) end it. A batch script
+tests ``[ $? -eq 124 ]`` to resubmit.
+
 Statuses of processes come from their POSIX wait status (:class:`Ended`): a script that
 calls ``sys.exit(137)`` *exited* with 137, it was not killed by signal 9.
 """
@@ -27,6 +33,8 @@ from dask_mpi_launch.base.record import Record
 PREFIX = "dask-mpi-launch"
 
 NORMAL, SIGNALLED, SCRIPT, FAILED = 0, 1, 2, 3
+
+TIME_LIMIT = 124  # the job ended itself before its allocation's end (coreutils' timeout)
 
 
 def say(message: str) -> None:

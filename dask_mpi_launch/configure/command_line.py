@@ -135,6 +135,14 @@ CONTEXT = {
                    "[jupyter] extra); the job ends when JupyterLab is shut down.")
 @click.option("--login-host", default=None, metavar="HOST",
               help=_help("Login host to name in the banner's SSH tunnel line.", "login-host"))
+@click.option("--time-limit", default=None, metavar="D-HH:MM:SS",
+              help=_help("The job's time limit (HH:MM:SS, MM:SS, minutes, D-HH:MM:SS), "
+                         "counted from the start; the batch system's is found by itself.",
+                         "time-limit"))
+@click.option("--time-grace", default=None, metavar="SECONDS",
+              help=_help("Warn the script this long before the time limit (default: "
+                         "max(60 s, 2 x shutdown-timeout + 30 s + 60 ms a worker), at most a "
+                         "quarter of a short job).", "time-grace"))
 @click.option("--quiet", is_flag=True, default=None,
               help="Print no banner when the cluster is ready.")
 @click.option("--log-level", default=None,

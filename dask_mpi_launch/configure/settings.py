@@ -57,6 +57,9 @@ class Settings(Record):
     bootstrap_dir: str = "."  # where --bootstrap slurm exchanges its files (shared FS)
     share_imports: bool = True  # one zygote per node (the CLI), not one per rank
     explicit: frozenset = frozenset()  # config keys given as options (they win over tuning)
+    time_limit: float | None = None  # seconds (--time-limit); None: the batch system's
+    time_grace: float | None = None  # seconds before the end the script is warned
+    end: float | None = None  # the allocation's end (epoch), set by process/deadline.py
 
     @property
     def door_protocol(self) -> str | None:
@@ -117,6 +120,8 @@ _OPTIONAL_CONFIG_KEYS = {
     "client_rank": "client-rank",
     "exclusive_workers": "exclusive-workers",
     "nanny": "nanny",
+    "time_limit": "time-limit",
+    "time_grace": "time-grace",
 }
 
 
@@ -173,6 +178,9 @@ def resolve(**options) -> Settings:
         log_level=_log_level(s.log_level),
         bootstrap=_choice(s.bootstrap, "--bootstrap", ("mpi", "slurm", "auto")),
         scheduler_file=os.path.abspath(s.scheduler_file) if s.scheduler_file else None,
+        time_limit=_time_limit(s.time_limit),
+        time_grace=None if s.time_grace is None else parse_timeout(s.time_grace,
+                                                                   "--time-grace"),
         args=tuple(s.args),
     )
     s.layout_for(1 << 30)  # the ranks fit the layout (raises UsageError with the fix)
@@ -461,6 +469,17 @@ def parse_worker_options(value) -> dict:
             """'{"resources": {"GPU": 1}}', not a JSON """ + type(parsed).__name__
         )
     return parsed
+
+
+def _time_limit(value) -> float | None:
+    from dask_mpi_launch.hpc.time_limit import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise UsageError(f"invalid --time-limit: {e}") from None
 
 
 def parse_timeout(value, option) -> float:

@@ -56,7 +56,7 @@ def on_exit(sup, child: Child) -> None:
     elif ended.ok and _closed_by_dask(child):
         # fine; in join mode the rank is done once all its workers are
         if not sup.settings.scheduler and not any(c.alive for c in sup.children):
-            sup.stop(0, NORMAL)
+            sup.deadline.retired() if sup.deadline.retiring else sup.stop(0, NORMAL)
     elif child.role == WORKER and sup.children.may_restart(child):
         _restart_dead_worker(sup, child)
     else:

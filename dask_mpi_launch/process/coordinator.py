@@ -125,6 +125,7 @@ class Coordinator:
                 "workers": sum(len(names) for _, names in self.ready.values()),
                 "ranks": self.hosts, "scheduler_file": s.scheduler_file if s.scheduler else None,
                 "login_host": s.login_host,
+                "end": sup.deadline.end, "end_source": sup.deadline.source,
             }), flush=True)
             if sup.tuning:  # the defaults changed for a big job, and how to choose
                 print(f"  tuning     {scale.describe(sup.tuning)}", flush=True)

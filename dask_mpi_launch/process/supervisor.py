@@ -33,10 +33,12 @@ import time
 from dask_mpi_launch.tuning import scale
 from dask_mpi_launch.process import checking, child_events, starting
 from dask_mpi_launch.process.coordinator import Coordinator
+from dask_mpi_launch.process.deadline import Deadline
 from dask_mpi_launch.process.stopping import Stopping
 from dask_mpi_launch.base.messages import (CONTROL, Address, AllReady, Closed, Fail,
                                             Hello, SchedulerClosed, Stdin, Stop,
                                             decode)
+from dask_mpi_launch.base.messages import Deadline as DeadlineMessage
 from dask_mpi_launch.process.children import Family, StdinRelay, read_stdin
 from dask_mpi_launch.control.over_mpi import ControlPlane
 from dask_mpi_launch.base.errors import LaunchError
@@ -101,6 +103,7 @@ class Supervisor:
         self.reported = False
         self.closed: set[int] = set()  # the client's rank once done (on the scheduler's)
         self.scheduler_closed = False  # the scheduler's rank closed it (on worker ranks)
+        self.deadline = Deadline(self)  # the time limit: warn, retire, stop before it
 
     # ------------------------------------------------------------------
     # the whole life
@@ -148,6 +151,7 @@ class Supervisor:
 
     def _begin(self) -> None:
         """The scheduler (if here), this rank's hello to rank 0, the stdin relay."""
+        self.deadline.begin()  # rank 0 asks the batch system, before any role starts
         if SCHEDULER in self.roles:
             starting.start_scheduler(self)
         if self.coordinator:
@@ -209,6 +213,7 @@ class Supervisor:
             self.stdin_relay.pump()
         for message in self.control.poll():
             self._on_message(decode(CONTROL, message))
+        self.deadline.tick()
         if self.signalled and not self.outcome.decided:
             # a --jupyter session, like a cluster-only job, ends by a signal: 0
             self.stop(self.outcome.on_signal(
@@ -269,6 +274,8 @@ class Supervisor:
             self.closed.add(m.rank)
         elif isinstance(m, SchedulerClosed):
             self.scheduler_closed = True
+        elif isinstance(m, DeadlineMessage):
+            self.deadline.learn(m.end, m.source)
         elif isinstance(m, Stdin) and self.stdin_relay is not None:
             self.stdin_relay.feed(m.text)
         elif self.coordinator:
@@ -306,6 +313,7 @@ class Supervisor:
         try:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, handler)
+            self.deadline.install()
         except ValueError:  # not the main thread (tests run ranks in threads)
             pass
 

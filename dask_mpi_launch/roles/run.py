@@ -93,7 +93,10 @@ def run_role(role: str, spec, channel: Channel) -> int:
 
         dask.config.set(spec.dask_config)
     s = spec.settings
+    from dask_mpi_launch.hpc.time_limit import export
     from dask_mpi_launch.roles.life import JOINED
+
+    export(getattr(s, "end", None))  # dask_mpi_launch.time_left() in the role and its tasks
 
     JOINED["client"] = run in ("script", "jupyter")  # initialize() here returns at once
     if run == "scheduler":
@@ -313,6 +316,9 @@ def run_worker(
                 channel.error(f"the worker could not start: {type(e).__name__}: {e}")
                 return 1
         channel.send("ready", name=str(name), address=worker.address)
+        from dask_mpi_launch.roles.time_limit import retire_on_signal
+
+        retire_on_signal(worker, name)  # a join job's time limit (process/deadline.py)
         _quiet_heartbeat_at_close(worker)
         _report_full_disk(worker, channel)
         closed = _close_reason(worker)
@@ -466,6 +472,9 @@ def run_script(settings: Settings, channel: Channel, address: str, credentials=N
 
     set_client_environment(address, credentials)
     terminate_on_signal(settings.shutdown_timeout)
+    from dask_mpi_launch.hpc.time_limit import TimeLimitReached, install_warning
+
+    install_warning()  # the time-limit warning: TimeLimitReached, or on_time_limit's callback
     if settings.module:
         sys.argv = [settings.module, *settings.args]
         sys.path.insert(0, os.getcwd())
@@ -482,6 +491,10 @@ def run_script(settings: Settings, channel: Channel, address: str, credentials=N
             runpy.run_path(settings.script, run_name="__main__")
     except SystemExit as e:
         status = exit_status(e)
+    except TimeLimitReached as e:
+        from dask_mpi_launch.roles.time_limit import say_time_limit
+
+        status = say_time_limit(e)
     except BaseException as e:
         if _cluster_lost(e):  # the rank says why in its one line: where the script was
             _say_where(e)
