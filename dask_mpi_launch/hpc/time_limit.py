@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from datetime import datetime
 
 #: the allocation's end, seconds since the epoch, in every process of the job
 END_VARIABLE = "DASK_MPI_LAUNCH_END"
+
+#: the batch system's warning (SIGUSR1: srun and Slurm's --signal send it to every process of
+#: the step, not only the ranks) and the rank's word to its roles (SIGUSR2: "warn the
+#: script", "retire the worker"). The zygotes, and so the scheduler, ignore both; a worker
+#: acts on SIGUSR2 alone, the script on either.
+BATCH_SIGNAL, ROLE_SIGNAL = signal.SIGUSR1, signal.SIGUSR2
+SIGNALS = (BATCH_SIGNAL, ROLE_SIGNAL)
 
 # a batch command answers in ~20 ms; a slurmctld that does not answer must not delay the job
 QUERY_TIMEOUT = 10.0
@@ -255,10 +263,13 @@ def on_time_limit(fn):
     return fn
 
 
-def _warned(signum=None, frame=None) -> None:
-    import signal
+def _ignore(signum=None, frame=None) -> None:
+    pass
 
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once: a second signal changes nothing
+
+def _warned(signum=None, frame=None) -> None:
+    for signum in SIGNALS:  # once: a second signal changes nothing (not SIG_IGN: one
+        signal.signal(signum, _ignore)  # already caught would raise "ignored due to race")
     if not _CALLBACKS:
         left = time_left()
         raise TimeLimitReached("the job's time limit is near" + (
@@ -268,11 +279,10 @@ def _warned(signum=None, frame=None) -> None:
 
 
 def install_warning() -> None:
-    """In the script's process: SIGUSR1 (sent by its rank, process/deadline.py) is the
-    warning."""
-    import signal
-
-    signal.signal(signal.SIGUSR1, _warned)
+    """In the script's process: SIGUSR2 from its rank (process/deadline.py), or SIGUSR1 from
+    the batch system directly, is the warning."""
+    for signum in SIGNALS:
+        signal.signal(signum, _warned)
 
 
 def export(end) -> None:

@@ -6,7 +6,7 @@ Rank 0 alone asks the batch system when the allocation ends (``hpc/time_limit.py
 environment of the processes it starts, where ``dask_mpi_launch.time_left()`` reads it.
 Then, on every turn of the supervisor's loop (:meth:`Deadline.tick`):
 
-* at ``end - grace`` the client's rank warns the script (SIGUSR1 to the script's process
+* at ``end - grace`` the client's rank warns the script (SIGUSR2 to the script's process
   alone, not its group: ``time_limit.install_warning`` turns it into ``TimeLimitReached``
   or the user's callback); a join job's ranks retire their workers (the scheduler moves
   their data to the workers that stay), after an offset derived from the job id, so join
@@ -81,7 +81,7 @@ class Deadline:
         def handler(signum, frame):
             self.signalled = True
 
-        signal.signal(signal.SIGUSR1, handler)
+        signal.signal(time_limit.BATCH_SIGNAL, handler)
 
     # ------------------------------------------------------------------
     # each turn of the loop
@@ -94,12 +94,20 @@ class Deadline:
         if self.warn_at is None:
             return
         now = time.time()
-        if not self.warned and now >= self.warn_at:
+        if not self.warned and now >= self.warn_at and self._started():
             self.warn(now)
         if self.retire_at is not None and now >= self.retire_at:
             self.retire()
         if not self.stopped and self.sup.rank == 0 and now >= self.stop_at:
             self.stop(now)
+
+    def _started(self) -> bool:
+        """The roles to warn are there: the script started, a join job's workers ready (a
+        warning before them waits for them)."""
+        sup = self.sup
+        return ((CLIENT not in sup.roles or sup.client_in_process or "client" in sup.started)
+                and (sup.settings.scheduler or WORKER not in sup.roles
+                     or sup.workers_ready >= sup.settings.worker_processes))
 
     def _on_batch_signal(self, now: float) -> None:
         if self.end is None or self.end - self.grace > now:
@@ -117,7 +125,7 @@ class Deadline:
         self.warned = True
         if CLIENT in sup.roles:
             for child in sup.children.of(CLIENT):
-                _signal_one(child.pid, signal.SIGUSR1)
+                _signal_one(child.pid, time_limit.ROLE_SIGNAL)
         if not sup.settings.scheduler and WORKER in sup.roles:
             self.retire_at = now + stagger(job_id(os.environ), self.grace - self.teardown)
 
@@ -126,7 +134,7 @@ class Deadline:
         self.retire_at = None
         self.retiring = True
         for child in self.sup.children.of(WORKER):
-            _signal_one(child.pid, signal.SIGUSR1)
+            _signal_one(child.pid, time_limit.ROLE_SIGNAL)
 
     def retired(self) -> None:
         """All this rank's workers left: this rank is done, with the time-limit status

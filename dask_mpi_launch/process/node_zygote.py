@@ -26,6 +26,8 @@ import os
 import pickle
 import select
 import signal
+
+from dask_mpi_launch.hpc import time_limit  # SIGNALS: srun's USR1 reaches every process
 import socket
 import struct
 import time
@@ -280,7 +282,7 @@ class NodeZygote:
         except OSError:
             pass
         set_title("dml-zygote")
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, *time_limit.SIGNALS):
             signal.signal(signum, signal.SIG_IGN)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)

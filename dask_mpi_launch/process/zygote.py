@@ -40,6 +40,8 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+
+from dask_mpi_launch.hpc import time_limit  # SIGNALS: srun's USR1 reaches every process
 import socket
 
 from dask_mpi_launch.process.children import (BecomeClient, Channel, Child, become_subreaper, enter_role, flush,
@@ -247,7 +249,7 @@ def _serve(sock: socket.socket, rank: int, preload, parse: bool = False) -> None
     except OSError:
         pass
     set_title("dml-zygote")
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, *time_limit.SIGNALS):
         signal.signal(signum, signal.SIG_IGN)
     if parse:
         parser_error = import_parser()

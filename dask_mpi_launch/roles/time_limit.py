@@ -3,14 +3,14 @@ join job retires when its rank says so; a script that let the warning end it say
 from __future__ import annotations
 
 import asyncio
-import signal
 import traceback
 
 from dask_mpi_launch.base.status import TIME_LIMIT, say
+from dask_mpi_launch.hpc.time_limit import ROLE_SIGNAL
 
 
 def retire_on_signal(server, name) -> None:
-    """SIGUSR1 (from the rank, never the batch system directly: the rank leads) makes this
+    """SIGUSR2 (from the rank; the batch system's SIGUSR1 is ignored: the rank leads) makes this
     worker ask the scheduler to retire it: the scheduler copies its data to the workers that
     stay, then closes it (``Scheduler.retire_workers``; a Nanny's worker is named the same).
     Without the scheduler's answer the worker stays, and the rank's stop ends it."""
@@ -28,7 +28,7 @@ def retire_on_signal(server, name) -> None:
         if not tasks:
             tasks.append(asyncio.ensure_future(retire()))
 
-    loop.add_signal_handler(signal.SIGUSR1, on_signal)
+    loop.add_signal_handler(ROLE_SIGNAL, on_signal)
 
 
 def say_time_limit(e: BaseException) -> int:

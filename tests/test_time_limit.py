@@ -1,0 +1,303 @@
+"""Time limits: the allocation's end found (Slurm, Grid Engine, PBS, LSF, --time-limit), the
+script warned, the job ended before the batch system has to kill it (README "Time limits").
+
+In-process: the parsers on real outputs of the batch commands, the grace formula, the
+banner's line, bad input. Live: one Slurm batch of concurrent ``-t 1`` jobs (srun and
+mpiexec, MPICH and Open MPI, a join job retiring its workers) so the minute is paid once;
+a PBS job emulated by a ``qstat`` on PATH (the batch system is emulated, not our code).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import Venv, wait_no_leftovers  # noqa: E402
+
+from dask_mpi_launch.base.banner import end_line, render  # noqa: E402
+from dask_mpi_launch.base.errors import UsageError  # noqa: E402
+from dask_mpi_launch.hpc import time_limit as tl  # noqa: E402
+
+# ----------------------------------------------------------------------------- real outputs
+
+# Slurm 22.05.8 (this machine's test cluster), a job submitted with -t 1
+SQUEUE_E = "2026-12-04T16:08:57\n"
+SCONTROL = """\
+JobId=25409921 JobName=dml-2-dcd4f6
+   UserId=root(0) GroupId=root(0) MCS_label=N/A
+   JobState=RUNNING Reason=None Dependency=(null)
+   RunTime=00:00:00 TimeLimit=00:01:00 TimeMin=N/A
+   SubmitTime=2026-12-04T16:07:56 EligibleTime=2026-12-04T16:07:56
+   StartTime=2026-12-04T16:07:57 EndTime=2026-12-04T16:08:57 Deadline=N/A
+   Partition=debug AllocNode:Sid=localhost:29093
+"""
+SCONTROL_UNLIMITED = "JobId=7 JobName=x\n   StartTime=2026-12-04T16:07:57 EndTime=Unknown\n"
+
+# Grid Engine 8.1.9 (qstat -j of a job submitted with -l h_rt=0:5:0,s_rt=240)
+QSTAT_J = """\
+==============================================================
+job_number:                 17
+exec_file:                  job_scripts/17
+submission_time:            12/04/2026 16:20:01.511
+owner:                      root
+hard resource_list:         h_rt=300,s_rt=240
+mail_list:                  root@vm
+job_name:                   mpiexec-script.sge
+parallel environment:  mpi range: 4
+start_time            1:    12/04/2026 16:20:02.104
+"""
+
+# PBS Pro / OpenPBS qstat -f (fields as the PBS reference guide prints them)
+QSTAT_F = """\
+Job Id: 1234.pbs-server
+    Job_Name = dask
+    job_state = R
+    resources_used.walltime = 00:10:30
+    Resource_List.ncpus = 4
+    Resource_List.walltime = 01:00:00
+    stime = Fri Dec  4 16:00:00 2026
+"""
+
+# LSF 10.1 bjobs -noheader -o time_left (H:MM, L: the run limit)
+BJOBS_TIME_LEFT = "1:23 L\n"
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("1", 60), ("90", 5400), ("05:30", 330), ("1:00:00", 3600), ("2-00:00:00", 172800),
+    ("1-12", 129600), ("1-0:30", 88200), ("90s", 90), ("2h", 7200), (30, 1800)])
+def test_durations_as_slurm_writes_them(text, seconds):
+    assert tl.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "1:2:3:4", "0", "-5", "1-", "12:xx"])
+def test_a_bad_time_limit_is_one_line(text):
+    from dask_mpi_launch.configure.settings import resolve
+
+    with pytest.raises(UsageError) as e:
+        resolve(time_limit=text)
+    assert "\n" not in e.value.message and "--time-limit" in e.value.message
+
+
+def test_the_batch_systems_answers():
+    local = time.mktime((2026, 12, 4, 16, 8, 57, 0, 0, -1))
+    assert tl.slurm_squeue_end(SQUEUE_E) == local
+    assert tl.slurm_scontrol_end(SCONTROL) == local
+    assert tl.slurm_scontrol_end(SCONTROL_UNLIMITED) is None
+    assert tl.slurm_squeue_end("Unknown\n") is None and tl.slurm_squeue_end("") is None
+    assert tl.sge_limit(QSTAT_J) == 300
+    assert tl.sge_limit("hard resource_list:         s_rt=0:4:0\n") == 240
+    assert tl.sge_limit("hard resource_list:         h_vmem=2G\n") is None
+    assert tl.sge_start(QSTAT_J) == time.mktime((2026, 12, 4, 16, 20, 2, 0, 0, -1)) + 0.104
+    assert tl.pbs_time_left(QSTAT_F) == 3600 - 630
+    assert tl.lsf_time_left(BJOBS_TIME_LEFT) == 83 * 60
+    assert tl.lsf_time_left("-\n") is None
+
+
+def test_rank_zero_asks_one_batch_system():
+    asked = []
+
+    def run(argv):
+        asked.append(argv[0])
+        return {"squeue": SQUEUE_E, "qstat": QSTAT_F, "bjobs": BJOBS_TIME_LEFT}[argv[0]]
+
+    assert tl.discover({"SLURM_JOB_ID": "25409921"}, run)[1] == "Slurm"
+    assert tl.discover({"PBS_JOBID": "1234.pbs"}, run, now=1000.0) == (1000.0 + 2970, "PBS")
+    assert tl.discover({"LSB_JOBID": "5"}, run, now=0.0) == (83 * 60.0, "LSF")
+    assert asked == ["squeue", "qstat", "bjobs"]
+    sge = tl.discover({"JOB_ID": "17", "SGE_ROOT": "/x"}, lambda argv: QSTAT_J)
+    assert sge == (tl.sge_start(QSTAT_J) + 300, "Grid Engine")
+    assert tl.discover({}, run) == (None, "")
+    # squeue silent (a slurmctld that does not answer): scontrol, else no limit
+    assert tl.discover({"SLURM_JOB_ID": "1"}, lambda a: SCONTROL if a[0] == "scontrol"
+                       else None)[1] == "Slurm"
+    assert tl.discover({"SLURM_JOB_ID": "1"}, lambda a: None) == (None, "")
+
+
+def test_grace_scales_with_the_workers_and_fits_short_jobs():
+    assert tl.grace_for(2, 10.0, 86400) == (60.0, 20.02)
+    grace, teardown = tl.grace_for(1000, 10.0, 86400)  # 20 + 10 s teardown, + 30 + 50 s
+    assert (round(grace), round(teardown)) == (110, 30)
+    assert tl.grace_for(2, 10.0, 60) == (15.0, 7.5)  # sbatch -t 1: a quarter, half of it
+    assert tl.grace_for(2, 10.0, 60, grace=30.0) == (30.0, 15.0)  # --time-grace
+
+
+def test_time_left_reads_the_environment():
+    assert tl.time_left({}) is None
+    assert tl.time_left({tl.END_VARIABLE: "1000.5"}, now=1000.0) == 0.5
+    import dask_mpi_launch
+
+    assert dask_mpi_launch.time_left is tl.time_left
+    assert issubclass(dask_mpi_launch.TimeLimitReached, BaseException)
+    assert not issubclass(dask_mpi_launch.TimeLimitReached, Exception)
+
+
+def test_the_banner_says_when_the_job_ends():
+    now = time.mktime((2026, 12, 4, 2, 5, 7, 0, 0, -1))
+    assert end_line(now + 11 * 3600 + 58 * 60 + 3, now, "Slurm") == (
+        "ends       14:03:10, in 11:58:03 (Slurm)")
+    assert end_line(now + 86400, now).startswith("ends       2026-12-05 02:05:07, in 24:00:00")
+    text = render({"address": "tls://h:1", "workers": 2, "end": now + 60, "now": now})
+    assert "  ends       02:06:07, in 0:01:00" in text.splitlines()
+
+
+# ----------------------------------------------------------------------------- live jobs
+
+FOREVER = """\
+import os, sys, time
+import dask_mpi_launch
+from distributed import Client
+
+client = Client()
+left1 = dask_mpi_launch.time_left()
+time.sleep(1.5)
+print(f"left1={left1:.1f}", flush=True)
+print(f"left2={dask_mpi_launch.time_left():.1f}", flush=True)
+print(f"worker_left={client.submit(dask_mpi_launch.time_left, pure=False).result():.1f}",
+      flush=True)
+try:
+    try:
+        while True:  # computes forever
+            client.submit(sum, range(10000), pure=False).result()
+            time.sleep(0.2)
+    except dask_mpi_launch.TimeLimitReached:
+        print(f"warned={dask_mpi_launch.time_left():.1f}", flush=True)
+        while True:  # and ignores the warning: the job must stop it
+            client.submit(sum, range(10000), pure=False).result()
+            time.sleep(0.2)
+finally:
+    print("finally=1", flush=True)
+"""
+
+
+def values(out: str) -> dict[str, str]:
+    return dict(re.findall(r"^(\w+)=(.*)$", out, re.MULTILINE))
+
+
+def assert_ended_itself(name, state, code, out, token):
+    v = values(out)
+    assert state != "TIMEOUT" and code == 124, f"{name}: {state} {code}\n{out}"
+    assert float(v["left2"]) < float(v["left1"]) <= 60, out  # time_left() counts down
+    assert 0 < float(v["worker_left"]) <= 60, out
+    assert 0 < float(v["warned"]) < 60 and v["finally"] == "1", out
+    assert re.search(r"dask-mpi-launch: time limit: the allocation ends at [\d:]+ \(Slurm\); "
+                     r"stopped \d+ s before it: the script, the scheduler and 1 worker "
+                     r"\(status 124\)", out), out
+    assert "Traceback" not in out, out
+    assert wait_no_leftovers(token, timeout=10, environment=True) == [], name
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    from conftest import unavailable
+    from slurm_cluster import SlurmCluster, SlurmError, ensure_slurm_installed
+
+    if not Venv("mpich").exists():
+        unavailable("no mpich venv")
+    reason = ensure_slurm_installed()
+    if reason:
+        unavailable(reason)
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except SlurmError as e:
+        cluster.stop()
+        unavailable(f"Slurm could not be started: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+JOIN_CLIENT = """\
+import sys, time
+from distributed import Client
+
+client = Client()
+client.wait_for_workers(3, timeout=60)
+joined = [a for a, w in client.scheduler_info()["workers"].items()
+          if str(w["name"]).startswith("join")]
+data = client.scatter(list(range(1000)), workers=joined)  # no lineage: lost data is an error
+print(f"joined={len(joined)}", flush=True)
+deadline = time.monotonic() + 100
+while any(str(w["name"]).startswith("join")
+          for w in client.scheduler_info()["workers"].values()):
+    assert time.monotonic() < deadline, "the join job's workers did not retire"
+    time.sleep(0.2)
+print(f"sum={sum(client.gather(data))}", flush=True)
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
+    """-t 1 jobs under srun (MPICH, Slurm's USR1 forwarded by the template) and mpiexec
+    (MPICH, Open MPI), and a join job that retires its workers from a main job whose
+    result stays exact: all at once, the minute paid once."""
+    examples = Path(__file__).resolve().parent.parent / "slurm-examples"
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("srun-script.sbatch", "mpiexec-script.sbatch", "add-workers.sbatch"):
+        shutil.copy2(examples / name, work / name)
+    # the join job without Slurm's signal (it may come at once): its end found by squeue
+    add = work / "add-workers.sbatch"
+    add.write_text(add.read_text().replace("#SBATCH --signal=B:USR1@120\n", ""))
+    (work / "client.py").write_text(FOREVER)
+    (work / "join_client.py").write_text(JOIN_CLIENT)
+    (work / "openmpi.sbatch").write_text(
+        "#!/bin/bash\nmpiexec --bind-to none -n \"$SLURM_NTASKS\" dask-mpi-launch client.py\n")
+    scheduler_file = tmp_path / "main.json"
+    (work / "main.sbatch").write_text(
+        "#!/bin/bash\nexport SRUN_CPUS_PER_TASK=1\nsrun --mpi=pmi2 dask-mpi-launch "
+        f"--scheduler-file {scheduler_file} join_client.py\n")
+    mpich, openmpi = Venv("mpich"), Venv("openmpi")
+    jobs = {  # name: (venv, script, sbatch options)
+        "srun-mpich": (mpich, "srun-script.sbatch", ["-t", "1", "--signal=B:USR1@25"]),
+        "mpiexec-mpich": (mpich, "mpiexec-script.sbatch", ["-t", "1", "--signal=B:USR1@25"]),
+        "mpiexec-openmpi": (openmpi, "openmpi.sbatch", ["-t", "1"]),
+        "main": (mpich, "main.sbatch", ["-t", "5"]),
+    }
+    results, tokens = {}, {}
+
+    def submit(name, venv, script, options, args=()):
+        tokens[name] = token = f"dml-tl-{uuid.uuid4().hex}"
+        try:
+            results[name] = slurm.sbatch(work / script, f"--chdir={work}", "--ntasks=3",
+                                         *options, script_args=args, timeout=150,
+                                         env=venv.env({"DML_TL_TOKEN": token}))
+        except Exception as e:  # said by the assertion below
+            results[name] = (None, repr(e), None, "")
+
+    threads = [threading.Thread(target=submit, args=(name, *job)) for name, job in jobs.items()]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists() and time.monotonic() < deadline and threads[3].is_alive():
+        time.sleep(0.2)
+    join = threading.Thread(target=submit, args=(
+        "join", mpich, "add-workers.sbatch", ["-t", "1", "--ntasks=2"],
+        (str(scheduler_file),)))
+    join.start()
+    for t in [*threads, join]:
+        t.join()
+    for name in ("srun-mpich", "mpiexec-mpich", "mpiexec-openmpi"):
+        _, state, code, out = results[name]
+        print(f"{name}: {state} {code}\n" + "\n".join(
+            line for line in out.splitlines() if "=" in line or "time limit" in line))
+        assert_ended_itself(name, state, code, out, tokens[name])
+    _, state, code, out = results["main"]
+    assert (state, code) == ("COMPLETED", 0) and values(out) == {
+        "joined": "2", "sum": str(sum(range(1000)))}, out
+    _, state, code, out = results["join"]
+    assert state != "TIMEOUT" and code == 124, f"join: {state} {code}\n{out}"
+    assert "Traceback" not in out, out
