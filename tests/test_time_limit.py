@@ -8,7 +8,6 @@ a PBS job emulated by a ``qstat`` on PATH (the batch system is emulated, not our
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import sys
@@ -41,18 +40,28 @@ JobId=25409921 JobName=dml-2-dcd4f6
 """
 SCONTROL_UNLIMITED = "JobId=7 JobName=x\n   StartTime=2026-12-04T16:07:57 EndTime=Unknown\n"
 
-# Grid Engine 8.1.9 (qstat -j of a job submitted with -l h_rt=0:5:0,s_rt=240)
+# Grid Engine 8.1.9 (this machine's test cell), a job submitted with -l h_rt=0:0:40,s_rt=0:0:30:
+# qstat -j says the limits, not the start; plain qstat says the start
 QSTAT_J = """\
 ==============================================================
-job_number:                 17
-exec_file:                  job_scripts/17
-submission_time:            12/04/2026 16:20:01.511
+job_number:                 26
+exec_file:                  job_scripts/26
+submission_time:            Fri Dec  4 16:18:44 2026
 owner:                      root
-hard resource_list:         h_rt=300,s_rt=240
+cwd:                        /tmp/tl
+merge:                      y
+hard resource_list:         h_rt=40,s_rt=30
 mail_list:                  root@vm
-job_name:                   mpiexec-script.sge
-parallel environment:  mpi range: 4
-start_time            1:    12/04/2026 16:20:02.104
+notify:                     FALSE
+job_name:                   dml2-8386dc
+script_file:                /tmp/tl/sgejob.sh
+usage         1:            cpu=00:00:00, mem=0.00000 GB s, io=0.00000 GB, vmem=N/A, maxvmem=N/A
+scheduling info:            There are no messages available
+"""
+QSTAT = """\
+job-ID  prior   name       user         state submit/start at     queue                          slots ja-task-ID 
+-----------------------------------------------------------------------------------------------------------------
+     26 0.50000 dml2-7a9dc root         r     12/04/2026 16:18:44 all.q@vm                           1        
 """
 
 # PBS Pro / OpenPBS qstat -f (fields as the PBS reference guide prints them)
@@ -95,10 +104,14 @@ def test_the_batch_systems_answers():
     assert tl.slurm_scontrol_end(SCONTROL) == local
     assert tl.slurm_scontrol_end(SCONTROL_UNLIMITED) is None
     assert tl.slurm_squeue_end("Unknown\n") is None and tl.slurm_squeue_end("") is None
-    assert tl.sge_limit(QSTAT_J) == 300
+    assert tl.sge_limit(QSTAT_J) == 40
     assert tl.sge_limit("hard resource_list:         s_rt=0:4:0\n") == 240
     assert tl.sge_limit("hard resource_list:         h_vmem=2G\n") is None
-    assert tl.sge_start(QSTAT_J) == time.mktime((2026, 12, 4, 16, 20, 2, 0, 0, -1)) + 0.104
+    assert tl.sge_start(QSTAT_J) is None
+    started = time.mktime((2026, 12, 4, 16, 18, 44, 0, 0, -1))
+    assert tl.sge_list_start(QSTAT, "26") == started and tl.sge_list_start(QSTAT, "2") is None
+    assert tl.sge_start("start_time            1:    12/04/2026 16:20:02.104\n") == (
+        time.mktime((2026, 12, 4, 16, 20, 2, 0, 0, -1)) + 0.104)  # newer Grid Engines
     assert tl.pbs_time_left(QSTAT_F) == 3600 - 630
     assert tl.lsf_time_left(BJOBS_TIME_LEFT) == 83 * 60
     assert tl.lsf_time_left("-\n") is None
@@ -115,8 +128,9 @@ def test_rank_zero_asks_one_batch_system():
     assert tl.discover({"PBS_JOBID": "1234.pbs"}, run, now=1000.0) == (1000.0 + 2970, "PBS")
     assert tl.discover({"LSB_JOBID": "5"}, run, now=0.0) == (83 * 60.0, "LSF")
     assert asked == ["squeue", "qstat", "bjobs"]
-    sge = tl.discover({"JOB_ID": "17", "SGE_ROOT": "/x"}, lambda argv: QSTAT_J)
-    assert sge == (tl.sge_start(QSTAT_J) + 300, "Grid Engine")
+    sge = tl.discover({"JOB_ID": "26", "SGE_ROOT": "/x"},
+                      lambda argv: QSTAT_J if argv[1:] else QSTAT)
+    assert sge == (tl.sge_list_start(QSTAT, "26") + 40, "Grid Engine")
     assert tl.discover({}, run) == (None, "")
     # squeue silent (a slurmctld that does not answer): scontrol, else no limit
     assert tl.discover({"SLURM_JOB_ID": "1"}, lambda a: SCONTROL if a[0] == "scontrol"
@@ -301,3 +315,36 @@ def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
     _, state, code, out = results["join"]
     assert state != "TIMEOUT" and code == 124, f"join: {state} {code}\n{out}"
     assert "Traceback" not in out, out
+
+
+@pytest.mark.sge
+@pytest.mark.mpi
+def test_grid_engine_job_ends_before_h_rt(tmp_path):
+    """sge-examples/mpiexec-script.sge with h_rt=40,s_rt=30: the end from qstat, the warning
+    (s_rt's SIGUSR1 or ours, whichever first), status 124, nothing left running."""
+    from conftest import unavailable
+    from sge_cluster import GridEngine, SGEError, ensure_sge_installed
+
+    venv = Venv("mpich")
+    reason = ensure_sge_installed() if venv.exists() else "no mpich venv"
+    if reason:
+        unavailable(reason)
+    work = tmp_path / "sge"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "sge-examples", work)
+    (work / "client.py").write_text(FOREVER)
+    token = f"dml-tl-{uuid.uuid4().hex}"
+    with GridEngine() as cell:
+        try:
+            status, out = cell.qsub(work / "mpiexec-script.sge", "-pe", "mpi", "3", "-l",
+                                    "h_rt=40,s_rt=30", cwd=work, timeout=150,
+                                    env=venv.env({"DML_TL_TOKEN": token}))
+        except SGEError as e:
+            pytest.fail(str(e))
+    print(out)
+    v = values(out)
+    assert status == 124, out
+    assert float(v["left2"]) < float(v["left1"]) <= 40 and v["finally"] == "1", out
+    assert 0 < float(v["warned"]) <= 15, out
+    assert "dask-mpi-launch: time limit: the allocation ends at" in out, out
+    assert "(Grid Engine)" in out and "Traceback" not in out, out
+    assert wait_no_leftovers(token, timeout=10, environment=True) == []

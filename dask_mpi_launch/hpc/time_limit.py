@@ -152,6 +152,16 @@ def sge_start(text: str) -> float | None:
     return None
 
 
+def sge_list_start(text: str, job: str) -> float | None:
+    """Plain ``qstat``: the running job's line says when it started (``submit/start at``,
+    ``12/04/2026 16:18:44``); ``qstat -j`` of Grid Engine 8.1.9 does not."""
+    m = re.search(rf"^\s*{re.escape(str(job))}\s+\S+\s+\S+\s+\S+\s+\w*r\w*\s+"
+                  r"(\d\d/\d\d/\d{4} \d\d:\d\d:\d\d)", text, re.M)
+    if not m:
+        return None
+    return datetime.strptime(m.group(1), "%m/%d/%Y %H:%M:%S").timestamp()
+
+
 def pbs_time_left(text: str) -> float | None:
     """``qstat -f ID``: ``Resource_List.walltime`` less ``resources_used.walltime`` (the
     limit and what the job used: no clock of the server's to trust)."""
@@ -205,7 +215,8 @@ def discover(env=os.environ, run=_run, now=None) -> tuple[float | None, str]:
         text = run(["qstat", "-j", env["JOB_ID"]]) or ""
         limit = sge_limit(text)
         if limit is not None:
-            return (sge_start(text) or now) + limit, "Grid Engine"
+            start = sge_start(text) or sge_list_start(run(["qstat"]) or "", env["JOB_ID"])
+            return (start or now) + limit, "Grid Engine"
     return None, ""
 
 
