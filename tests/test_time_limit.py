@@ -139,9 +139,9 @@ def test_rank_zero_asks_one_batch_system():
 
 
 def test_grace_scales_with_the_workers_and_fits_short_jobs():
-    assert tl.grace_for(2, 10.0, 86400) == (60.0, 20.02)
-    grace, teardown = tl.grace_for(1000, 10.0, 86400)  # 20 + 10 s teardown, + 30 + 50 s
-    assert (round(grace), round(teardown)) == (110, 30)
+    assert tl.grace_for(2, 10.0, 86400) == (60.0, 25.04)
+    grace, teardown = tl.grace_for(1000, 10.0, 86400)  # 20 + 5 + 20 s teardown, + 30 + 50 s
+    assert (round(grace), round(teardown)) == (125, 45)
     assert tl.grace_for(2, 10.0, 60) == (15.0, 7.5)  # sbatch -t 1: a quarter, half of it
     assert tl.grace_for(2, 10.0, 60, grace=30.0) == (30.0, 15.0)  # --time-grace
 

@@ -141,7 +141,7 @@ CONTEXT = {
                          "time-limit"))
 @click.option("--time-grace", default=None, metavar="SECONDS",
               help=_help("Warn the script this long before the time limit (default: "
-                         "max(60 s, 2 x shutdown-timeout + 30 s + 60 ms a worker), at most a "
+                         "max(60 s, 2 x shutdown-timeout + 35 s + 70 ms a worker), at most a "
                          "quarter of a short job).", "time-grace"))
 @click.option("--quiet", is_flag=True, default=None,
               help="Print no banner when the cluster is ready.")
