@@ -158,6 +158,9 @@ def _become_client(become, grace: float, finalize_guard: bool) -> None:
 
     set_client_environment(become.address, become.credentials)
     terminate_on_signal(grace)
+    from dask_mpi_launch.hpc.time_limit import install_warning
+
+    install_warning()  # the time-limit warning (README "Time limits")
     if finalize_guard:
         _exit_without_mpi_finalize()
 
@@ -224,9 +227,11 @@ def _client_in_process(supervisor) -> bool:
     try:
         supervisor.run()
     except BecomeClient as become:
+        from dask_mpi_launch.hpc.time_limit import install_warning
         from dask_mpi_launch.roles.run import set_client_environment
 
         set_client_environment(become.address, become.credentials)
+        install_warning()  # the monitor thread's rank signals this very process
     else:
         raise supervisor.error or _cluster_did_not_start()
     finally:

@@ -126,6 +126,8 @@ class Deadline:
         if CLIENT in sup.roles:
             for child in sup.children.of(CLIENT):
                 _signal_one(child.pid, time_limit.ROLE_SIGNAL)
+            if sup.client_in_process:  # initialize(exit=False): the script is this process
+                _signal_one(os.getpid(), time_limit.ROLE_SIGNAL)
         if not sup.settings.scheduler and WORKER in sup.roles:
             self.retire_at = now + stagger(job_id(os.environ), self.grace - self.teardown)
 

@@ -348,6 +348,7 @@ def _fork_role(sock, rank, role, spec, pipe, stdin, returns, run_role) -> int:
             channel = Channel(pipe)
             if returns:
                 os.set_inheritable(pipe, False)
+                time_limit.export(getattr(spec.settings, "end", None))  # time_left()
                 raise BecomeClient(spec.address, spec.credentials)
             run_body(lambda ch: run_role(role, spec, ch), channel, spec)
         os.write(report_w, str(role_pid).encode())
