@@ -261,7 +261,8 @@ def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
     examples = Path(__file__).resolve().parent.parent / "slurm-examples"
     work = tmp_path / "work"
     work.mkdir()
-    for name in ("srun-script.sbatch", "mpiexec-script.sbatch", "add-workers.sbatch"):
+    for name in ("srun-script.sbatch", "mpiexec-script.sbatch", "add-workers.sbatch",
+                 "cluster-only.sbatch"):
         shutil.copy2(examples / name, work / name)
     # the join job without Slurm's signal (it may come at once): its end found by squeue
     add = work / "add-workers.sbatch"
@@ -280,6 +281,7 @@ def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
         "mpiexec-mpich": (mpich, "mpiexec-script.sbatch", ["-t", "1", "--signal=B:USR1@25"]),
         "mpiexec-openmpi": (openmpi, "openmpi.sbatch", ["-t", "1"]),
         "main": (mpich, "main.sbatch", ["-t", "5"]),
+        "cluster": (mpich, "cluster-only.sbatch", ["-t", "1", "--ntasks=2"]),
     }
     results, tokens = {}, {}
 
@@ -288,7 +290,8 @@ def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
         try:
             results[name] = slurm.sbatch(work / script, f"--chdir={work}", "--ntasks=3",
                                          *options, script_args=args, timeout=150,
-                                         env=venv.env({"DML_TL_TOKEN": token}))
+                                         env=venv.env({"DML_TL_TOKEN": token,
+                                                       "DASK_SCHEDULER_DIR": str(tmp_path)}))
         except Exception as e:  # said by the assertion below
             results[name] = (None, repr(e), None, "")
 
@@ -302,6 +305,7 @@ def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
         "join", mpich, "add-workers.sbatch", ["-t", "1", "--ntasks=2"],
         (str(scheduler_file),)))
     join.start()
+    client = _connected_client(mpich, tmp_path, threads[4])
     for t in [*threads, join]:
         t.join()
     for name in ("srun-mpich", "mpiexec-mpich", "mpiexec-openmpi"):
@@ -312,6 +316,11 @@ def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
     _, state, code, out = results["main"]
     assert (state, code) == ("COMPLETED", 0) and values(out) == {
         "joined": "2", "sum": str(sum(range(1000)))}, out
+    _, state, code, out = results["cluster"]
+    assert state != "TIMEOUT" and code == 124, f"cluster: {state} {code}\n{out}"
+    assert "the scheduler and 1 worker (status 124)" in out, out
+    assert client is not None and client.status == 0 and "closed=" in client.out, client
+    assert not list(tmp_path.glob("scheduler-*.json")), "the scheduler file was left"
     _, state, code, out = results["join"]
     assert state != "TIMEOUT" and code == 124, f"join: {state} {code}\n{out}"
     assert "Traceback" not in out, out
@@ -348,3 +357,31 @@ def test_grid_engine_job_ends_before_h_rt(tmp_path):
     assert "dask-mpi-launch: time limit: the allocation ends at" in out, out
     assert "(Grid Engine)" in out and "Traceback" not in out, out
     assert wait_no_leftovers(token, timeout=10, environment=True) == []
+
+
+CLUSTER_CLIENT = """\
+import sys, time
+from dask_mpi_launch import connect
+
+client = connect(sys.argv[1], timeout=30)
+t0 = time.monotonic()
+try:
+    client.submit(time.sleep, 300).result()
+except BaseException as e:  # FutureCancelledError: the scheduler's connection lost
+    print(f"closed={type(e).__name__} after={time.monotonic() - t0:.1f}", flush=True)
+"""
+
+
+def _connected_client(venv, directory, job):
+    """A client of the cluster-only job, waiting on a long task when the job ends."""
+    from launch import run
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and job.is_alive():
+        files = list(directory.glob("scheduler-*.json"))
+        if files:
+            (directory / "cluster_client.py").write_text(CLUSTER_CLIENT)
+            return run([venv.python, directory / "cluster_client.py", files[0]], timeout=120,
+                       env=venv.env())
+        time.sleep(0.2)
+    return None
