@@ -4,10 +4,12 @@ script warned, the job ended before the batch system has to kill it (README "Tim
 In-process: the parsers on real outputs of the batch commands, the grace formula, the
 banner's line, bad input. Live: one Slurm batch of concurrent ``-t 1`` jobs (srun and
 mpiexec, MPICH and Open MPI, a join job retiring its workers) so the minute is paid once;
-a PBS job emulated by a ``qstat`` on PATH (the batch system is emulated, not our code).
+PBS and LSF jobs emulated by a ``qstat``/``bjobs`` on PATH, run beside the Slurm batch (the batch
+system is emulated, not our code).
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -256,8 +258,9 @@ print(f"sum={sum(client.gather(data))}", flush=True)
 @pytest.mark.mpi
 def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
     """-t 1 jobs under srun (MPICH, Slurm's USR1 forwarded by the template) and mpiexec
-    (MPICH, Open MPI), and a join job that retires its workers from a main job whose
-    result stays exact: all at once, the minute paid once."""
+    (MPICH, Open MPI), a cluster-only job with a client, a join job that retires its workers
+    from a main job whose result stays exact, and PBS and LSF jobs emulated beside them: all
+    at once, the minute paid once."""
     examples = Path(__file__).resolve().parent.parent / "slurm-examples"
     work = tmp_path / "work"
     work.mkdir()
@@ -305,8 +308,12 @@ def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
         "join", mpich, "add-workers.sbatch", ["-t", "1", "--ntasks=2"],
         (str(scheduler_file),)))
     join.start()
+    emulated = [threading.Thread(target=_emulated, args=(system, venv, tmp_path, results))
+                for system, venv in (("PBS", openmpi), ("LSF", mpich))]
+    for t in emulated:
+        t.start()
     client = _connected_client(mpich, tmp_path, threads[4])
-    for t in [*threads, join]:
+    for t in [*threads, join, *emulated]:
         t.join()
     for name in ("srun-mpich", "mpiexec-mpich", "mpiexec-openmpi"):
         _, state, code, out = results[name]
@@ -316,6 +323,13 @@ def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
     _, state, code, out = results["main"]
     assert (state, code) == ("COMPLETED", 0) and values(out) == {
         "joined": "2", "sum": str(sum(range(1000)))}, out
+    for system in ("PBS", "LSF"):
+        outcome, token = results[system]
+        v = values(outcome.out)
+        assert outcome.status == 124, outcome
+        assert float(v["left2"]) < float(v["left1"]) and v["finally"] == "1", outcome
+        assert f"({system}); stopped" in outcome.err and "Traceback" not in outcome.err, outcome
+        assert wait_no_leftovers(token, timeout=10, environment=True) == [], system
     _, state, code, out = results["cluster"]
     assert state != "TIMEOUT" and code == 124, f"cluster: {state} {code}\n{out}"
     assert "the scheduler and 1 worker (status 124)" in out, out
@@ -385,3 +399,23 @@ def _connected_client(venv, directory, job):
                        env=venv.env())
         time.sleep(0.2)
     return None
+
+
+# what the batch commands answer inside a job (the batch system emulated, not our code)
+FAKE = {"PBS": ("qstat", "Job Id: 77.pbs\n    Resource_List.walltime = 00:00:50\n"
+                         "    resources_used.walltime = 00:00:02\n", "PBS_JOBID", "77.pbs"),
+        "LSF": ("bjobs", "0:01 L\n", "LSB_JOBID", "78")}
+
+
+def _emulated(system, venv, directory, results):
+    """A 3-rank job under an emulated PBS or LSF: its end from qstat -f / bjobs on PATH."""
+    command, answer, variable, job = FAKE[system]
+    bin_dir = directory / f"fake-{system}"
+    bin_dir.mkdir()
+    (bin_dir / command).write_text(f"#!/bin/sh\ncat <<'EOF'\n{answer}EOF\n")
+    (bin_dir / command).chmod(0o755)
+    (directory / f"{system}.py").write_text(FOREVER)
+    token = f"dml-tl-{uuid.uuid4().hex}"
+    env = {variable: job, "SLURM_JOB_ID": "", "DML_TL_TOKEN": token,
+           "PATH": f"{venv.bin}:{bin_dir}:{os.environ.get('PATH', '')}"}
+    results[system] = (venv.launch(3, directory / f"{system}.py", timeout=120, env=env), token)
