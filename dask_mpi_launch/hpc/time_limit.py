@@ -17,9 +17,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
-from datetime import datetime
 
 #: the allocation's end, seconds since the epoch, in every process of the job
 END_VARIABLE = "DASK_MPI_LAUNCH_END"
@@ -98,6 +96,8 @@ def clock(seconds: float) -> str:
 
 def _local_epoch(text: str) -> float | None:
     """Slurm's ``2026-12-04T16:08:57`` (local time) as an epoch; None for Unknown, N/A."""
+    from datetime import datetime
+
     try:
         return datetime.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S").timestamp()
     except ValueError:
@@ -144,6 +144,8 @@ def sge_start(text: str) -> float | None:
     value = _first_value(r"^\s*start_time\s+(?:\d+:\s*)?(.+?)\s*$", text)
     if not value:
         return None
+    from datetime import datetime
+
     for fmt in ("%m/%d/%Y %H:%M:%S.%f", "%m/%d/%Y %H:%M:%S", "%a %b %d %H:%M:%S %Y"):
         try:
             return datetime.strptime(value, fmt).timestamp()
@@ -159,6 +161,8 @@ def sge_list_start(text: str, job: str) -> float | None:
                   r"(\d\d/\d\d/\d{4} \d\d:\d\d:\d\d)", text, re.M)
     if not m:
         return None
+    from datetime import datetime
+
     return datetime.strptime(m.group(1), "%m/%d/%Y %H:%M:%S").timestamp()
 
 
@@ -187,6 +191,8 @@ def lsf_time_left(text: str) -> float | None:
 
 
 def _run(argv) -> str | None:
+    import subprocess  # here: it imports threading, which the thin rank never needs
+
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=QUERY_TIMEOUT)
     except (OSError, subprocess.SubprocessError):
