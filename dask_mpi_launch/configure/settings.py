@@ -56,6 +56,7 @@ class Settings(Record):
     bootstrap: str = "mpi"  # mpi | slurm (no MPI: Slurm's variables + files) | auto
     bootstrap_dir: str = "."  # where --bootstrap slurm exchanges its files (shared FS)
     share_imports: bool = True  # one zygote per node (the CLI), not one per rank
+    record: str | None = None  # --record DIR: logs, summary.json, report.html (process/job_record.py)
     explicit: frozenset = frozenset()  # config keys given as options (they win over tuning)
 
     @property
@@ -117,6 +118,7 @@ _OPTIONAL_CONFIG_KEYS = {
     "client_rank": "client-rank",
     "exclusive_workers": "exclusive-workers",
     "nanny": "nanny",
+    "record": "record",
 }
 
 
@@ -173,6 +175,7 @@ def resolve(**options) -> Settings:
         log_level=_log_level(s.log_level),
         bootstrap=_choice(s.bootstrap, "--bootstrap", ("mpi", "slurm", "auto")),
         scheduler_file=os.path.abspath(s.scheduler_file) if s.scheduler_file else None,
+        record=os.path.abspath(os.path.expanduser(s.record)) if s.record else None,
         args=tuple(s.args),
     )
     s.layout_for(1 << 30)  # the ranks fit the layout (raises UsageError with the fix)
