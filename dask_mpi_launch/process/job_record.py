@@ -116,28 +116,21 @@ class Recorder:
         if self.failure is None:
             self.failure = {"rank": rank, "host": host, "role": role, "message": text}
 
-    def drain(self, timeout: float = 1.0) -> None:
-        """Let the copies of the roles' output end (they end at the roles' end of file),
-        so that none is taken for a process the job left running."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not any(_title(p) == TITLE for p in descendants()):  # zombies left out
-                return
-            time.sleep(0.01)
+    def drain(self) -> None:
+        drain()
 
     # -- rank 0 --------------------------------------------------------------
     def write(self, agreed: int | None) -> None:
         """After the agreement (``agreed``: its raw value, None if ranks did not join):
         summary.json, and the one line naming the record. Never raises."""
-        if self.sup.rank != 0:
+        if self.sup.rank != 0 or self.problem is not None:  # said once, at the start
             return
         try:
             self._gather(agreed is not None)
             summary = self.summary(agreed)
-            if self.problem is None:
-                _write_json(os.path.join(self.dir, "summary.json"), summary)
-                say(f"record of this job: {self.dir} (summary.json, "
-                    f"{len(summary['logs'])} logs{', report.html' if summary['report'] else ''})")
+            _write_json(os.path.join(self.dir, "summary.json"), summary)
+            say(f"record of this job: {self.dir} (summary.json, "
+                f"{len(summary['logs'])} logs{', report.html' if summary['report'] else ''})")
         except OSError as e:
             say(f"warning: the record in {self.dir} is incomplete: {e.strerror or e}")
         except Exception as e:  # a record never fails a job
@@ -210,6 +203,17 @@ def workers_summary(ranks: list) -> dict:
     return {"worker_restarts": sum({c["label"]: c["restarts"] for c in workers}.values()),
             "peak_memory": {c["label"]: c["peak_memory"] for c in workers},
             "bytes_moved": sum(c["bytes_sent"] or 0 for c in workers)}
+
+
+def drain(timeout: float = 1.0) -> None:
+    """Let the copies of the roles' output below this process end (they end at the roles'
+    end of file, a moment after them), so that none is taken for a process the job left
+    running (the rank's, or the node zygote's, last look)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_title(p) == TITLE for p in descendants()):  # zombies left out
+            return
+        time.sleep(0.01)
 
 
 def _title(pid: int) -> str:

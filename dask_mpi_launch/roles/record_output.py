@@ -163,8 +163,9 @@ class Report:
         self.start: float | None = None
         self.seen = False  # a client connected
         self.last_count = 0
-        scheduler._task_stream_plugin()  # the task stream is kept from now on
-        scheduler.add_plugin(Plugin())
+        if _has_bokeh():  # which draws it (the summary says when there is none)
+            scheduler._task_stream_plugin()  # the task stream is kept from now on
+            scheduler.add_plugin(Plugin())
 
     def client_connected(self, client: str) -> None:
         if not self.seen and not client.startswith("fire-and-forget"):
@@ -178,8 +179,8 @@ class Report:
         import asyncio
 
         start, self.start = self.start, None  # once
-        if start is None:
-            return  # no client ever connected (or written already)
+        if start is None or not _has_bokeh():
+            return  # no client ever connected (or written already); bokeh draws it
         try:
             html = await asyncio.wait_for(self.scheduler.performance_report(
                 start=start, last_count=self.last_count, code="(the job's script)",
@@ -187,6 +188,12 @@ class Report:
             _write_private(self.path, html.encode())
         except Exception:  # a record never fails the job (the summary says what is missing)
             pass
+
+
+def _has_bokeh() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None
 
 
 def _write_private(path: str, data: bytes) -> None:
