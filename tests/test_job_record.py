@@ -41,6 +41,9 @@ if sys.argv[1] == "restarts":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     print("result", sum(client.gather(client.map(lambda x: x + 1, range(100)))), flush=True)
+    a, b = sorted(client.scheduler_info()["workers"])  # 1 MB moved from a to b
+    big = client.submit(lambda: b"x" * 10**6, workers=[a], pure=False)
+    print("moved", client.submit(len, big, workers=[b], pure=False).result(), flush=True)
 else:
     time.sleep(120)  # the job fails first
 """
@@ -96,10 +99,16 @@ def test_record_of_a_success_a_failure_and_killed_workers(venv, script, tmp_path
                                 script(KILL), "none"], tmp_path),
     }
     done = {name: finish(proc, 120) for name, proc in jobs.items()}
+    _restarted(done["restarted"], tmp_path, venv)
+    _failed(done["failed"], tmp_path, venv)
+    _killed(done["killed"], tmp_path, venv)
+    if venv.impl == "mpich":
+        _report_renders(tmp_path / "restarted" / "report.html", tmp_path)
 
-    # a worker killed and restarted; the job succeeds; its record says both lives
-    ok = done["restarted"]
-    assert ok.status == 0 and "result 5050" in ok.out, ok
+
+def _restarted(ok, tmp_path, venv) -> None:
+    """A worker killed and restarted; the job succeeds; its record says both lives."""
+    assert ok.status == 0 and "result 5050" in ok.out and "moved 1000000" in ok.out, ok
     assert ok.err.count("record of this job:") == 1 and str(tmp_path / "restarted") in ok.err
     s = _summary(tmp_path / "restarted", venv)
     assert s["status"] == 0 and s["first_failure"] is None and s["worker_restarts"] == 1
@@ -107,11 +116,12 @@ def test_record_of_a_success_a_failure_and_killed_workers(venv, script, tmp_path
                             (3, "worker 3", 137), (3, "worker 3", 0)]
     assert set(s["peak_memory"]) == {"worker 2", "worker 3"}
     assert all(v > 10 << 20 for v in s["peak_memory"].values())
-    assert s["bytes_moved"] >= 0
+    assert 10**6 <= s["bytes_moved"] < 10**6 + 10**5  # what the script moved
     assert "killed 3" in (tmp_path / "restarted" / "rank-1.script.log").read_text()
 
-    # the script fails with 3: the record names rank 1, the client; its output as seen
-    bad = done["failed"]
+
+def _failed(bad, tmp_path, venv) -> None:
+    """The script fails with 3: the record names rank 1, the client; its output as seen."""
     assert bad.status == 3, bad
     s = _summary(tmp_path / "failed", venv)
     assert s["status"] == 3 and s["ended_by"] == "the script ended"
@@ -121,17 +131,15 @@ def test_record_of_a_success_a_failure_and_killed_workers(venv, script, tmp_path
     assert "on stdout 42" in log and "on stderr" in log
     assert "on stdout 42" in bad.out and "on stderr" in bad.err  # still where they went
 
-    # a worker killed with no restart left: the job fails, the record names rank 3
-    killed = done["killed"]
+
+def _killed(killed, tmp_path, venv) -> None:
+    """A worker killed with no restart left: the job fails, the record names rank 3."""
     assert killed.status == 1, killed
     s = _summary(tmp_path / "killed", venv)
     assert s["status"] == 1 and s["ended_by"] == "a failure"
     assert s["first_failure"]["rank"] == 3 and s["first_failure"]["role"] == "worker"
     assert (3, "worker 3", 137) in _children(s)
     assert "left running" not in killed.err  # the copies of the output ended by themselves
-
-    if venv.impl == "mpich":
-        _report_renders(tmp_path / "restarted" / "report.html", tmp_path)
 
 
 def _report_renders(report: Path, tmp_path: Path) -> None:
