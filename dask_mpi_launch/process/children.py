@@ -28,6 +28,7 @@ import warnings
 
 from dask_mpi_launch.base.record import replace
 from dask_mpi_launch.base.status import Ended
+from dask_mpi_launch.roles.record_output import tee
 from dask_mpi_launch.roles.life import (  # noqa: F401 (the role's side, used here)
     ENDING, RESTART_REASON, BecomeClient, Channel, end_as_python_would, flush, run_body,
     set_title)
@@ -379,6 +380,7 @@ class ForkLauncher:
         channel = Channel(write_fd)
         if returns:
             os.set_inheritable(write_fd, False)
+            tee(spec.log)  # --record: initialize()'s script, copied to its log too
             raise BecomeClient(spec.address, spec.credentials)
         run_body(lambda ch: self.run_role(role, spec, ch), channel, spec)
 

@@ -42,6 +42,7 @@ import pickle
 import signal
 import socket
 
+from dask_mpi_launch.roles.record_output import tee
 from dask_mpi_launch.process.children import (BecomeClient, Channel, Child, become_subreaper, enter_role, flush,
                        run_body, set_title)
 from dask_mpi_launch.base.errors import LaunchError
@@ -346,6 +347,7 @@ def _fork_role(sock, rank, role, spec, pipe, stdin, returns, run_role) -> int:
             channel = Channel(pipe)
             if returns:
                 os.set_inheritable(pipe, False)
+                tee(spec.log)  # --record: initialize()'s script, copied to its log too
                 raise BecomeClient(spec.address, spec.credentials)
             run_body(lambda ch: run_role(role, spec, ch), channel, spec)
         os.write(report_w, str(role_pid).encode())
