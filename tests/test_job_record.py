@@ -72,6 +72,7 @@ def _summary(record: Path, venv) -> dict:
     assert summary["start"] <= summary["ready"] <= summary["end"]
     for f in summary["rank_facts"]:
         assert f["record"] == "ok" and f["host"] in summary["hosts"]
+        assert f["exit_status"] == summary["status"]  # every rank exits with the job's
     names = ["rank-0.scheduler.log", "rank-1.script.log", "rank-2.worker.log",
              "rank-3.worker.log"]
     assert summary["logs"] == names and all((record / n).is_file() for n in names)

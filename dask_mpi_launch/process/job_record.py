@@ -152,7 +152,8 @@ class Recorder:
         ended = time.time()
         priority = (agreed // 256) if agreed is not None else FAILED
         status = (agreed % 256) if agreed is not None else (sup.outcome.status or 1)
-        ranks = [self.facts.get(r) or {"rank": r, "missing": True} for r in range(sup.size)]
+        ranks = [{**self.facts[r], "exit_status": status} if r in self.facts
+                 else {"rank": r, "missing": True} for r in range(sup.size)]
         ready = getattr(sup.coordinator, "all_ready_at", None)
         listing = os.listdir(self.dir)
         return {
