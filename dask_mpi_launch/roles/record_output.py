@@ -36,6 +36,7 @@ def tee(path: str | None) -> None:
     if not path:
         return
     try:
+        os.fstat(1), os.fstat(2)  # a role without them: nothing to copy (nor to copy to)
         log = os.open(path, _LOG, 0o600)
     except OSError:
         return
