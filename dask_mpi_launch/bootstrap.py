@@ -48,6 +48,7 @@ def initialize(
     scheduler_rank=None,
     client_rank=None,
     exclusive_workers=None,
+    record=None,
 ):
     """Start the cluster on the ranks of this MPI job; return on the client rank.
 
@@ -84,7 +85,7 @@ def initialize(
             worker_options=worker_options, layout=layout, scheduler_port=scheduler_port,
             name=name, scheduler_file=scheduler_file, wait_for_workers=wait_for_workers,
             wait_timeout=wait_timeout, log_level=log_level, scheduler_rank=scheduler_rank,
-            client_rank=client_rank, exclusive_workers=exclusive_workers,
+            client_rank=client_rank, exclusive_workers=exclusive_workers, record=record,
         )
         if load_mpi.initialized():
             launcher = ForkLauncher(run_role)

@@ -58,7 +58,7 @@ def test_an_unknown_message_is_refused_with_one_line(wire, fragment):
 
 def test_every_kind_is_one_class():
     kinds = messages.REGISTRY[CONTROL]
-    assert len(kinds) == 12
+    assert len(kinds) == 13
     with pytest.raises(TypeError, match="two messages of kind 'stop'"):
         class Again(messages.Message):
             KIND, CONVERSATION = "stop", CONTROL

@@ -177,6 +177,14 @@ class Deadline(_Control):
     source: str
 
 
+class RankRecord(_Control):
+    """--record: the rank's facts for summary.json (host, roles, its children's ends,
+    restarts, peak memory, bytes sent), once its roles stopped"""
+    KIND, ROUTE = "rank-record", "any -> rank 0, before the status is agreed"
+    rank: int
+    facts: dict
+
+
 # ---------------------------------------------------------------------------
 # the zygote conversation: a rank and the process that forks its roles (its own zygote, or
 # its node's), pickled over a private socketpair or a Unix socket whose peer is checked to
@@ -268,6 +276,7 @@ class RoleSpec(Record):
     env: object = None
     cwd: object = None
     affinity: object = None
+    log: object = None  # --record: the file its stdout and stderr are copied to
 
     @property
     def runs(self) -> str:
@@ -359,6 +368,13 @@ class Leaving(_Event):
     """a worker ends with 0 only after saying why (a close it was asked for)"""
     KIND, ROUTE = "leaving", "worker -> its rank"
     reason: str = ""
+
+
+class WorkerStats(_Event):
+    """--record: bytes the worker sent to peers and clients, its peak memory (bytes)"""
+    KIND, ROUTE = "stats", "worker -> its rank, as it leaves"
+    bytes_sent: int = 0
+    peak_memory: int = 0
 
 
 class LabOpen(_Event):

@@ -88,7 +88,7 @@ class Record:
         raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
-def replace(record: Record, **changes) -> Record:
+def replace(record: Record, /, **changes) -> Record:
     """A copy of ``record`` with ``changes`` (``dataclasses.replace``: ``__post_init__``
     runs again)."""
     return type(record)(**{**{n: getattr(record, n) for n in record.FIELDS}, **changes})

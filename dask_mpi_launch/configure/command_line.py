@@ -119,6 +119,9 @@ CONTEXT = {
               help=_help("Bound on a worker reaching the scheduler's address; after it, one "
                          "message says which host cannot reach which address.",
                          "connect-timeout"))
+@click.option("--record", default=None, metavar="DIR",
+              help=_help("Keep a record of the job in DIR (made 0700): a log per rank and "
+                         "role, summary.json, report.html.", "record"))
 @click.option("--check", is_flag=True, default=False,
               help="Start no cluster: every rank reports its host and interfaces, ranks try "
                    "to reach each other, and rank 0 prints which --interface connects all "

@@ -56,6 +56,7 @@ class Settings(Record):
     bootstrap: str = "mpi"  # mpi | slurm (no MPI: Slurm's variables + files) | auto
     bootstrap_dir: str = "."  # where --bootstrap slurm exchanges its files (shared FS)
     share_imports: bool = True  # one zygote per node (the CLI), not one per rank
+    record: str | None = None  # --record DIR: logs, summary.json, report.html (process/job_record.py)
     explicit: frozenset = frozenset()  # config keys given as options (they win over tuning)
     time_limit: float | None = None  # seconds (--time-limit); None: the batch system's
     time_grace: float | None = None  # seconds before the end the script is warned
@@ -122,6 +123,7 @@ _OPTIONAL_CONFIG_KEYS = {
     "nanny": "nanny",
     "time_limit": "time-limit",
     "time_grace": "time-grace",
+    "record": "record",
 }
 
 
@@ -181,6 +183,7 @@ def resolve(**options) -> Settings:
         time_limit=_time_limit(s.time_limit),
         time_grace=None if s.time_grace is None else parse_timeout(s.time_grace,
                                                                    "--time-grace"),
+        record=os.path.abspath(os.path.expanduser(s.record)) if s.record else None,
         args=tuple(s.args),
     )
     s.layout_for(1 << 30)  # the ranks fit the layout (raises UsageError with the fix)

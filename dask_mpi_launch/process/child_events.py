@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dask_mpi_launch.base.layout import CLIENT, SCHEDULER, WORKER
 from dask_mpi_launch.base.messages import (Jupyter, LabOpen, Leaving, ListensAt, Ready, RoleError,
-                                           UnknownMessage, WorkerReady, decode_event)
+                                           UnknownMessage, WorkerReady, WorkerStats,
+                                           decode_event)
 from dask_mpi_launch.base.status import NORMAL, SCRIPT, say
 from dask_mpi_launch.process import starting
 from dask_mpi_launch.process.children import RESTART_REASON, Child
@@ -28,6 +29,8 @@ def on_event(sup, child: Child, event: dict) -> None:
         sup.control.send(0, *Jupyter(m.url))
     elif isinstance(m, WorkerReady) and child.role == WORKER:
         _worker_ready(sup)
+    elif isinstance(m, WorkerStats):  # --record (process/job_record.py)
+        child.stats = {"bytes_sent": m.bytes_sent, "peak_memory": m.peak_memory}
 
 
 def _scheduler_listens(sup, m: ListensAt) -> None:

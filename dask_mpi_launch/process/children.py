@@ -28,6 +28,7 @@ import warnings
 
 from dask_mpi_launch.base.record import replace
 from dask_mpi_launch.base.status import Ended
+from dask_mpi_launch.roles.record_output import tee
 from dask_mpi_launch.roles.life import (  # noqa: F401 (the role's side, used here)
     ENDING, RESTART_REASON, BecomeClient, Channel, end_as_python_would, flush, run_body,
     set_title)
@@ -56,6 +57,7 @@ class Child:
         self.fresh = False  # ended, reaped by Family.ended(), not yet handled
         self.left: str | None = None  # why it said it leaves ("leaving"), if it did
         self.cause: str | None = None  # how it ended, where its wait status cannot say
+        self.peak_memory: int | None = None  # bytes, from its rusage once reaped
         self._buffer = b""
 
     @property
@@ -96,13 +98,14 @@ class Child:
         if self.ended is not None:
             return False
         try:
-            pid, raw = os.waitpid(self.pid, os.WNOHANG)
+            pid, raw, usage = os.wait4(self.pid, os.WNOHANG)
         except ChildProcessError:  # reaped elsewhere: no status to tell
             self.ended = Ended(exited=255)
             return True
         if pid == 0:
             return False
         self.ended = Ended.from_wait(raw)
+        self.peak_memory = usage.ru_maxrss * 1024
         return True
 
     def signal(self, signum: int) -> None:
@@ -131,6 +134,8 @@ class Family:
         self.reap_orphans = reap_orphans
         self.members: list[Child] = []
         self.restarts: dict[str, int] = {}  # label -> restarts so far
+        self.gone: list[Child] = []  # ended and started again (for the job record)
+        self.log = None  # --record: label -> the file its output is copied to (job_record)
 
     def __iter__(self):
         return iter(list(self.members))
@@ -139,7 +144,8 @@ class Family:
         return [c for c in self.members if c.role == role]
 
     def start(self, role: str, label: str, spec, **kwargs) -> Child | None:
-        spec = replace(spec, settings=self.settings, dask_config=self.config)
+        spec = replace(spec, settings=self.settings, dask_config=self.config,
+                       log=self.log(label) if self.log else None)
         child = self.launcher.start(role, label, spec, **kwargs)
         if child is not None:
             self.members.append(child)
@@ -154,6 +160,7 @@ class Family:
         n = self.restarts.get(child.label, 0) + counted
         self.restarts[child.label] = n
         self.members.remove(child)
+        self.gone.append(child)
         child.signal(signal.SIGKILL)  # whatever it left in its group
         self.start(child.role, child.label, child.spec)
         return n
@@ -171,13 +178,14 @@ class Family:
             by_pid = {c.pid: c for c in self.members if c.alive}
             while True:
                 try:
-                    pid, raw = os.waitpid(-1, os.WNOHANG)
+                    pid, raw, usage = os.wait4(-1, os.WNOHANG)
                 except ChildProcessError:
                     break
                 if pid == 0:
                     break
                 if pid in by_pid:
                     by_pid[pid].ended = Ended.from_wait(raw)
+                    by_pid[pid].peak_memory = usage.ru_maxrss * 1024
                     by_pid[pid].fresh = True
         done = []
         for child in self.members:
@@ -235,10 +243,11 @@ def descendants(root: int | None = None, spare=()) -> list[int]:
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
         except (OSError, IndexError, ValueError):
             continue
-        below.setdefault(ppid, []).append(int(name))
+        if state != b"Z":  # a zombie runs nothing: it only waits to be reaped
+            below.setdefault(int(ppid), []).append(int(name))
     found, todo = [], [root]
     while todo:
         for pid in below.get(todo.pop(), ()):
@@ -371,6 +380,7 @@ class ForkLauncher:
         channel = Channel(write_fd)
         if returns:
             os.set_inheritable(write_fd, False)
+            tee(spec.log)  # --record: initialize()'s script, copied to its log too
             raise BecomeClient(spec.address, spec.credentials)
         run_body(lambda ch: self.run_role(role, spec, ch), channel, spec)
 

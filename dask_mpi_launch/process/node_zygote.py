@@ -385,6 +385,9 @@ class NodeZygote:
         _send(conn, reply)
 
     def _end_leftovers(self) -> None:
+        from dask_mpi_launch.process.job_record import drain
+
+        drain()  # --record: the copies of the roles' output end by themselves
         ended = end_descendants(2.0)  # what the node's roles left running (daemons, helpers)
         if ended:
             from dask_mpi_launch.base.status import say

@@ -32,11 +32,13 @@ import time
 
 from dask_mpi_launch.tuning import scale
 from dask_mpi_launch.process import checking, child_events, starting
+from dask_mpi_launch.process.job_record import Recorder
+from dask_mpi_launch.hpc import local_dir
 from dask_mpi_launch.process.coordinator import Coordinator
 from dask_mpi_launch.process.deadline import Deadline
 from dask_mpi_launch.process.stopping import Stopping
 from dask_mpi_launch.base.messages import (CONTROL, Address, AllReady, Closed, Fail,
-                                            Hello, SchedulerClosed, Stdin, Stop,
+                                            Hello, RankRecord, SchedulerClosed, Stdin, Stop,
                                             decode)
 from dask_mpi_launch.base.messages import Deadline as DeadlineMessage
 from dask_mpi_launch.process.children import Family, StdinRelay, read_stdin
@@ -78,12 +80,13 @@ class Supervisor:
         n_workers = len(self.layout.worker_ranks) * settings.worker_processes
         self.tuning = scale.for_job(n_workers, settings.explicit)  # big jobs: see tuning/scale.py
         settings = replace(settings, **scale.settings_overrides(self.tuning))
+        self.rank, self.size = control.rank, control.size
+        settings = local_dir.settle(settings, self.layout, self.rank)  # spill on the node
         self.settings = settings
         self.control = control
         self.launcher = launcher
         self.finalize = finalize
         self.client_in_process = client_in_process
-        self.rank, self.size = control.rank, control.size
         self.host = socket.gethostname()
         self.roles = self.layout.roles(self.rank)
         self.scheduler_rank = getattr(self.layout, "scheduler_rank", 0)
@@ -104,6 +107,7 @@ class Supervisor:
         self.closed: set[int] = set()  # the client's rank once done (on the scheduler's)
         self.scheduler_closed = False  # the scheduler's rank closed it (on worker ranks)
         self.deadline = Deadline(self)  # the time limit: warn, retire, stop before it
+        self.record = Recorder(self) if settings.record else None  # process/job_record.py
 
     # ------------------------------------------------------------------
     # the whole life
@@ -276,6 +280,8 @@ class Supervisor:
             self.scheduler_closed = True
         elif isinstance(m, DeadlineMessage):
             self.deadline.learn(m.end, m.source)
+        elif isinstance(m, RankRecord) and self.record:
+            self.record.add(m)
         elif isinstance(m, Stdin) and self.stdin_relay is not None:
             self.stdin_relay.feed(m.text)
         elif self.coordinator:
@@ -301,6 +307,8 @@ class Supervisor:
             self.control.send(0, *Fail(self.rank, self.host, role, text, status, priority))
 
     def report(self, rank: int, host: str, role: str, text: str) -> None:
+        if self.record:
+            self.record.failed(rank, host, role, text)
         if not self.reported:
             self.reported = True
             say(f"error on rank {rank} ({role}, host {host}): {text}")
@@ -331,7 +339,11 @@ class Supervisor:
     def agree(self) -> int:
         """The job's status, the same on every rank (bounded); then MPI is finalized."""
         timeout = 2 * self.settings.shutdown_timeout + 5
+        if self.record:
+            self.record.send()  # this rank's facts, before the agreement (job_record.py)
         agreed = self.control.allreduce_max(self.outcome.encode(), timeout, self.poll_quietly)
+        if self.record:
+            self.record.write(agreed)  # rank 0: summary.json, one line
         if agreed is None:
             self.abort(f"other ranks did not end within {timeout:g} s",
                        self.outcome.status or 1)

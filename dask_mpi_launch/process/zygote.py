@@ -44,6 +44,7 @@ import signal
 from dask_mpi_launch.hpc import time_limit  # SIGNALS: srun's USR1 reaches every process
 import socket
 
+from dask_mpi_launch.roles.record_output import tee
 from dask_mpi_launch.process.children import (BecomeClient, Channel, Child, become_subreaper, enter_role, flush,
                        run_body, set_title)
 from dask_mpi_launch.base.errors import LaunchError
@@ -349,6 +350,7 @@ def _fork_role(sock, rank, role, spec, pipe, stdin, returns, run_role) -> int:
             if returns:
                 os.set_inheritable(pipe, False)
                 time_limit.export(getattr(spec.settings, "end", None))  # time_left()
+                tee(spec.log)  # --record: initialize()'s script, copied to its log too
                 raise BecomeClient(spec.address, spec.credentials)
             run_body(lambda ch: run_role(role, spec, ch), channel, spec)
         os.write(report_w, str(role_pid).encode())

@@ -66,6 +66,9 @@ def run_body(body, channel: Channel, spec=None) -> None:
     workers' ending is bounded by the shutdown grace, the script's is not (as under
     ``python``, its non-daemon threads are waited for); the scheduler runs no user code,
     so its (large) heap is not searched for open files."""
+    from dask_mpi_launch.roles.record_output import tee
+
+    tee(getattr(spec, "log", None))  # --record: its output copied to its log too
     runs = getattr(spec, "runs", None)  # a RoleSpec (base/messages.py), or None
     bound = None if runs in ("script", "jupyter") else getattr(
         getattr(spec, "settings", None), "shutdown_timeout", None)

@@ -110,12 +110,12 @@ def run_role(role: str, spec, channel: Channel) -> int:
             except LaunchError as e:
                 channel.error(e.message)
                 return e.status
-        return run_scheduler(s, channel, credentials=credentials)
+        return run_scheduler(s, channel, credentials=credentials, record=spec.log)
     security = security_from(spec.credentials)
     if run == "worker":
         return run_worker(s, channel, spec.address, spec.name, spec.nthreads,
                           spec.memory_limit, security=security,
-                          scheduler_info=spec.scheduler_info)
+                          scheduler_info=spec.scheduler_info, record=spec.log)
     if run == "script":
         return run_script(s, channel, spec.address, spec.credentials)
     if run == "jupyter":
@@ -156,7 +156,7 @@ def scheduler_start_error(settings: Settings, e: OSError) -> str:
 
 
 def run_scheduler(settings: Settings, channel: Channel, security=None,
-                  credentials=None) -> int:
+                  credentials=None, record=None) -> int:
     """The scheduler, with ``security`` or this job's ``credentials`` (TLS; both None:
     plain TCP), which go to the rank with its address through the role's pipe (the rank
     passes them on to the other ranks)."""
@@ -199,6 +199,11 @@ def run_scheduler(settings: Settings, channel: Channel, security=None,
             else:
                 channel.error(f"the scheduler could not start: {type(e).__name__}: {e}")
             return 1
+        if record:  # --record: report.html as it closes (roles/record_output.py)
+            from dask_mpi_launch.roles.record_output import Report
+
+            report = Report(scheduler, os.path.join(os.path.dirname(record), "report.html"),
+                   settings.shutdown_timeout / 2)
         asked = http_address.rsplit(":", 1)[-1]
         served = scheduler.http_server.port if scheduler.http_server else None
         link = _dashboard_link(scheduler, served) if settings.dashboard else None
@@ -213,6 +218,8 @@ def run_scheduler(settings: Settings, channel: Channel, security=None,
                      network=diagnose.network_identity())
         how = await _until_finished_or_signal(scheduler, settings.shutdown_timeout)
         if how == "signal":
+            if record:
+                await report.write()  # while the workers are there
             await scheduler.close(reason="dask-mpi-launch: job ending")
         return 0
 
@@ -257,6 +264,7 @@ def run_worker(
     memory_limit,
     security=None,
     scheduler_info=None,
+    record=None,
 ) -> int:
     from distributed.utils import import_term
 
@@ -328,6 +336,10 @@ def run_worker(
         # the one way a worker process leaves alive and well: said here, once Dask closed it
         # (the scheduler, its lifetime, a lost scheduler) or the rank asked; a process that
         # ends without saying it (a task's os._exit or sys.exit, a crash) is a dead worker
+        if record:  # --record: what it moved, its peak memory (roles/record_output.py)
+            from dask_mpi_launch.roles.record_output import worker_stats
+
+            channel.send("stats", **worker_stats(worker))
         channel.send("leaving", reason=closed.get("reason", how))
         return 0
 
