@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import signal
@@ -231,6 +232,39 @@ def _dashboard_link(scheduler, port) -> str | None:
 # worker
 
 
+#: seconds a worker waits for its registration before a first probe of the scheduler's
+#: address, which reports only errors that prove the route broken (no route to host...:
+#: on-link, the kernel says so once ARP fails, ~3 s). A wrong --interface then ends the
+#: job in ~5 s, not after the connect timeout (30 s) + its probe (5 s): ~36 s measured
+#: on two namespace hosts. A probe is one TCP connect (+ TLS handshake) to the scheduler;
+#: only workers not yet registered after this delay send one.
+EARLY_PROBE = 1.0
+
+
+async def _unreachable(starting, address: str, settings, scheduler_info, security):
+    """None once ``starting`` (the worker's start) is done, or a one-line problem: an early
+    probe after :data:`EARLY_PROBE` that reports only definite failures, then the full
+    diagnosis (timeouts and refusals too) after ``settings.connect_timeout``."""
+    from dask_mpi_launch.roles import diagnose
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    probe = min(5.0, settings.connect_timeout)
+    for definite_only, wait in ((True, min(EARLY_PROBE, settings.connect_timeout)),
+                                (False, settings.connect_timeout)):
+        done, _ = await asyncio.wait({starting}, timeout=max(start + wait - loop.time(), 0))
+        if done:
+            return None
+        # not connected yet: a busy scheduler, or an address this host cannot reach?
+        problem = await loop.run_in_executor(
+            None, functools.partial(diagnose.reachability_problem, address, probe,
+                                    scheduler_info or {}, security,
+                                    definite_only=definite_only))
+        if problem:
+            return problem
+    return None
+
+
 async def _started(server):
     await server
     return server
@@ -256,8 +290,6 @@ def run_worker(
     scheduler_info=None,
 ) -> int:
     from distributed.utils import import_term
-
-    from dask_mpi_launch.roles import diagnose
 
     _quiet(settings.log_level)
     _forget_main_script()
@@ -292,16 +324,11 @@ def run_worker(
                 channel.error(f"cannot create {settings.worker_class} with these options: {e}")
                 return 1
             starting = asyncio.ensure_future(_started(worker))
-            done, _ = await asyncio.wait({starting}, timeout=settings.connect_timeout)
-            if not done:
-                # not connected yet: a busy scheduler, or an address this host cannot reach?
-                problem = await loop.run_in_executor(
-                    None, diagnose.reachability_problem, address,
-                    min(5.0, settings.connect_timeout), scheduler_info or {}, security)
-                if problem:
-                    starting.cancel()
-                    channel.error(problem)
-                    return 1
+            problem = await _unreachable(starting, address, settings, scheduler_info, security)
+            if problem:
+                starting.cancel()
+                channel.error(problem)
+                return 1
             try:
                 await starting
                 break
