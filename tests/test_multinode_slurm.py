@@ -342,3 +342,24 @@ def test_node_lost_mid_job(cluster, mpich, workdir, tmp_path):
         cluster.run(["scancel", job_id], timeout=10)
         cluster.kill_node("n3")
         cluster.start_slurmd("n3")
+
+
+def test_early_probe_reports_only_definite_failures():
+    """In-process: the early probe (roles/run.py EARLY_PROBE) stays silent on a refusal,
+    which may be a scheduler still starting, while the full diagnosis reports it; only
+    workers on another host than the scheduler's probe early, and a sample of big jobs."""
+    import socket
+
+    from dask_mpi_launch.roles import diagnose, run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connects are refused
+    address = f"tcp://127.0.0.1:{port}"
+    assert diagnose.reachability_problem(address, 0.5, {}, definite_only=True) is None
+    assert "connection refused" in diagnose.reachability_problem(address, 0.5, {})
+    here = {"host": socket.gethostname()}
+    assert not run._probes_early(5, here)
+    assert [r for r in range(2, 200) if run._probes_early(r, {"host": "elsewhere"})] == [
+        *range(2, run.EARLY_PROBE_RANKS), 64, 96, 128, 160, 192]
+    assert run._probes_early("join123-0", {"host": "elsewhere"})
