@@ -143,6 +143,16 @@ PLACES = textwrap.dedent("""
 """)
 
 
+RESOURCES = textwrap.dedent("""
+    import socket
+    from distributed import Client
+    client = Client()
+    for address, worker in sorted(client.scheduler_info()["workers"].items()):
+        print(f"worker {worker['host']} nthreads={worker['nthreads']} "
+              f"memory_limit={worker['memory_limit']}")
+""")
+
+
 def places(out: str) -> dict:
     [line] = [ln for ln in out.splitlines() if ln.startswith("PLACES ")]
     return json.loads(line[len("PLACES "):])
@@ -178,7 +188,12 @@ def template_jobs(venv, workdir) -> dict:
         "#!/bin/bash\nsrun --mpi=none dask-mpi-launch --bootstrap slurm "
         f"--bootstrap-dir {workdir} client.py\n")
     places = workdir / "srun-script-places.sbatch"
+    (workdir / "resources.py").write_text(RESOURCES)
+    (workdir / "srun-script-resources.sbatch").write_text(
+        (workdir / "srun-script.sbatch").read_text().replace("client.py", "resources.py"))
     jobs.update({
+        "resources": (workdir / "srun-script-resources.sbatch",
+                      [*SPREAD, "--cpus-per-task=2", "--mem-per-cpu=1000"], [], None),
         "places": (places, SPREAD, [3], None),
         "protocol-mpi": (places, SPREAD, [], {"DASK_MPI_LAUNCH__PROTOCOL": "mpi"}),
         "futures": (workdir / "futures.sbatch", SPREAD, [20], None),
@@ -221,6 +236,13 @@ def test_templates_on_three_nodes(cluster, venv, workdir):
         print(f"[multinode] {venv.impl} {name}: {state} {code}")
     check_client_py(results)
     check_places(results)
+    if "resources" in results:  # per node: 2 threads, 2 x 1000 MiB per worker
+        state, code, out = results["resources"]
+        assert (state, code) == ("COMPLETED", 0), out
+        workers = re.findall(r"^worker (\S+) nthreads=(\d+) memory_limit=(\d+)$", out,
+                             re.MULTILINE)
+        assert sorted(h for h, _, _ in workers) == ["10.213.17.3"] * 2 + ["10.213.17.4"] * 2
+        assert {(t, m) for _, t, m in workers} == {("2", str(2000 * 2**20))}, out
     if "futures" in results:
         state, code, out = results["futures"]
         squares = [i * i for i in range(20)]
