@@ -55,7 +55,7 @@ import time
 import warnings
 from pathlib import Path
 
-__all__ = ["NetnsHosts", "can_create_namespaces", "run_with_timeout"]
+__all__ = ["NetnsHosts", "can_create_namespaces", "remove_record", "run_with_timeout"]
 
 PREFIX = "dml"
 _STALE_RE = re.compile(rf"^{PREFIX}(\d+)-")
@@ -122,13 +122,13 @@ def _ip(*args: str, check: bool = True, timeout: float = 15) -> subprocess.Compl
 
 
 def _pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie (PID 1 here may not reap orphans, and a
+    detached owner such as ``slurm_cluster.py up``'s keeper is an orphan once it dies)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _list_netns() -> list[str]:
@@ -244,6 +244,20 @@ def can_create_namespaces() -> str | None:
     return None
 
 
+def remove_record(record: dict) -> list[str]:
+    """Remove what :meth:`NetnsHosts.detach` recorded (processes in the namespaces,
+    namespaces, /etc/netns entries, temp dir); returns what could not be removed."""
+    for ns in reversed(record.get("namespaces", [])):
+        _delete_netns(ns)
+    for d in record.get("etc", []):
+        shutil.rmtree(d, ignore_errors=True)
+    if not record.get("etc_netns_existed", True):
+        _rmdir_etc_netns_if_empty()
+    if record.get("tmpdir"):
+        shutil.rmtree(record["tmpdir"], ignore_errors=True)
+    return sorted(set(record.get("namespaces", [])) & set(_list_netns()))
+
+
 # --------------------------------------------------------------------------- launcher
 _LAUNCHER = r"""#!/bin/bash
 # ssh replacement for MPICH Hydra (-launcher ssh -launcher-exec THIS), written by
@@ -286,6 +300,27 @@ exec ip netns exec "$ns" unshare --uts \
 
 
 # --------------------------------------------------------------------------- test bed
+def _check_arguments(n_hosts, names, fabric_net, mgmt_net, fabric, default_route) -> None:
+    """ValueError for arguments NetnsHosts cannot build."""
+    if not 1 <= n_hosts <= 26:
+        raise ValueError("n_hosts must be in 1..26")
+    if names is not None and (len(names) != n_hosts or len(set(names)) != n_hosts
+                              or not all(re.fullmatch(r"[a-z][a-z0-9]{0,7}", n)
+                                         for n in names)):
+        raise ValueError("names: n_hosts distinct short names ([a-z][a-z0-9]{0,7})")
+    nets = ipaddress.ip_network(fabric_net), ipaddress.ip_network(mgmt_net)
+    if nets[0].overlaps(nets[1]):
+        raise ValueError("fabric_net and mgmt_net overlap")
+    for net in nets:
+        if not net.is_private or net.num_addresses < n_hosts + 3:
+            raise ValueError(f"{net} must be private and large enough")
+    fabric = fabric or ("veth" if n_hosts == 2 else "bridge")
+    if fabric not in ("veth", "bridge") or (fabric == "veth" and n_hosts != 2):
+        raise ValueError("fabric must be 'bridge', or 'veth' with exactly 2 hosts")
+    if default_route not in (None, "eth0", "ib0"):
+        raise ValueError("default_route must be None, 'eth0' or 'ib0'")
+
+
 class NetnsHosts:
     """``n_hosts`` fake hosts ("a", "b", ...) made of network namespaces (see module doc).
 
@@ -299,31 +334,26 @@ class NetnsHosts:
         management net), "ib0" (via a non-existent gateway on the fabric) or None.
     launcher_clean_env : the launcher starts remote commands with an ssh-like
         minimal environment (True, default) or passes the caller's through.
+    names : the hosts' short names (default "a", "b", ...; ``n_hosts`` of them).
+    owner : the pid whose death makes these objects stale (default: this process);
+        a test bed that must outlive its creator (``slurm_cluster.py up``) passes the
+        pid of a detached keeper process and hands over with :meth:`detach`.
     """
 
     def __init__(self, n_hosts: int = 2, *, fabric_net: str = "10.213.7.0/24",
                  mgmt_net: str = "10.213.8.0/24", fabric: str | None = None,
-                 default_route: str | None = "eth0", launcher_clean_env: bool = True):
-        if not 1 <= n_hosts <= 26:
-            raise ValueError("n_hosts must be in 1..26")
+                 default_route: str | None = "eth0", launcher_clean_env: bool = True,
+                 names: list[str] | None = None, owner: int | None = None):
+        _check_arguments(n_hosts, names, fabric_net, mgmt_net, fabric, default_route)
         self.n_hosts = n_hosts
         self.fabric_net = ipaddress.ip_network(fabric_net)
         self.mgmt_net = ipaddress.ip_network(mgmt_net)
-        if self.fabric_net.overlaps(self.mgmt_net):
-            raise ValueError("fabric_net and mgmt_net overlap")
-        for net in (self.fabric_net, self.mgmt_net):
-            if not net.is_private or net.num_addresses < n_hosts + 3:
-                raise ValueError(f"{net} must be private and large enough")
         self.fabric = fabric or ("veth" if n_hosts == 2 else "bridge")
-        if self.fabric not in ("veth", "bridge") or (self.fabric == "veth" and n_hosts != 2):
-            raise ValueError("fabric must be 'bridge', or 'veth' with exactly 2 hosts")
-        if default_route not in (None, "eth0", "ib0"):
-            raise ValueError("default_route must be None, 'eth0' or 'ib0'")
         self.default_route = default_route
         self.launcher_clean_env = launcher_clean_env
 
-        self.hosts: list[str] = list(string.ascii_lowercase[:n_hosts])
-        self.tag = f"{PREFIX}{os.getpid()}-{next(_counter)}"
+        self.hosts: list[str] = list(names or string.ascii_lowercase[:n_hosts])
+        self.tag = f"{PREFIX}{owner or os.getpid()}-{next(_counter)}"
         self._ns = {h: f"{self.tag}-{h}" for h in self.hosts}
         self.sink_namespace = f"{self.tag}-sink"
         self.fabric_namespace = f"{self.tag}-fabric" if self.fabric == "bridge" else None
@@ -513,6 +543,21 @@ class NetnsHosts:
         path.chmod(0o755)
         self.launcher_script = str(path)
         self.launcher_log = str(self.tmpdir / "launcher.log")
+
+    def detach(self) -> dict:
+        """Hand the test bed over to another process: nothing is removed by this object
+        any more (no close at exit); the returned record (JSON-able) lets
+        :func:`remove_record` remove it all later, from any process."""
+        with self._lock:
+            self._closed = True
+        try:
+            atexit.unregister(self.close)
+        except Exception:
+            pass
+        return {"namespaces": list(self._created_ns),
+                "etc": [str(d) for d in self._created_etc],
+                "tmpdir": str(self.tmpdir) if self.tmpdir else None,
+                "etc_netns_existed": self._etc_netns_existed}
 
     def close(self) -> None:
         """Remove everything; idempotent, tries every step even if some fail."""

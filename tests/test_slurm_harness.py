@@ -106,3 +106,42 @@ def test_detect_resources_inside_a_real_srun_step(slurm, tmp_path):
     script = _script(tmp_path, f"srun --mpi=pmi2 -n 4 {PY} {probe}")
     out = _run(slurm, script, "--ntasks=4", "--cpus-per-task=2", "--mem-per-cpu=1000")
     assert out.splitlines() == [f"slurm True 2 {2000 * 2**20}"] * 4
+
+
+def test_multinode_cluster_by_hand(tmp_path):
+    """``python tests/slurm_cluster.py up --nodes 2`` returns, its shell lines reach the
+    cluster (srun -N 2 runs on n1 and n2, in the submitter's environment), and ``down``
+    from another process removes every namespace, daemon and file."""
+    import shlex
+    import subprocess
+
+    from netns_hosts import can_create_namespaces
+    from slurm_cluster import STATE_FILE
+
+    reason = ensure_slurm_installed() or can_create_namespaces()
+    if reason:
+        unavailable(reason)
+    if STATE_FILE.exists():
+        pytest.skip(f"a cluster started by hand is up ({STATE_FILE}): not touching it")
+    harness = [sys.executable, str(Path(__file__).parent / "slurm_cluster.py")]
+    up = subprocess.run([*harness, "up", "--nodes", "2"], capture_output=True, text=True,
+                        timeout=120)
+    try:
+        assert up.returncode == 0, up.stderr
+        exports = dict(line.removeprefix("export ").split("=", 1)
+                       for line in up.stdout.splitlines())
+        env = {**os.environ, "SLURM_CONF": shlex.split(exports["SLURM_CONF"])[0],
+               "MARK": "kept"}
+        submit = shlex.split(shlex.split(exports["SUBMIT"])[0])
+        step = subprocess.run([*submit, "srun", "-N", "2", "--ntasks-per-node=1", "bash",
+                               "-c", 'echo "$(hostname) $MARK"'], capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert sorted(step.stdout.splitlines()) == ["n1 kept", "n2 kept"], step
+    finally:
+        down = subprocess.run([*harness, "down"], capture_output=True, text=True,
+                              timeout=120)
+    assert down.returncode == 0, down.stderr
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                           timeout=10).stdout
+    assert submit[3] not in netns, netns
+    assert not Path(env["SLURM_CONF"]).exists()

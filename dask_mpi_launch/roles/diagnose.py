@@ -387,10 +387,19 @@ def _host_part(address: str) -> str:
         return ""
 
 
+#: errors that prove a route does not work: reported by an early probe without waiting
+#: out the connect timeout (a refusal may be a scheduler still starting, a timeout a
+#: scheduler whose accept queue is full on a loaded machine: those wait)
+DEFINITE_ERRORS = ("no route to host", "network unreachable", "address not available")
+
+
 def reachability_problem(address: str, timeout: float, scheduler_info: dict,
-                         security=None) -> str | None:
+                         security=None, definite_only: bool = False) -> str | None:
     """None if this host can open a connection to ``address`` within ``timeout``, else
     one line saying what fails and which --interface would work.
+
+    ``definite_only``: stop at the first error of :data:`DEFINITE_ERRORS` and report only
+    such an error (None otherwise): the early probe, safe on a loaded machine.
 
     ``scheduler_info``: {"host": the scheduler's host name, "interfaces": its
     :func:`local_interfaces`, optionally "network": its :func:`network_identity`};
@@ -404,8 +413,9 @@ def reachability_problem(address: str, timeout: float, scheduler_info: dict,
     host, port, ssl_context = target
     start = time.monotonic()
     deadline = start + max(float(timeout), 0.1)
-    reached, error, target_ip = _connect_until(host, port, deadline, ssl_context)
-    if reached:
+    reached, error, target_ip = _connect_until(host, port, deadline, ssl_context,
+                                               definite_only)
+    if reached or (definite_only and error not in DEFINITE_ERRORS):
         return None
     info = scheduler_info or {}
     sched_host, sched_ifaces = info.get("host"), info.get("interfaces") or {}
@@ -442,10 +452,11 @@ def _tcp_target(address: str, security=None) -> tuple[str, int, object] | None:
     return host, port, ssl_context
 
 
-def _connect_until(host: str, port: int, deadline: float,
-                   ssl_context=None) -> tuple[bool, str | None, str | None]:
+def _connect_until(host: str, port: int, deadline: float, ssl_context=None,
+                   stop_on_definite: bool = False) -> tuple[bool, str | None, str | None]:
     """(reached, the last error, the last IP tried): every address ``host`` resolves to,
-    in rounds until one connects or ``deadline`` passes."""
+    in rounds until one connects or ``deadline`` passes (or, with ``stop_on_definite``,
+    one fails with an error of :data:`DEFINITE_ERRORS`)."""
     error = None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -461,6 +472,8 @@ def _connect_until(host: str, port: int, deadline: float,
             error = try_connect(sockaddr, family, min(remaining, 5.0), ssl_context)
             if error is None:
                 return True, None, target_ip
+            if stop_on_definite and error in DEFINITE_ERRORS:
+                return False, error, target_ip
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
