@@ -276,6 +276,18 @@ if rank == 0:
 
 TLS_UNSUPPORTED = "tls: not supported yet by dask-mpi-launch"
 REF = "mpi4py"  # the variant holding the mpi4py/socket reference
+ARENA = "-arena"  # suffix of a variant run with glibc's malloc kept from returning memory
+# (--arena): no mmap'd blocks and no trimming, so a freed receive buffer's pages stay mapped
+# and the next fresh buffer is memory touched before, a pre-touched arena without code
+ARENA_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def base_of(variant: str) -> str:
+    """
+    >>> base_of("mpi-arena"), base_of("tcp")
+    ('mpi', 'tcp')
+    """
+    return variant[:-len(ARENA)] if variant.endswith(ARENA) else variant
 
 
 # --- pure helpers ---------------------------------------------------------------------------
@@ -326,16 +338,18 @@ def size_label(nbytes: int) -> str:
     return f"{nbytes // 1024} KiB" if nbytes >= 1024 and nbytes % 1024 == 0 else f"{nbytes} B"
 
 
-def columns(protocols: dict) -> list[tuple[str, str, str]]:
+def columns(protocols: dict, arena_ref: bool = False) -> list[tuple[str, str, str]]:
     """(label, source, key) of each table column: dask protocols first, then the references."""
     cols = []
     for proto, res in protocols.items():
         if res.get("payload"):
             cols += [(f"dask {proto} task", proto, "task"),
                      (f"dask {proto} transfer", proto, "transfer")]
+    arena = [("mpi4py Send/Recv fresh, arena", REF + ARENA, "Send_fresh")]
     return cols + [("raw TCP socket", REF, "socket"), ("mpi4py send (pickle)", REF, "send"),
                    ("**mpi4py Send/Recv fresh**", REF, "Send_fresh"),
-                   ("mpi4py Send/Recv reused", REF, "Send"), ("memcpy", REF, "memcpy")]
+                   ("mpi4py Send/Recv reused", REF, "Send"), ("memcpy", REF, "memcpy")] + (
+                   arena if arena_ref else [])
 
 
 def cell(results: dict, source: str, key: str, size: str, unit: str) -> str:
@@ -389,8 +403,8 @@ def merge(runs: list[dict]) -> dict:
 
 
 def render_markdown(meta: dict, results: dict, command: str) -> str:
-    protos = {p: r for p, r in results.items() if p != REF}
-    cols = columns(protos)
+    protos = {p: r for p, r in results.items() if base_of(p) != REF}
+    cols = columns(protos, bool((results.get(REF + ARENA) or {}).get("payload")))
     sizes = sorted({s for r in results.values() if r.get("payload")
                     for s in r["payload"]["sizes"]}, key=int)
     small = [s for s in sizes if int(s) < MIB]
@@ -558,7 +572,7 @@ def dask_argv(proto: str, args, venv: Path, tmp: Path, body: str, workers: int, 
             return None, {}, note
         opts = ["--protocol", "tls"]
     else:
-        opts = ["--protocol", proto]  # explicit: newer CLIs default to TLS
+        opts = ["--protocol", base_of(proto)]  # explicit: newer CLIs default to TLS
     return ([str(venv / "bin" / "mpiexec"), "-n", str(workers + 2),
              str(venv / "bin" / "dask-mpi-launch"), "--interface", "lo", "--no-dashboard",
              "--nthreads", str(nthreads), *opts, str(script), *script_args], extra, "")
@@ -638,7 +652,7 @@ def _finish_dask(proto, args, argv, run_env, tmp) -> dict:
         prefix = (TLS_UNSUPPORTED if proto == "tls" and args.tls_method == "config"
                   else f"{proto}: failed")
         res["note"] = f"{prefix} ({why}: {' / '.join(tail)[-300:]})"
-    elif payload.get("protocol") != proto:
+    elif payload.get("protocol") != base_of(proto):
         res["note"] = f"{proto}: asked for, but the workers listen on {payload.get('protocol')}"
     return res
 
@@ -668,13 +682,17 @@ def touch_memory(gib: float) -> None:
 
 def measure_transfers(args, venv: Path, env: dict, size_arg: str) -> dict:
     """The transfer rounds of every protocol and the mpi4py reference, merged by source."""
-    variants = list(args.protocols) + ([] if args.no_mpi else [REF])
+    refs = [] if args.no_mpi else [REF]
+    variants = list(args.protocols) + refs
+    if args.arena:
+        variants += [v + ARENA for v in variants if v in ("mpi", REF)]
 
     with tempfile.TemporaryDirectory(prefix="dml-bench-data-") as tmp:
         def one(v: str) -> dict:  # a tls that cannot work says skip: once is enough
-            if v == REF:
-                return run_mpi(args, venv, env, Path(tmp), size_arg)
-            return run_dask(v, args, venv, env, Path(tmp), size_arg)
+            run_env = {**env, **ARENA_ENV} if v.endswith(ARENA) else env
+            if base_of(v) == REF:
+                return run_mpi(args, venv, run_env, Path(tmp), size_arg)
+            return run_dask(v, args, venv, run_env, Path(tmp), size_arg)
 
         rounds = {v: [] for v in variants} | interleave(args.rounds, variants, one)
     return {v: merge(rs) for v, rs in rounds.items()}
@@ -697,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="add 1024 MiB to the sizes (slow: a minute more per round)")
     ap.add_argument("--small", type=int, nargs="*", default=[8, 65536],
                     help="small array sizes, bytes (default 8 65536: the 8-byte exchange)")
+    ap.add_argument("--arena", action="store_true",
+                    help="also run mpi and the mpi4py reference with glibc's malloc kept from "
+                         "unmapping freed memory (MALLOC_MMAP_MAX_=0, no trim): fresh "
+                         "buffers then reuse pages touched before")
     ap.add_argument("--tasks", type=int, default=10_000,
                     help="tiny tasks of the graph timed per protocol and round (0: none)")
     ap.add_argument("--rounds", type=int, default=3,
@@ -706,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per size and round")
     ap.add_argument("--no-latency", action="store_true", help="skip the --small sizes")
     ap.add_argument("--protocols", nargs="+", default=["tcp", "tls", "mpi"],
-                    choices=["tcp", "tls", "mpi"],
+                    choices=["tcp", "tls", "mpi", "mpi-arena"],
                     help="Dask comm protocols to measure (tls needs `cryptography`; mpi: "
                          "dask_mpi_launch.dataplane.backend, workers in their ranks)")
     ap.add_argument("--e2e", action="store_true",
