@@ -64,9 +64,29 @@ def incoming(dask_worker):
             for e in dask_worker.transfer_incoming_log]
 
 
+def graph(client, n):
+    """Wall time of a graph of n tiny tasks summed in a tree of fan-in 10: its small
+    results move between the two workers (the 8-byte exchange, thousands of times)."""
+    import operator
+    import dask
+
+    xs = [dask.delayed(operator.add)(i, 1, dask_key_name=f"t-{i}") for i in range(n)]
+    level = 0
+    while len(xs) > 1:
+        level += 1
+        xs = [dask.delayed(sum)(xs[i:i + 10], dask_key_name=f"s-{level}-{i}")
+              for i in range(0, len(xs), 10)]
+    t0 = time.perf_counter()
+    total = client.compute(xs[0]).result()
+    dt = time.perf_counter() - t0
+    assert total == n * (n + 1) // 2, total
+    return dt
+
+
 def bench(client, argv):
-    sizes = [int(s) for s in argv[0].split(",")]
+    sizes = [int(s) for s in argv[0].split(",") if s]
     repeat, warmup = int(argv[1]), int(argv[2])
+    tasks = int(argv[3]) if len(argv) > 3 else 0
     workers = sorted(client.scheduler_info()["workers"].items(),
                        key=lambda kv: str(kv[1]["name"]))
     (a, ia), (b, ib) = workers[0], workers[1]
@@ -98,6 +118,9 @@ def bench(client, argv):
             if durs:
                 transfer.append(durs[-1])
         out["sizes"][str(size)] = {"bytes": n * 8, "task": task, "transfer": transfer}
+    if tasks:
+        client.run(lambda: None)
+        out["graph"] = {"tasks": tasks, "seconds": [graph(client, tasks)]}
     print("DATAPLANE_JSON=" + json.dumps(out), flush=True)
 '''
 
@@ -253,6 +276,18 @@ if rank == 0:
 
 TLS_UNSUPPORTED = "tls: not supported yet by dask-mpi-launch"
 REF = "mpi4py"  # the variant holding the mpi4py/socket reference
+ARENA = "-arena"  # suffix of a variant run with glibc's malloc kept from returning memory
+# (--arena): no mmap'd blocks and no trimming, so a freed receive buffer's pages stay mapped
+# and the next fresh buffer is memory touched before, a pre-touched arena without code
+ARENA_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def base_of(variant: str) -> str:
+    """
+    >>> base_of("mpi-arena"), base_of("tcp")
+    ('mpi', 'tcp')
+    """
+    return variant[:-len(ARENA)] if variant.endswith(ARENA) else variant
 
 
 # --- pure helpers ---------------------------------------------------------------------------
@@ -295,22 +330,26 @@ def millis(seconds: list[float]) -> dict | None:
 
 def size_label(nbytes: int) -> str:
     """
-    >>> size_label(8), size_label(8 * 2**20), size_label(256 * 2**20)
-    ('8 B', '8 MiB', '256 MiB')
+    >>> size_label(8), size_label(65536), size_label(8 * 2**20), size_label(256 * 2**20)
+    ('8 B', '64 KiB', '8 MiB', '256 MiB')
     """
-    return f"{nbytes // MIB} MiB" if nbytes >= MIB else f"{nbytes} B"
+    if nbytes >= MIB:
+        return f"{nbytes // MIB} MiB"
+    return f"{nbytes // 1024} KiB" if nbytes >= 1024 and nbytes % 1024 == 0 else f"{nbytes} B"
 
 
-def columns(protocols: dict) -> list[tuple[str, str, str]]:
+def columns(protocols: dict, arena_ref: bool = False) -> list[tuple[str, str, str]]:
     """(label, source, key) of each table column: dask protocols first, then the references."""
     cols = []
     for proto, res in protocols.items():
         if res.get("payload"):
             cols += [(f"dask {proto} task", proto, "task"),
                      (f"dask {proto} transfer", proto, "transfer")]
+    arena = [("mpi4py Send/Recv fresh, arena", REF + ARENA, "Send_fresh")]
     return cols + [("raw TCP socket", REF, "socket"), ("mpi4py send (pickle)", REF, "send"),
                    ("**mpi4py Send/Recv fresh**", REF, "Send_fresh"),
-                   ("mpi4py Send/Recv reused", REF, "Send"), ("memcpy", REF, "memcpy")]
+                   ("mpi4py Send/Recv reused", REF, "Send"), ("memcpy", REF, "memcpy")] + (
+                   arena if arena_ref else [])
 
 
 def cell(results: dict, source: str, key: str, size: str, unit: str) -> str:
@@ -356,13 +395,16 @@ def merge(runs: list[dict]) -> dict:
                 for key, val in entry.items():
                     if isinstance(val, list):
                         dst.setdefault(key, []).extend(val)
+            if "graph" in p:
+                merged.setdefault("graph", {"tasks": p["graph"]["tasks"], "seconds": []})
+                merged["graph"]["seconds"].extend(p["graph"]["seconds"])
         out["payload"] = merged
     return out
 
 
 def render_markdown(meta: dict, results: dict, command: str) -> str:
-    protos = {p: r for p, r in results.items() if p != REF}
-    cols = columns(protos)
+    protos = {p: r for p, r in results.items() if base_of(p) != REF}
+    cols = columns(protos, bool((results.get(REF + ARENA) or {}).get("payload")))
     sizes = sorted({s for r in results.values() if r.get("payload")
                     for s in r["payload"]["sizes"]}, key=int)
     small = [s for s in sizes if int(s) < MIB]
@@ -374,7 +416,29 @@ def render_markdown(meta: dict, results: dict, command: str) -> str:
         lines += _bandwidth_table(results, protos, cols, big)
     if small:
         lines += _latency_table(results, cols, small)
+    lines += _graph_table(protos)
     return "\n".join(lines)
+
+
+def _graph_table(protos: dict) -> list[str]:
+    """Wall time of the --tasks graph per protocol, s, median (min–max) of the rounds.
+
+    >>> _graph_table({"tcp": {"payload": {"graph": {"tasks": 10, "seconds": [2.0, 1.0]}}}})[-2]
+    '| tcp | 1.50 (1.00–2.00) |'
+    """
+    rows = []
+    for p, r in protos.items():
+        g = (r.get("payload") or {}).get("graph")
+        if g and g["seconds"]:
+            st = _stats(g["seconds"])
+            rows.append(f"| {p} | {st['median']:.2f} ({st['min']:.2f}–{st['max']:.2f}) |")
+    if not rows:
+        return []
+    tasks = next(r["payload"]["graph"]["tasks"] for r in protos.values()
+                 if (r.get("payload") or {}).get("graph"))
+    return [f"A graph of {tasks:,} tiny tasks summed in a tree of fan-in 10 on the two "
+            "workers (its small results move between them), wall time in s, median "
+            "(min–max) of the rounds:", "", "| protocol | wall s |", "|---|---:|", *rows, ""]
 
 
 def _memory_line(meta: dict) -> list[str]:
@@ -442,7 +506,7 @@ def _bandwidth_table(results: dict, protos: dict, cols: list, big: list[str]) ->
 
 def _latency_table(results: dict, cols: list, small: list[str]) -> list[str]:
     """Milliseconds of every column at the sizes below 1 MiB."""
-    lines = ["Latency of the same exchange with an 8-byte array, ms:", "",
+    lines = ["Latency of the same exchange with small arrays, ms:", "",
              "| size | " + " | ".join(c[0] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for s in small:
@@ -508,7 +572,7 @@ def dask_argv(proto: str, args, venv: Path, tmp: Path, body: str, workers: int, 
             return None, {}, note
         opts = ["--protocol", "tls"]
     else:
-        opts = ["--protocol", proto]  # explicit: newer CLIs default to TLS
+        opts = ["--protocol", base_of(proto)]  # explicit: newer CLIs default to TLS
     return ([str(venv / "bin" / "mpiexec"), "-n", str(workers + 2),
              str(venv / "bin" / "dask-mpi-launch"), "--interface", "lo", "--no-dashboard",
              "--nthreads", str(nthreads), *opts, str(script), *script_args], extra, "")
@@ -570,7 +634,7 @@ def render_e2e(e2e: dict) -> str:
 def run_dask(proto: str, args, venv: Path, env: dict, tmp: Path, sizes: str) -> dict:
     """Transfers between two workers (1 thread each) over ``proto``."""
     argv, extra, note = dask_argv(proto, args, venv, tmp, DASK_BODY, 2, 1,
-                                  [sizes, str(args.repeat), str(args.warmup)])
+                                  [sizes, str(args.repeat), str(args.warmup), str(args.tasks)])
     if argv is None:
         return {"payload": None, "note": note, "skip": True}
     return _finish_dask(proto, args, argv, {**env, **extra}, tmp)
@@ -588,7 +652,7 @@ def _finish_dask(proto, args, argv, run_env, tmp) -> dict:
         prefix = (TLS_UNSUPPORTED if proto == "tls" and args.tls_method == "config"
                   else f"{proto}: failed")
         res["note"] = f"{prefix} ({why}: {' / '.join(tail)[-300:]})"
-    elif payload.get("protocol") != proto:
+    elif payload.get("protocol") != base_of(proto):
         res["note"] = f"{proto}: asked for, but the workers listen on {payload.get('protocol')}"
     return res
 
@@ -618,13 +682,17 @@ def touch_memory(gib: float) -> None:
 
 def measure_transfers(args, venv: Path, env: dict, size_arg: str) -> dict:
     """The transfer rounds of every protocol and the mpi4py reference, merged by source."""
-    variants = list(args.protocols) + ([] if args.no_mpi else [REF])
+    refs = [] if args.no_mpi else [REF]
+    variants = list(args.protocols) + refs
+    if args.arena:
+        variants += [v + ARENA for v in variants if v in ("mpi", REF)]
 
     with tempfile.TemporaryDirectory(prefix="dml-bench-data-") as tmp:
         def one(v: str) -> dict:  # a tls that cannot work says skip: once is enough
-            if v == REF:
-                return run_mpi(args, venv, env, Path(tmp), size_arg)
-            return run_dask(v, args, venv, env, Path(tmp), size_arg)
+            run_env = {**env, **ARENA_ENV} if v.endswith(ARENA) else env
+            if base_of(v) == REF:
+                return run_mpi(args, venv, run_env, Path(tmp), size_arg)
+            return run_dask(v, args, venv, run_env, Path(tmp), size_arg)
 
         rounds = {v: [] for v in variants} | interleave(args.rounds, variants, one)
     return {v: merge(rs) for v, rs in rounds.items()}
@@ -641,16 +709,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: bin/bench-data --sizes 8 64 256 --repeat 5 --protocols tcp tls")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 256, 1024],
-                    help="array sizes, MiB (default 8 64 256 1024)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 256],
+                    help="array sizes, MiB (default 8 64 256)")
+    ap.add_argument("--huge", action="store_true",
+                    help="add 1024 MiB to the sizes (slow: a minute more per round)")
+    ap.add_argument("--small", type=int, nargs="*", default=[8, 65536],
+                    help="small array sizes, bytes (default 8 65536: the 8-byte exchange)")
+    ap.add_argument("--arena", action="store_true",
+                    help="also run mpi and the mpi4py reference with glibc's malloc kept from "
+                         "unmapping freed memory (MALLOC_MMAP_MAX_=0, no trim): fresh "
+                         "buffers then reuse pages touched before")
+    ap.add_argument("--tasks", type=int, default=10_000,
+                    help="tiny tasks of the graph timed per protocol and round (0: none)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds; each runs every variant once (one mpiexec), interleaved")
     ap.add_argument("--repeat", type=int, default=3,
                     help="timed runs per size, variant and round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per size and round")
-    ap.add_argument("--no-latency", action="store_true", help="skip the 8-byte latency row")
+    ap.add_argument("--no-latency", action="store_true", help="skip the --small sizes")
     ap.add_argument("--protocols", nargs="+", default=["tcp", "tls", "mpi"],
-                    choices=["tcp", "tls", "mpi"],
+                    choices=["tcp", "tls", "mpi", "mpi-arena"],
                     help="Dask comm protocols to measure (tls needs `cryptography`; mpi: "
                          "dask_mpi_launch.dataplane.backend, workers in their ranks)")
     ap.add_argument("--e2e", action="store_true",
@@ -689,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     env = make_env(venv, mpi_of(meta))
     env.setdefault("OMP_NUM_THREADS", "1")
     command = command_line(argv)
-    sizes = ([] if args.no_latency else [8]) + [s * MIB for s in args.sizes]
+    sizes = (([] if args.no_latency else args.small) + [s * MIB for s in args.sizes]
+             + ([1024 * MIB] if args.huge and 1024 not in args.sizes else []))
     size_arg = ",".join(map(str, sizes))
     print(f"MPI: {meta['mpi_library']}; venv {venv}; load {_load()}", file=sys.stderr)
 

@@ -6,19 +6,19 @@ workers A and B)::
     mpiexec -n 4 dask-mpi-launch --protocol mpi --interface lo --no-dashboard \\
         benchmarks/dataplane_profile.py [--repeat 7] 8 64 256 1024
 
-For each size (MiB) an array is made on A and a task on B needs it; the data-plane engines
-of both workers are instrumented (time stamps around ``Engine._send``,
-``Engine._on_header``, ``Engine._deliver``, ``from_frames`` and the comm's
-``read``/``write``) and the transfer that B's own log reports is cut into phases, median
-over the timed repeats:
+For each size (MiB) an array is made on A and a task on B needs it; the data plane of both
+workers is instrumented (time stamps around the comm's ``read``/``write``, the engine's
+``send``/``receive`` (the MPI calls posted by the event loop) and ``_end`` (the progress
+thread sees them complete), and ``from_frames``) and the transfer that B's own log reports
+is cut into phases, median over the timed repeats:
 
-- request noticed: B writes ``get_data`` -> A's progress thread has its header;
-- A's loop wakes: A's header -> A's comm.read returns the request (a thread hand-off);
+- request: B starts writing ``get_data`` (on the socket) -> A's read returns it;
 - A's handler: -> A's comm.write starts (distributed's ``get_data`` handler);
-- A serializes: -> A's answer handed to MPI (serialization, hand-off to the progress thread);
-- answer noticed: A's answer handed to MPI -> B's progress thread has its header;
-- copy: B posts the receives -> the last byte is in B's fresh buffer (MPI's own work);
-- deserialize: B's buffer complete -> B's read returns the array;
+- A serializes: -> A starts posting its ``Isend`` calls (the announcement is on the socket);
+- both posted: -> A's ``Isend`` and B's ``Irecv`` calls (into fresh buffers, once B has
+  read the announcement) are all posted;
+- copy: -> B's progress thread sees the receives complete (MPI's own work);
+- deserialize: -> B's read returns the array (B's loop wakes, ``from_frames``);
 - other: the rest of B's logged duration (a connection from B's pool, B's bookkeeping).
 
 Prints a Markdown table; the copy column next to mpi4py's own Send/Recv tells how close the
@@ -38,7 +38,7 @@ def _install(dask_worker):
     """Time stamps around the engine's steps in this worker's rank (idempotent)."""
     # the launcher's MPI data plane, whose steps this profiles; imported here because this
     # function runs in the worker (client.run), where the engine lives
-    from dask_mpi_launch.dataplane import backend
+    from dask_mpi_launch.dataplane import backend, connections
 
     eng = backend.engine()
     eng._profile = []
@@ -59,22 +59,25 @@ def _install(dask_worker):
 
         setattr(engine_class, name, timed)
 
-    for name in ("_send", "_on_header", "_deliver"):
+    for name in ("send", "receive", "_end"):
         wrap(name)
-    for name in ("read", "write"):  # the comm's coroutines, in the worker's loop
-        orig = getattr(backend.MPIComm, name)
+    for comm_class in (connections.MPITCP, connections.MPITLS):
+        for name in ("read", "write"):  # the comm's coroutines, in the worker's loop
+            orig = getattr(comm_class, name)
 
-        def make(orig, name):
-            async def timed(self, *args, **kwargs):
-                t = time.time()
-                try:
-                    return await orig(self, *args, **kwargs)
-                finally:
-                    getattr(backend.engine(), "_profile", []).append((name, t, time.time()))
-            return timed
+            def make(orig, name):
+                async def timed(self, *args, **kwargs):
+                    t = time.time()
+                    try:
+                        return await orig(self, *args, **kwargs)
+                    finally:
+                        if self.bulk_peer() is not None:
+                            getattr(backend.engine(), "_profile", []).append(
+                                (name, t, time.time()))
+                return timed
 
-        setattr(backend.MPIComm, name, make(orig, name))
-    from_frames = backend.from_frames
+            setattr(comm_class, name, make(orig, name))
+    from_frames = connections.from_frames
 
     async def timed_from_frames(*args, **kwargs):
         t = time.time()
@@ -83,7 +86,7 @@ def _install(dask_worker):
         finally:
             getattr(backend.engine(), "_profile", []).append(("from_frames", t, time.time()))
 
-    backend.from_frames = timed_from_frames
+    connections.from_frames = timed_from_frames
 
 
 def _collect(dask_worker):
@@ -104,23 +107,22 @@ def _first(events, name, after=0.0):
 
 
 def phases(a_events, b_events):
-    """The five phases (seconds) of one transfer, from both workers' time stamps."""
-    request = _first(b_events, "_send")
-    a_head = _first(a_events, "_on_header", request[1])
-    a_send = _first(a_events, "_send", a_head[1])
-    b_head = _first(b_events, "_on_header", a_send[1])
-    b_done = _first(b_events, "_deliver", b_head[1])
-    b_read = _first(b_events, "from_frames", b_done[1])
-    # the read that returned the request: the last of A's reads to end before its answer
-    a_read = max((e for e in a_events if e[0] == "read" and e[2] <= a_send[1]),
+    """The phases (seconds) of one transfer, from both workers' time stamps."""
+    b_write = _first(b_events, "write")  # B's get_data request
+    a_read = min((e for e in a_events if e[0] == "read" and e[2] >= b_write[1]),
                  key=lambda e: e[2])
     a_write = _first(a_events, "write", a_read[2])
-    return {"request noticed": a_head[1] - request[1],
-            "A's loop wakes": a_read[2] - a_head[1],
+    a_send = _first(a_events, "send", a_write[1])
+    b_recv = _first(b_events, "receive", a_write[1])  # (may start before A's Isend)
+    posted = max(a_send[2], b_recv[2])
+    b_done = _first(b_events, "_end", b_recv[1])
+    b_read = min((e for e in b_events if e[0] == "read" and e[2] >= b_done[1]),
+                 key=lambda e: e[2])
+    return {"request": a_read[2] - b_write[1],
             "A's handler": a_write[1] - a_read[2],
             "A serializes": a_send[1] - a_write[1],
-            "answer noticed": b_head[1] - a_send[1],
-            "copy": b_done[1] - b_head[1],
+            "both posted": posted - a_send[1],
+            "copy": b_done[1] - posted,
             "deserialize": b_read[2] - b_done[1]}
 
 
@@ -134,8 +136,8 @@ def main() -> None:
     client.wait_for_workers(2)
     a, b = sorted(client.scheduler_info()["workers"])[:2]
     client.run(_install, workers=[a, b])
-    names = ["request noticed", "A's loop wakes", "A's handler", "A serializes",
-             "answer noticed", "copy", "deserialize", "other"]
+    names = ["request", "A's handler", "A serializes", "both posted", "copy", "deserialize",
+             "other"]
     print("| size | transfer ms (B's log) | GB/s | " + " | ".join(f"{n} ms" for n in names)
           + " |")
     print("|---" * (len(names) + 3) + "|")

@@ -1,6 +1,6 @@
 """``mpiexec -n 2 python mpicomm_stall.py``: raw mpi comms between two data-plane peers.
-Rank 1 connects to rank 0's ``mpi://`` listener over MPI, sends one message, then a header
-announcing a 10 MB frame that never comes; rank 0's next read must end in CommClosedError
+Rank 1 connects to rank 0's ``mpi://`` listener, sends one message, then an announcement
+of a 10 MB frame over MPI that never comes; rank 0's next read must end in CommClosedError
 within the stall bound (2 s here), not hang. Then a fresh connection: rank 1 closes it and
 rank 0's read ends in CommClosedError at once. Prints RESULT lines."""
 import asyncio
@@ -52,8 +52,8 @@ async def client():
     comm = await connect(addr, timeout=30)
     result("comm_class", type(comm).__name__)
     await comm.write({"hello": 1})
-    head, _ = backend.pack_header(backend.KIND_DATA, comm.remote_id, [bytes(10**7)])
-    dp.Send([head, MPI.BYTE], dest=0, tag=backend.TAG_HEADER)  # and never the frame
+    _, big = backend.split_frames([bytes(10**7)])
+    comm._write_frames([backend.pack_announce(eng.new_tag(), True, big), b""])  # no frame
     comm2 = await connect(addr, timeout=30)
     await comm2.write({"hello": 2})
     await asyncio.sleep(0.5)

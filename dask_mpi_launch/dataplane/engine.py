@@ -1,23 +1,24 @@
-"""The data plane's progress engine: one thread per process that makes its MPI calls.
+"""The data plane's progress engine: one thread per process that tests its MPI requests.
 
-One progress thread per process makes the data plane's MPI calls (so the event loops never
-block in MPI; only a message's non-blocking ``Isend`` calls are posted by the writing loop
-itself, MPI_THREAD_MULTIPLE allowing it, to save a hand-off), polls with
-``Iprobe``/``Testall`` and backs off exponentially to
-:data:`IDLE_MAX_SLEEP` when nothing is in flight (an idle rank uses well under 2% of a core);
-while a transfer is in flight it keeps calling MPI so the library progresses the copy.
+Only bulk frames travel over MPI (small messages and every announcement go on the peers'
+ordinary TCP/TLS connection, whose socket wakes the event loop at once: see
+:mod:`~dask_mpi_launch.dataplane.connections`). The event loop that writes or reads a message
+posts its ``Isend``/``Irecv`` calls itself (MPI_THREAD_MULTIPLE allows it; no hand-off), and
+hands the requests to this thread, which tests them until they complete and then resolves the
+loop's future. So MPI needs progress only while a bulk transfer is in flight: with nothing in
+flight the thread waits on an event and makes no MPI call at all (an idle rank polls nothing;
+the previous design probed every 10 ms, 1-2% of a core). While a transfer runs it keeps
+calling MPI (yielding the core between tests, for the peer on a crowded node), so the library
+moves the bytes.
 
-:class:`Engine` holds the communicator, the connections and the requests in flight, and runs
-the loop (:meth:`Engine._run`) with its back-off; what it does per connection and message
-(set-up, sends, receives, delivery, close) it inherits from
-:class:`~dask_mpi_launch.dataplane.connections.Connections`. :func:`join` makes the process's
-one engine, :func:`engine` returns it, :func:`shutdown` stops it.
+:func:`join` makes the process's one engine, :func:`engine` returns it, :func:`shutdown`
+stops it.
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
-import itertools
 import logging
 import os
 import threading
@@ -27,24 +28,48 @@ import dask
 from dask.utils import parse_timedelta
 from distributed.comm.core import CommClosedError
 
-from dask_mpi_launch.dataplane.connections import Connections, _Op
-from dask_mpi_launch.dataplane.wire import CHUNK, DATA_TAG_BASE, TAG_CONNECT, TAG_HEADER
+from dask_mpi_launch.dataplane.wire import BULK_TAG_BASE, CHUNK, chunk_spans, transfer_deadline
 
 logger = logging.getLogger(__name__)
 
-HOT_MAX_SLEEP = 0.0001  # seconds: longest back-off in the first HOT_FOR s after traffic
-HOT_FOR = 0.25  # (a request's answer, or the next request, usually follows within it)
-BUSY_MAX_SLEEP = 0.001  # seconds: longest back-off in the first IDLE_AFTER s of quiet
-IDLE_AFTER = 2.0
-ANSWER_WINDOW = 0.05  # s: a read this soon after its comm's write waits for the answer
-IDLE_MAX_SLEEP = 0.01  # seconds: the longest back-off of an idle progress thread
+BUSY_MAX_SLEEP = 0.001  # s: longest pause between tests of a transfer past its spin time
+SPIN_RATE = 5e8  # bytes/s: the thread spins while transfers may still run at this rate
 
 
-class Engine(Connections):
-    """Owns the data-plane communicator; its thread makes the MPI calls (but the Isends of
-    :meth:`send`) and tests every request."""
+def _post(loop, callback, *args) -> None:
+    """Run ``callback`` in ``loop``'s thread; nothing when that loop has closed already."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # "Event loop is closed"
+        pass
 
-    def __init__(self, comm, stall_timeout: float | None = None, chunk: int = CHUNK):
+
+def _resolve(fut, value):
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail(fut, exc):
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class _Op:
+    """MPI requests of one message's bulk frames, the future that waits for them, and the
+    buffers they use (kept alive until MPI lets go of them)."""
+
+    __slots__ = ("reqs", "fut", "loop", "nbytes", "deadline", "keep", "sending", "tag")
+
+    def __init__(self, reqs, fut, loop, nbytes, deadline, keep, sending, tag):
+        self.reqs, self.fut, self.loop, self.nbytes = reqs, fut, loop, nbytes
+        self.deadline, self.keep, self.sending, self.tag = deadline, keep, sending, tag
+
+
+class Engine:
+    """Owns the data-plane communicator; its thread tests every bulk request in flight."""
+
+    def __init__(self, comm, stall_timeout: float | None = None, chunk: int = CHUNK,
+                 job: str = ""):
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -57,82 +82,77 @@ class Engine(Connections):
         self.pid = os.getpid()
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
-        tag_ub = comm.Get_attr(MPI.TAG_UB) or 32767
-        self.id_limit = tag_ub - DATA_TAG_BASE
+        self.job = job  # peers of one job announce the same (the scheduler's address)
+        self.tag_ub = int(comm.Get_attr(MPI.TAG_UB) or 32767)
         if stall_timeout is None:
             stall_timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.tcp"),
                                             default="seconds")
         self.stall = float(stall_timeout)
         self.chunk = int(chunk)
         self.stats = {"sent_bytes": 0, "received_bytes": 0, "sent_messages": 0,
-                      "received_messages": 0, "connections": 0}
-        self.spin_until = 0.0  # poll without pause until then (transfers expected to run)
-        self.awaiting = 0  # reads waiting for the answer to their comm's own request ...
-        self.awaiting_since = 0.0  # ... the latest since then: poll at the hot step for it
-        self.oversubscribed = _crowded()  # more ranks on this node than cores
-        self.crowded = self.oversubscribed  # ... and the node's cores are busy now
-        self.cpu_before = _cpu_times() if self.oversubscribed else None  # at the last look
-        self.crowded_checked = time.monotonic()  # (the first verdict comes a second later)
+                      "received_messages": 0}
+        self.spin_until = 0.0  # test without pause until then (transfers expected to run)
         self.cpu_seconds = 0.0  # CPU time of the progress thread, updated when it idles
         self.lock = threading.Lock()
-        self.todo: collections.deque = collections.deque()
         self.wake = threading.Event()
-        self.conns: dict = {}  # local id -> MPIComm (touched in the thread only)
-        self.connecting: dict[int, tuple] = {}  # local id -> (comm, loop, future)
-        self.listeners: dict = {}  # (host, port) -> MPIListener
         self.ops: list[_Op] = []
-        self.posted: collections.deque = collections.deque()  # ops posted by other threads
-        self.inbox: dict[int, collections.deque] = {}  # local id -> [_Incoming] in order
-        self._closing: dict = {}  # local id -> MPIComm closed locally, may still get the marker
-        self._ids = itertools.count(1)
-        self._used: set[int] = set()
+        self.posted: collections.deque = collections.deque()  # ops posted by event loops
+        self._next_tag = BULK_TAG_BASE
+        self._busy_tags: set[int] = set()  # tags of this process's sends in flight
         self.stopping = False
         self.drain_until: float | None = None
         self.thread = threading.Thread(target=self._run, name="dask-mpi-progress", daemon=True)
         self.thread.start()
 
-    # called from any thread
-    def expect_answer(self, delta: int) -> None:
-        """A read starts (+1) or stops (-1) waiting for the answer to its own request."""
+    # called in an event loop's thread
+    def new_tag(self) -> int:
+        """A tag for one message's bulk frames, unused by this process's sends in flight
+        (the receiver matches on source and tag, so tags need only be unique per sender)."""
         with self.lock:
-            self.awaiting += delta
-        if delta > 0:
-            self.awaiting_since = time.monotonic()
-            self.wake.set()
+            for _ in range(self.tag_ub - BULK_TAG_BASE + 1):
+                tag = self._next_tag
+                self._next_tag = tag + 1 if tag < self.tag_ub else BULK_TAG_BASE
+                if tag not in self._busy_tags:
+                    self._busy_tags.add(tag)
+                    return tag
+        raise CommClosedError("no free MPI tags")
 
-    def send(self, comm, frames, fut, loop, cheap=False) -> None:
-        """Post a message's sends right here, in the caller's (the event loop's) thread:
-        MPI_THREAD_MULTIPLE allows it, and it saves a hand-off to the progress thread
-        (which then tests them). Messages of one comm stay in order: its writes come one
-        after the other from its loop."""
+    def send(self, peer: int, tag: int, big) -> asyncio.Future:
+        """Post the ``Isend`` calls of a message's bulk frames ``[(index, memoryview)]`` to
+        ``peer`` on ``tag``; a future that ends with the bytes sent."""
+        return self._post(peer, tag, [v for _, v in big], sending=True)
+
+    def receive(self, peer: int, tag: int, buffers) -> asyncio.Future:
+        """Post the ``Irecv`` calls of a message's bulk frames into ``buffers`` (fresh
+        memory, which becomes the frames); a future that ends with the bytes received."""
+        return self._post(peer, tag, buffers, sending=False)
+
+    def _post(self, peer, tag, buffers, sending) -> asyncio.Future:
         if self.stopping:
             raise CommClosedError("the MPI data plane is shut down")
-        self._send(comm, frames, fut, loop, cheap)
+        MPI = self.MPI
+        call = self.comm.Isend if sending else self.comm.Irecv
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        reqs, nbytes = [], 0
+        try:
+            for buf in buffers:
+                nbytes += buf.nbytes
+                for a, b in chunk_spans(buf.nbytes, self.chunk):
+                    reqs.append(call([buf[a:b], MPI.BYTE], peer, tag))
+        except MPI.Exception as e:
+            fut.set_exception(CommClosedError(f"MPI error: {e}"))
+            deadline = None  # what was posted stays until it ends
+        else:
+            deadline = time.monotonic() + transfer_deadline(nbytes, self.stall)
+            self.spin_until = max(self.spin_until,
+                                  time.monotonic() + 0.05 + nbytes / SPIN_RATE)
+        self.posted.append(_Op(reqs, fut, loop, nbytes, deadline, buffers, sending, tag))
         self.wake.set()
-
-    def call(self, fn, *args) -> None:
-        """Run ``fn(*args)`` in the progress thread, in submission order."""
-        if self.stopping:
-            raise CommClosedError("the MPI data plane is shut down")
-        with self.lock:
-            self.todo.append((fn, args))
-        self.wake.set()
-
-    def new_id(self) -> int:
-        with self.lock:
-            for _ in range(self.id_limit):
-                i = next(self._ids) % self.id_limit or 1
-                if i not in self._used:
-                    self._used.add(i)
-                    return i
-        raise CommClosedError("no free MPI connection ids")
-
-    def free_id(self, i: int) -> None:
-        with self.lock:
-            self._used.discard(i)
+        return fut
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Finish what is queued and in flight (up to half the timeout), then stop."""
+        """Finish what is in flight (up to half the timeout), then stop."""
         if threading.current_thread() is self.thread:
             self.stopping = True
             return
@@ -145,228 +165,104 @@ class Engine(Connections):
 
     # the progress thread
     def _run(self) -> None:
-        """The progress loop: run what other threads queued; then back off when nothing is
-        in flight or arriving, else take in requests and headers and test the requests in
-        flight, and pause as the work in flight asks."""
-        MPI = self.MPI
-        status = MPI.Status()
-        sleep = idle_since = 0.0
+        """Wait (no MPI call) while nothing is in flight; else test the requests in flight
+        and pause as they ask."""
+        sleep = 0.0
         while not self.stopping:
-            busy = self._run_queued()
+            self.wake.clear()  # (an op posted after this sets it again: no lost wake-up)
+            while self.posted:
+                self.ops.append(self.posted.popleft())
+            if not self.ops:
+                if self.drain_until is not None:
+                    break
+                self.cpu_seconds = time.thread_time()
+                self.wake.wait()
+                continue
             try:
-                # (an op posted by send() after the check below sets the wake-up again: the
-                # wait returns at once)
-                if (not (self.ops or self.posted or busy)
-                        and not self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)):
-                    sleep, idle_since = self._idle(sleep, idle_since)
-                    continue
-                busy = self._receive(status) or busy
-                busy = self._test_ops() or busy
-            except Exception:  # noqa: BLE001
+                busy = self._test_ops()
+            except Exception:  # noqa: BLE001 - keep the engine alive
                 logger.exception("MPI data plane: progress failed")
-            if self._drained():
+                busy = False
+            if self.drain_until is not None and time.monotonic() > self.drain_until:
                 break
             sleep = self._pause(busy, sleep)
 
-    def _run_queued(self) -> bool:
-        """Take the ops other threads posted and run the calls they queued, in order;
-        whether there were calls."""
-        busy = False
-        while self.posted:
-            self.ops.append(self.posted.popleft())
-        while True:
-            with self.lock:
-                if not self.todo:
-                    self.wake.clear()
-                    break
-                fn, args = self.todo.popleft()
-            busy = True
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001 - keep the engine alive
-                logger.exception("MPI data plane: %s failed", getattr(fn, "__name__", fn))
-        return busy
-
-    def _idle(self, sleep: float, idle_since: float) -> tuple[float, float]:
-        """Idle: one MPI call per wake-up, then back off (further after a while); the new
-        (sleep, idle_since)."""
-        now = time.monotonic()
-        if sleep == 0.0:
-            idle_since = now
-        self._check_crowded(now)
-        cap = _max_sleep(now - idle_since, self.crowded)
-        if self.awaiting and now - self.awaiting_since < HOT_FOR:
-            cap = HOT_MAX_SLEEP  # an answer is due (even on a crowded node)
-        sleep = min(max(sleep * 2, 20e-6), cap)
-        self.cpu_seconds = time.thread_time()
-        self.wake.wait(sleep)
-        return sleep, idle_since
-
-    def _check_crowded(self, now: float) -> None:
-        """On an oversubscribed node, look at the cores' use every :data:`CROWDED_EVERY` s."""
-        if self.oversubscribed and now > self.crowded_checked + CROWDED_EVERY:
-            self.crowded_checked = now
-            times = _cpu_times()
-            if times is not None and self.cpu_before is not None:
-                self.crowded = cores_busy(self.cpu_before, times)
-            self.cpu_before = times
-
-    def _receive(self, status) -> bool:
-        """Take in up to 64 connect requests and 64 headers; whether there were any."""
-        MPI = self.MPI
-        busy = False
-        for tag, handler in ((TAG_CONNECT, self._on_connect),
-                             (TAG_HEADER, self._on_header)):
-            for _ in range(64):
-                # plain probe, then receive from that source and tag: this thread
-                # is the only receiver of these tags (matched probes misbehaved
-                # under Open MPI)
-                if not self.comm.Iprobe(MPI.ANY_SOURCE, tag, status):
-                    break
-                busy = True
-                buf = bytearray(status.Get_count(MPI.BYTE))
-                source = status.Get_source()
-                self.comm.Recv([buf, MPI.BYTE], source=source, tag=tag)
-                handler(source, buf)
-        return busy
-
-    def _drained(self) -> bool:
-        """Stopping, and nothing queued and nothing in flight (or the drain time is up)."""
-        return self.drain_until is not None and not self.todo and (
-            not (self.ops or self.posted) or time.monotonic() > self.drain_until)
-
     def _pause(self, busy: bool, sleep: float) -> float:
-        """After a pass that found work: go on at once, yield, or back off gently; the new
-        sleep."""
+        """After a pass: go on at once, yield, or back off gently; the new sleep."""
         if busy or self.posted:
-            sleep = 0.0
-        elif self.ops and time.monotonic() < self.spin_until:
+            return 0.0
+        if time.monotonic() < self.spin_until:
             # transfers in flight: keep calling MPI so the library moves the bytes, but
             # let a process waiting for this core (the peer, on a crowded node) run
             os.sched_yield()
-        else:  # something slow or stuck: keep polling, gently
-            sleep = min(max(sleep * 2, 20e-6), BUSY_MAX_SLEEP)
-            self.wake.wait(sleep)
+            return sleep
+        sleep = min(max(sleep * 2, 20e-6), BUSY_MAX_SLEEP)  # something slow or stuck
+        self.wake.wait(sleep)
         return sleep
 
     def _test_ops(self) -> bool:
-        if not self.ops:
-            return False
-        MPI = self.MPI
+        """Test every op in flight; whether any ended."""
         now = time.monotonic()
         keep, changed = [], False
         for op in self.ops:
             try:
-                finished = MPI.Request.Testall(op.reqs)
-            except MPI.Exception as e:
+                finished = self.MPI.Request.Testall(op.reqs)
+            except self.MPI.Exception as e:
                 changed = True
-                self._call_safely(op.fail, CommClosedError(f"MPI error: {e}"))
+                self._end(op, CommClosedError(f"MPI error: {e}"))
                 continue
             if finished:
                 changed = True
-                self._call_safely(op.done)
+                self._end(op, None)
             elif op.deadline is not None and now > op.deadline:
                 changed = True
-                for r in op.reqs:  # receives can be cancelled; sends stay until they end
-                    try:
-                        if r != MPI.REQUEST_NULL:
-                            r.Cancel()
-                    except MPI.Exception:
-                        pass
-                op.deadline = None
-                self._call_safely(op.fail, CommClosedError("MPI transfer stalled"))
+                self._stalled(op)
                 keep.append(op)  # buffers stay alive until MPI lets go of them
             else:
                 keep.append(op)
         self.ops = keep
         return changed
-    @staticmethod
-    def _call_safely(fn, *args):
-        try:
-            fn(*args)
-        except Exception:  # noqa: BLE001
-            logger.exception("MPI data plane: completion callback failed")
 
+    def _stalled(self, op: _Op) -> None:
+        """Cancel a stalled op's receives (sends stay until they end) and fail its future."""
+        for r in op.reqs:
+            try:
+                if not op.sending and r != self.MPI.REQUEST_NULL:
+                    r.Cancel()
+            except self.MPI.Exception:
+                pass
+        op.deadline = None
+        _post(op.loop, _fail, op.fut, CommClosedError("MPI transfer stalled"))
 
-def _max_sleep(quiet_for: float, crowded: bool = False) -> float:
-    """The longest back-off of the progress thread after ``quiet_for`` s without traffic:
-    short right after traffic (answers are on their way), longer as the quiet lasts. On a
-    crowded node (more ranks than cores, and the cores busy) polling that often would take
-    the cores from the ranks doing the work, so the short step is left out.
-
-    >>> _max_sleep(0.0), _max_sleep(1.0), _max_sleep(60.0), _max_sleep(0.0, crowded=True)
-    (0.0001, 0.001, 0.01, 0.001)
-    """
-    if quiet_for < HOT_FOR and not crowded:
-        return HOT_MAX_SLEEP
-    return BUSY_MAX_SLEEP if quiet_for < IDLE_AFTER else IDLE_MAX_SLEEP
-
-
-CROWDED_EVERY = 1.0  # seconds between looks at the node's CPU use (oversubscribed nodes)
-CROWDED_IDLE = 0.1  # a node with less than this share of its CPU time idle is crowded
-
-
-def cpu_times(stat: str) -> tuple[int, int]:
-    """(idle, total) jiffies of the node from ``/proc/stat``'s first line (idle and iowait
-    count as idle).
-
-    >>> cpu_times("cpu  100 0 50 800 50 0 0 0 0 0\\ncpu0 ...")
-    (850, 1000)
-    """
-    fields = [int(x) for x in stat.split("\n", 1)[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields[:8])
-
-
-def cores_busy(before: tuple[int, int], after: tuple[int, int]) -> bool:
-    """Whether the node's cores were (nearly) all busy between two :func:`cpu_times`:
-    measured use over the last interval, not the load average, which lags by a minute.
-
-    >>> cores_busy((850, 1000), (880, 2000)), cores_busy((850, 1000), (1500, 2000))
-    (True, False)
-    """
-    total = after[1] - before[1]
-    return total > 0 and (after[0] - before[0]) / total < CROWDED_IDLE
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    try:
-        with open("/proc/stat") as f:
-            return cpu_times(f.readline())
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _crowded(env=os.environ) -> bool:
-    """More ranks on this node (as the launcher tells it) than the node has cores.
-
-    >>> _crowded({"MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": str(10**6)})
-    True
-    >>> _crowded({})
-    False
-    """
-    from dask_mpi_launch.hpc.launchers import local_rank
-
-    local = local_rank(env)
-    return local is not None and local[1] > (os.cpu_count() or 1)
+    def _end(self, op: _Op, error) -> None:
+        if op.sending:
+            with self.lock:
+                self._busy_tags.discard(op.tag)
+        if error is not None:
+            _post(op.loop, _fail, op.fut, error)
+            return
+        side = "sent" if op.sending else "received"
+        self.stats[side + "_bytes"] += op.nbytes
+        self.stats[side + "_messages"] += 1
+        _post(op.loop, _resolve, op.fut, op.nbytes)
 
 
 _ENGINE: Engine | None = None
 _ENGINE_LOCK = threading.Lock()
 
 
-def join(comm, stall_timeout: float | None = None, chunk: int = CHUNK) -> Engine:
-    """Make this process a data-plane peer on ``comm`` (idempotent; one communicator only).
-
-    ``stall_timeout``: seconds (plus one per 100 MB) a message may take before its connection
-    fails (default ``distributed.comm.timeouts.tcp``); ``chunk``: bytes per MPI message.
-    """
+def join(comm, stall_timeout: float | None = None, chunk: int = CHUNK, job: str = "") -> Engine:
+    """Make this process a data-plane peer on ``comm`` (idempotent for the same comm).
+    ``job`` names the job (the scheduler's address): two processes use MPI between them
+    only when they announce the same."""
     global _ENGINE
     with _ENGINE_LOCK:
         if _ENGINE is not None and not _ENGINE.stopping:
             if _ENGINE.comm != comm:
                 raise RuntimeError("this process already joined an MPI data plane")
+            _ENGINE.job = _ENGINE.job or job
             return _ENGINE
-        _ENGINE = Engine(comm, stall_timeout, chunk)
+        _ENGINE = Engine(comm, stall_timeout, chunk, job)
         atexit.register(shutdown)
         return _ENGINE
 

@@ -1,13 +1,14 @@
 """The data plane's wire format, pure functions only (no MPI, no threads).
 
 - addresses: ``mpi://HOST:PORT/RANK`` parsed and written (:func:`parse_mpi_address`);
-- tags: :data:`TAG_CONNECT` (connect requests), :data:`TAG_HEADER` (a message's header, an
-  accept, a close), ``DATA_TAG_BASE + receiver's connection id`` (large frames);
-- a message's header (:func:`pack_header`/:func:`unpack_header`): magic, kind, connection
-  id, frame count, chunk size, then each frame's size, small frames inline; large frames
-  follow on the data tag in :func:`chunk_spans` of at most :data:`CHUNK` bytes;
+- a message between two data-plane peers travels on their ordinary TCP/TLS connection as
+  distributed frames it: first an announcement (:func:`pack_announce`: the MPI tag, the
+  :data:`CHEAP` bit, each bulk frame's index and size), then the message's frames, where a
+  bulk frame (:data:`BULK_MIN` bytes or more, :func:`split_frames`) is an empty placeholder;
+  the bulk frames follow over MPI on that tag (at least :data:`BULK_TAG_BASE`), in
+  :func:`chunk_spans` of at most :data:`CHUNK` bytes;
 - how long a message may take (:func:`transfer_deadline`) and whether it is cheap to
-  (de)serialize in the event loop (:func:`cheap_to_serialize`, the header's :data:`CHEAP` bit).
+  (de)serialize in the event loop (:func:`cheap_to_serialize`).
 """
 from __future__ import annotations
 
@@ -18,22 +19,20 @@ from distributed.comm.addressing import parse_host_port, unparse_host_port
 from distributed.sizeof import safe_sizeof
 from distributed.utils import ensure_memoryview
 
-TAG_CONNECT = 101
-TAG_HEADER = 103
-DATA_TAG_BASE = 1024
+BULK_TAG_BASE = 1024  # MPI tags of bulk frames: BULK_TAG_BASE .. the MPI's TAG_UB
 CHUNK = 2**30  # bytes per MPI message: well below the C int count limit (2**31 - 1)
-INLINE_MAX = 64 * 2**10  # frames up to this size travel inside the header ...
-INLINE_TOTAL = 2**20  # ... while the header's inline bytes stay below this
+BULK_MIN = 2**18  # bytes: a frame this large goes over MPI, smaller ones on the socket
+# (measured, bin/bench-data: at 64 KiB the socket's wake-up beats the progress thread's
+# hand-offs; from a few hundred KiB MPI's single copy wins)
 NO_SPLIT = 2**62  # distributed splits frames at 64 MiB unless told a larger size; we chunk
 # ourselves, and unsplit frames need no merging copy on the receiving side
 RATE_FLOOR = 100e6  # bytes/s a transfer is granted on top of the stall timeout
 
-MAGIC = b"DMLM"
-KIND_DATA, KIND_CLOSE, KIND_ACCEPT = 0, 1, 2
-CHEAP = 0x80  # bit of a KIND_DATA header's kind: the frames are plain buffers (NumPy arrays,
-# bytes) that deserialize in O(1), so the receiver does it in its loop instead of a thread
-_HEAD = struct.Struct("<4sBxxxIIQ")  # magic, kind, connection id, nframes, chunk
-_INLINE_BIT = 1 << 63
+MAGIC = b"DMLB"
+CHEAP = 0x80  # flag of an announcement: the frames are plain buffers (NumPy arrays, bytes)
+# that deserialize in O(1), so the receiver does it in its loop instead of a thread
+_ANNOUNCE = struct.Struct("<4sBxxxQI")  # magic, flags, tag, number of bulk frames
+_BIG = struct.Struct("<IQ")  # a bulk frame's index and size
 
 
 def parse_mpi_address(loc: str) -> tuple[str, int, int | None]:
@@ -75,65 +74,53 @@ def chunk_spans(nbytes: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
     return [(i, min(i + chunk, nbytes)) for i in range(0, max(nbytes, 1), chunk)]
 
 
-def pack_header(kind: int, conn_id: int, frames, chunk: int = CHUNK,
-                inline_max: int = INLINE_MAX, inline_total: int = INLINE_TOTAL):
-    """(header bytes, [(index, memoryview)] of the frames that travel on the data tag).
+def split_frames(frames, bulk_min: int = BULK_MIN):
+    """(the frames for the socket, [(index, memoryview)] of the bulk frames): a bulk frame
+    (``bulk_min`` bytes or more) leaves an empty placeholder on the socket and goes over MPI.
 
-    >>> head, big = pack_header(KIND_DATA, 7, [b"ab", bytes(10)], inline_max=4)
-    >>> [i for i, _ in big]
-    [1]
-    >>> unpack_header(head)[:4]
-    (0, 7, 1073741824, [2, 10])
+    >>> sock, big = split_frames([b"ab", bytes(10)], bulk_min=4)
+    >>> [bytes(f) for f in sock], [(i, v.nbytes) for i, v in big]
+    ([b'ab', b''], [(1, 10)])
     """
-    views = [ensure_memoryview(f) for f in frames]
-    sizes, inline, big, total = [], [], [], 0
-    for i, v in enumerate(views):
-        n = v.nbytes
-        if n <= inline_max and total + n <= inline_total:
-            sizes.append(n | _INLINE_BIT)
-            inline.append(v)
-            total += n
-        else:
-            sizes.append(n)
+    sock, big = [], []
+    for i, f in enumerate(frames):
+        v = ensure_memoryview(f)
+        if v.nbytes >= bulk_min:
             big.append((i, v))
-    head = bytearray(_HEAD.pack(MAGIC, kind, conn_id, len(views), chunk))
-    head += struct.pack(f"<{len(sizes)}Q", *sizes)
-    for v in inline:
-        head += v
-    return head, big
+            sock.append(b"")
+        else:
+            sock.append(f)
+    return sock, big
 
 
-def unpack_header(buf):
-    """header -> (kind, conn_id, chunk, sizes, {index: inline frame}, [indices on data tag]).
+def pack_announce(tag: int, cheap: bool, big) -> bytes:
+    """The first frame of every message between two data-plane peers: the MPI tag its bulk
+    frames travel on, whether it is cheap to deserialize, each bulk frame's index and size.
 
-    Inline frames are zero-copy slices of ``buf``.
+    >>> unpack_announce(pack_announce(1500, True, [(2, memoryview(bytes(7)))]))
+    (1500, True, {2: 7})
+    """
+    head = bytearray(_ANNOUNCE.pack(MAGIC, CHEAP if cheap else 0, tag, len(big)))
+    for i, v in big:
+        head += _BIG.pack(i, v.nbytes)
+    return bytes(head)
 
-    >>> unpack_header(pack_header(KIND_CLOSE, 3, [])[0])
-    (1, 3, 1073741824, [], {}, [])
-    >>> unpack_header(b"nonsense-nonsense-nonsense")
+
+def unpack_announce(buf) -> tuple[int, bool, dict[int, int]]:
+    """announcement -> (tag, cheap, {frame index: size}).
+
+    >>> unpack_announce(b"nonsense-nonsense-nonsense")
     Traceback (most recent call last):
-    ValueError: not a dask-mpi-launch data-plane header
+    ValueError: not a dask-mpi-launch data-plane announcement
     """
     mv = memoryview(buf).cast("B")
-    if mv.nbytes < _HEAD.size:
-        raise ValueError("not a dask-mpi-launch data-plane header")
-    magic, kind, conn_id, n, chunk = _HEAD.unpack_from(mv)
-    if magic != MAGIC or mv.nbytes < _HEAD.size + 8 * n:
-        raise ValueError("not a dask-mpi-launch data-plane header")
-    raw = struct.unpack_from(f"<{n}Q", mv, _HEAD.size)
-    pos = _HEAD.size + 8 * n
-    sizes, inline, big = [], {}, []
-    for i, s in enumerate(raw):
-        size = s & ~_INLINE_BIT
-        sizes.append(size)
-        if s & _INLINE_BIT:
-            inline[i] = mv[pos:pos + size]
-            pos += size
-        else:
-            big.append(i)
-    if pos != mv.nbytes:
-        raise ValueError("not a dask-mpi-launch data-plane header")
-    return kind, conn_id, chunk, sizes, inline, big
+    if mv.nbytes < _ANNOUNCE.size:
+        raise ValueError("not a dask-mpi-launch data-plane announcement")
+    magic, flags, tag, n = _ANNOUNCE.unpack_from(mv)
+    if magic != MAGIC or mv.nbytes != _ANNOUNCE.size + n * _BIG.size:
+        raise ValueError("not a dask-mpi-launch data-plane announcement")
+    big = dict(_BIG.iter_unpack(mv[_ANNOUNCE.size:]))
+    return tag, bool(flags & CHEAP), big
 
 
 def transfer_deadline(nbytes: int, stall: float) -> float:

@@ -39,8 +39,7 @@ import asyncio
 import logging
 import threading
 
-from dask_mpi_launch.dataplane.connections import _post
-from dask_mpi_launch.dataplane.engine import join
+from dask_mpi_launch.dataplane.engine import _post, join
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ def start_worker_thread(comm, scheduler_address: str, *, name=None, nthreads: in
     of the worker's listener and its connections to the scheduler). ``host``/``interface``:
     where that door listens. ``worker_options``: further ``distributed.Worker`` arguments.
     """
-    join(comm, stall_timeout)
+    join(comm, stall_timeout, job=scheduler_address)
     kwargs = dict(worker_options or {})
     kwargs.update(name=name, nthreads=nthreads, memory_limit=memory_limit, protocol="mpi")
     if security is not None:
