@@ -254,13 +254,8 @@ print(f"sum={sum(client.gather(data))}", flush=True)
 """
 
 
-@pytest.mark.slurm
-@pytest.mark.mpi
-def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
-    """-t 1 jobs under srun (MPICH, Slurm's USR1 forwarded by the template) and mpiexec
-    (MPICH, Open MPI), a cluster-only job with a client, a join job that retires its workers
-    from a main job whose result stays exact, and PBS and LSF jobs emulated beside them: all
-    at once, the minute paid once."""
+def _work_dir(tmp_path):
+    """The jobs' directory: the templates, the scripts; and the main job's scheduler file."""
     examples = Path(__file__).resolve().parent.parent / "slurm-examples"
     work = tmp_path / "work"
     work.mkdir()
@@ -278,6 +273,53 @@ def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
     (work / "main.sbatch").write_text(
         "#!/bin/bash\nexport SRUN_CPUS_PER_TASK=1\nsrun --mpi=pmi2 dask-mpi-launch "
         f"--scheduler-file {scheduler_file} join_client.py\n")
+    return work, scheduler_file
+
+
+def _check_results(results, tokens, client, tmp_path):
+    _check_slurm_jobs(results, tokens)
+    _check_other_jobs(results, client, tmp_path)
+
+
+def _check_slurm_jobs(results, tokens):
+    """The -t 1 jobs ended themselves; the main job's result is exact."""
+    for name in ("srun-mpich", "mpiexec-mpich", "mpiexec-openmpi"):
+        _, state, code, out = results[name]
+        print(f"{name}: {state} {code}\n" + "\n".join(
+            line for line in out.splitlines() if "=" in line or "time limit" in line))
+        assert_ended_itself(name, state, code, out, tokens[name])
+    _, state, code, out = results["main"]
+    assert (state, code) == ("COMPLETED", 0) and values(out) == {
+        "joined": "2", "sum": str(sum(range(1000)))}, out
+
+
+def _check_other_jobs(results, client, tmp_path):
+    """PBS and LSF emulated, the cluster-only job and its client, the join job."""
+    for system in ("PBS", "LSF"):
+        outcome, token = results[system]
+        v = values(outcome.out)
+        assert outcome.status == 124, outcome
+        assert float(v["left2"]) < float(v["left1"]) and v["finally"] == "1", outcome
+        assert f"({system}); stopped" in outcome.err and "Traceback" not in outcome.err, outcome
+        assert wait_no_leftovers(token, timeout=10, environment=True) == [], system
+    _, state, code, out = results["cluster"]
+    assert state != "TIMEOUT" and code == 124, f"cluster: {state} {code}\n{out}"
+    assert "the scheduler and 1 worker (status 124)" in out, out
+    assert client is not None and client.status == 0 and "closed=" in client.out, client
+    assert not list(tmp_path.glob("scheduler-*.json")), "the scheduler file was left"
+    _, state, code, out = results["join"]
+    assert state != "TIMEOUT" and code == 124, f"join: {state} {code}\n{out}"
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
+    """-t 1 jobs under srun (MPICH, Slurm's USR1 forwarded by the template) and mpiexec
+    (MPICH, Open MPI), a cluster-only job with a client, a join job that retires its workers
+    from a main job whose result stays exact, and PBS and LSF jobs emulated beside them: all
+    at once, the minute paid once."""
+    work, scheduler_file = _work_dir(tmp_path)
     mpich, openmpi = Venv("mpich"), Venv("openmpi")
     jobs = {  # name: (venv, script, sbatch options)
         "srun-mpich": (mpich, "srun-script.sbatch", ["-t", "1", "--signal=B:USR1@25"]),
@@ -315,29 +357,7 @@ def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
     client = _connected_client(mpich, tmp_path, threads[4])
     for t in [*threads, join, *emulated]:
         t.join()
-    for name in ("srun-mpich", "mpiexec-mpich", "mpiexec-openmpi"):
-        _, state, code, out = results[name]
-        print(f"{name}: {state} {code}\n" + "\n".join(
-            line for line in out.splitlines() if "=" in line or "time limit" in line))
-        assert_ended_itself(name, state, code, out, tokens[name])
-    _, state, code, out = results["main"]
-    assert (state, code) == ("COMPLETED", 0) and values(out) == {
-        "joined": "2", "sum": str(sum(range(1000)))}, out
-    for system in ("PBS", "LSF"):
-        outcome, token = results[system]
-        v = values(outcome.out)
-        assert outcome.status == 124, outcome
-        assert float(v["left2"]) < float(v["left1"]) and v["finally"] == "1", outcome
-        assert f"({system}); stopped" in outcome.err and "Traceback" not in outcome.err, outcome
-        assert wait_no_leftovers(token, timeout=10, environment=True) == [], system
-    _, state, code, out = results["cluster"]
-    assert state != "TIMEOUT" and code == 124, f"cluster: {state} {code}\n{out}"
-    assert "the scheduler and 1 worker (status 124)" in out, out
-    assert client is not None and client.status == 0 and "closed=" in client.out, client
-    assert not list(tmp_path.glob("scheduler-*.json")), "the scheduler file was left"
-    _, state, code, out = results["join"]
-    assert state != "TIMEOUT" and code == 124, f"join: {state} {code}\n{out}"
-    assert "Traceback" not in out, out
+    _check_results(results, tokens, client, tmp_path)
 
 
 @pytest.mark.sge

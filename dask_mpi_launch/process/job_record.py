@@ -71,6 +71,24 @@ def child_facts(child, rank: int, restarts: int) -> dict:
             "bytes_sent": stats.get("bytes_sent")}
 
 
+class NoRecord:
+    """Without --record: the supervisor's calls do nothing (so it needs no ``if``)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def add(self, m) -> None: ...
+    def failed(self, rank, host, role, text) -> None: ...
+    def send(self) -> None: ...
+    def drain(self) -> None: ...
+    def write(self, agreed) -> None: ...
+
+
+def for_job(sup):
+    """The rank's recorder: a :class:`Recorder` with --record, else a :class:`NoRecord`."""
+    return Recorder(sup) if sup.settings.record else NoRecord()
+
+
 class Recorder:
     """A rank's part of the record (every rank); rank 0 also gathers and writes."""
 

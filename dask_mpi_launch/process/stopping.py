@@ -71,8 +71,7 @@ class Stopping:
         if sup.coordinator:
             sup.coordinator.remove_scheduler_file()
         sup.launcher.close()
-        if sup.record:
-            sup.record.drain()  # the copies of the roles' output end by themselves
+        sup.record.drain()  # the copies of the roles' output end by themselves
         self.end_strays()
 
     def end_strays(self) -> None:

@@ -32,7 +32,7 @@ import time
 
 from dask_mpi_launch.tuning import scale
 from dask_mpi_launch.process import checking, child_events, starting
-from dask_mpi_launch.process.job_record import Recorder
+from dask_mpi_launch.process import job_record
 from dask_mpi_launch.hpc import local_dir
 from dask_mpi_launch.process.coordinator import Coordinator
 from dask_mpi_launch.process.deadline import Deadline
@@ -107,7 +107,7 @@ class Supervisor:
         self.closed: set[int] = set()  # the client's rank once done (on the scheduler's)
         self.scheduler_closed = False  # the scheduler's rank closed it (on worker ranks)
         self.deadline = Deadline(self)  # the time limit: warn, retire, stop before it
-        self.record = Recorder(self) if settings.record else None  # process/job_record.py
+        self.record = job_record.for_job(self)  # --record: process/job_record.py
 
     # ------------------------------------------------------------------
     # the whole life
@@ -280,7 +280,7 @@ class Supervisor:
             self.scheduler_closed = True
         elif isinstance(m, DeadlineMessage):
             self.deadline.learn(m.end, m.source)
-        elif isinstance(m, RankRecord) and self.record:
+        elif isinstance(m, RankRecord):
             self.record.add(m)
         elif isinstance(m, Stdin) and self.stdin_relay is not None:
             self.stdin_relay.feed(m.text)
@@ -307,8 +307,7 @@ class Supervisor:
             self.control.send(0, *Fail(self.rank, self.host, role, text, status, priority))
 
     def report(self, rank: int, host: str, role: str, text: str) -> None:
-        if self.record:
-            self.record.failed(rank, host, role, text)
+        self.record.failed(rank, host, role, text)
         if not self.reported:
             self.reported = True
             say(f"error on rank {rank} ({role}, host {host}): {text}")
@@ -339,11 +338,9 @@ class Supervisor:
     def agree(self) -> int:
         """The job's status, the same on every rank (bounded); then MPI is finalized."""
         timeout = 2 * self.settings.shutdown_timeout + 5
-        if self.record:
-            self.record.send()  # this rank's facts, before the agreement (job_record.py)
+        self.record.send()  # this rank's facts, before the agreement (job_record.py)
         agreed = self.control.allreduce_max(self.outcome.encode(), timeout, self.poll_quietly)
-        if self.record:
-            self.record.write(agreed)  # rank 0: summary.json, one line
+        self.record.write(agreed)  # rank 0: summary.json, one line
         if agreed is None:
             self.abort(f"other ranks did not end within {timeout:g} s",
                        self.outcome.status or 1)
