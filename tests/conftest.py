@@ -45,3 +45,26 @@ def script(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sge():
+    """The live one-host Grid Engine cell (tests/sge_cluster.py), one per session: its
+    daemons use fixed ports and a machine-wide lock, so every test that needs a cell shares
+    this one (a second cell would wait for the lock)."""
+    from sge_cluster import GridEngine, SGEError, ensure_sge_installed
+
+    reason = ensure_sge_installed()
+    if reason:
+        unavailable(reason)
+    cell = GridEngine()
+    try:
+        cell.start()
+    except SGEError as e:
+        cell.stop()
+        unavailable(f"Grid Engine could not be started: {e}")
+    try:
+        print(f"grid engine cell up in {cell.start_seconds:.2f} s")
+        yield cell
+    finally:
+        cell.stop()

@@ -4,8 +4,8 @@ one-host Grid Engine 8.1.9 cell started by tests/sge_cluster.py (MPICH's Hydra).
 Jobs are submitted as a user would (a copy of sge-examples/, ``qsub -sync y -V -cwd -w e``
 from there, dask-mpi-launch on PATH); every qsub has a timeout that kills its process group
 and deletes the job.  Skipped when Grid Engine cannot be installed (not root) or the MPICH
-venv is missing, except under CI=true (then a failure).  The cell is session-scoped: Grid
-Engine's daemons use fixed ports, so one cell per machine.
+venv is missing, except under CI=true (then a failure).  The cell is session-scoped
+(``sge`` in conftest.py): Grid Engine's daemons use fixed ports, so one cell per machine.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import unavailable  # noqa: E402
 from launch import Venv, run, wait_no_leftovers  # noqa: E402
-from sge_cluster import GridEngine, SGEError, ensure_sge_installed  # noqa: E402
 
 pytestmark = [pytest.mark.mpi]
 
@@ -37,24 +36,6 @@ def venv() -> Venv:
     if not v.exists():
         unavailable(f"no mpich venv at {v.path}: run ./bin/test (it creates it)")
     return v
-
-
-@pytest.fixture(scope="session")
-def sge():
-    reason = ensure_sge_installed()
-    if reason:
-        unavailable(reason)
-    cell = GridEngine()
-    try:
-        cell.start()
-    except SGEError as e:
-        cell.stop()
-        unavailable(f"Grid Engine could not be started: {e}")
-    try:
-        print(f"grid engine cell up in {cell.start_seconds:.2f} s")
-        yield cell
-    finally:
-        cell.stop()
 
 
 @pytest.fixture
