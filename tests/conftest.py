@@ -48,6 +48,28 @@ def script(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def slurm():
+    """The live one-node Slurm (tests/slurm_cluster.py), one per session, shared by every
+    test module that submits to a single node (the templates, the time limit)."""
+    from slurm_cluster import SlurmCluster, SlurmError, ensure_slurm_installed
+
+    reason = ensure_slurm_installed()
+    if reason:
+        unavailable(reason)
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except SlurmError as e:
+        cluster.stop()
+        unavailable(f"Slurm could not be started: {e}")
+    try:
+        print(f"slurm cluster up in {cluster.start_seconds:.2f} s")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def sge():
     """The live one-host Grid Engine cell (tests/sge_cluster.py), one per session: its
     daemons use fixed ports and a machine-wide lock, so every test that needs a cell shares

