@@ -49,6 +49,7 @@ def initialize(
     client_rank=None,
     exclusive_workers=None,
     record=None,
+    record_report=None,
 ):
     """Start the cluster on the ranks of this MPI job; return on the client rank.
 
@@ -86,6 +87,7 @@ def initialize(
             name=name, scheduler_file=scheduler_file, wait_for_workers=wait_for_workers,
             wait_timeout=wait_timeout, log_level=log_level, scheduler_rank=scheduler_rank,
             client_rank=client_rank, exclusive_workers=exclusive_workers, record=record,
+            record_report=record_report,
         )
         if load_mpi.initialized():
             launcher = ForkLauncher(run_role)

@@ -122,6 +122,9 @@ CONTEXT = {
 @click.option("--record", default=None, metavar="DIR",
               help=_help("Keep a record of the job in DIR (made 0700): a log per rank and "
                          "role, summary.json, report.html.", "record"))
+@click.option("--record-report/--no-record-report", default=None,
+              help=_help("Put Dask's performance report (report.html) in the --record "
+                         "directory (it adds ~0.4 s to the job's end).", "record-report"))
 @click.option("--check", is_flag=True, default=False,
               help="Start no cluster: every rank reports its host and interfaces, ranks try "
                    "to reach each other, and rank 0 prints which --interface connects all "

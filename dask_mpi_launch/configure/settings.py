@@ -57,6 +57,7 @@ class Settings(Record):
     bootstrap_dir: str = "."  # where --bootstrap slurm exchanges its files (shared FS)
     share_imports: bool = True  # one zygote per node (the CLI), not one per rank
     record: str | None = None  # --record DIR: logs, summary.json, report.html (process/job_record.py)
+    record_report: bool = True  # the record's report.html (+0.44 s a job: README, Job record)
     explicit: frozenset = frozenset()  # config keys given as options (they win over tuning)
     time_limit: float | None = None  # seconds (--time-limit); None: the batch system's
     time_grace: float | None = None  # seconds before the end the script is warned
@@ -124,6 +125,7 @@ _OPTIONAL_CONFIG_KEYS = {
     "time_limit": "time-limit",
     "time_grace": "time-grace",
     "record": "record",
+    "record_report": "record-report",
 }
 
 

@@ -200,7 +200,8 @@ def run_scheduler(settings: Settings, channel: Channel, security=None,
             else:
                 channel.error(f"the scheduler could not start: {type(e).__name__}: {e}")
             return 1
-        if record:  # --record: report.html as it closes (roles/record_output.py)
+        report = None
+        if record and settings.record_report:  # report.html as it closes (roles/record_output.py)
             from dask_mpi_launch.roles.record_output import Report
 
             report = Report(scheduler, os.path.join(os.path.dirname(record), "report.html"),
@@ -219,7 +220,7 @@ def run_scheduler(settings: Settings, channel: Channel, security=None,
                      network=diagnose.network_identity())
         how = await _until_finished_or_signal(scheduler, settings.shutdown_timeout)
         if how == "signal":
-            if record:
+            if report is not None:
                 await report.write()  # while the workers are there
             await scheduler.close(reason="dask-mpi-launch: job ending")
         return 0
