@@ -562,9 +562,10 @@ def test_check_report_scales_to_hundreds_of_hosts():
                  for i, h in enumerate(hosts)}
     results = [(s, i, t, None if i == "ib0" else "timed out")
                for s in hosts for t in hosts if s != t for i in ("ib0", "eth0")]
-    t0 = time.monotonic()
+    d._interface.cache_clear()
     lines, best, last = d.check_report(hosts, listeners, results)
-    assert time.monotonic() - t0 < 10  # ~1 s unloaded
+    # each address parsed once (not once per pair: 80,000 parses took 1-2 s, 10+ loaded)
+    assert d._interface.cache_info().misses <= 2 * len(hosts)
     assert best == "ib0"
     assert lines[3].split()[:3] == ["eth0", "1/200", "hosts"]
     assert "; ... (" in lines[3] and len(lines[3]) < 300
